@@ -1,0 +1,138 @@
+"""Shared pieces of the three kinds: the base model, object metadata, conditions and quantities."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from lume_operator import API_VERSION
+
+# Kubernetes' resource.Quantity grammar: a signed decimal number, then a binary-SI suffix
+# (Ki..Ei), a decimal-SI suffix (n, u, m, k, M, G, T, P, E) or a decimal exponent (e3).
+QUANTITY_PATTERN = (
+    r"^[+-]?(\d+(\.\d*)?|\.\d+)"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(\d+(\.\d*)?|\.\d+)))?$"
+)
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+
+# RFC 1123 label: what Kubernetes accepts for most object names and label-like values.
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# RFC 1123 subdomain: metadata.name of most kinds.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class Model(BaseModel):
+    """Base of every API model: camelCase on the wire, unknown fields rejected by name."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=False,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as it appears in a manifest: camelCase, unset fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def _strict_quantity(value: Any) -> Any:
+    if isinstance(value, bool) or isinstance(value, int | float):
+        raise ValueError(
+            f"{value!r} must be a string Kubernetes quantity: write it in quotes, e.g. '{value}'"
+        )
+    return value
+
+
+def _check_quantity(value: str) -> str:
+    if not _QUANTITY_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a Kubernetes quantity (for example '500m', '2', '512Mi' or '2Gi')"
+        )
+    return value
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_strict_quantity),
+    AfterValidator(_check_quantity),
+    Field(json_schema_extra={"pattern": QUANTITY_PATTERN}),
+]
+
+
+def quantity_to_bytes(quantity: str) -> int:
+    """A memory quantity in bytes, for runtimes (Docker) that do not speak Kubernetes units."""
+    match = re.match(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+))([a-zA-Z]*)(?:[eE]([+-]?\d+))?$", quantity)
+    if not match:
+        raise ValueError(f"{quantity!r} is not a Kubernetes quantity")
+    number, suffix = float(match.group(1)), match.group(2)
+    binary = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
+    decimal = {"n": -3, "u": -2, "m": -1, "": 0, "k": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
+    if suffix in binary:
+        return int(number * 1024 ** binary[suffix])
+    if suffix.lower() == "e" or match.group(3):
+        return int(float(quantity))
+    return int(number * 1000 ** decimal[suffix])
+
+
+def quantity_to_cpus(quantity: str) -> float:
+    """A CPU quantity in cores ('500m' is 0.5)."""
+    if quantity.endswith("m"):
+        return float(quantity[:-1]) / 1000
+    return float(quantity_to_bytes(quantity))
+
+
+class ObjectMeta(Model):
+    """The part of Kubernetes' ObjectMeta that lume-operator reads."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(
+        description="Name of the object, unique in its namespace.",
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        max_length=253,
+    )
+    namespace: str = Field(default="default", description="Namespace of the object.")
+    uid: str | None = Field(default=None, description="Unique id set by the API server.")
+    generation: int | None = Field(default=None, description="Spec generation, set by the API server.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Kubernetes labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Kubernetes annotations.")
+
+
+class SecretKeyRef(Model):
+    """A key in a Secret of the resource's namespace: the only way credentials reach the operator."""
+
+    name: str = Field(description="Name of the Secret.", pattern=DNS_SUBDOMAIN_PATTERN)
+    key: str = Field(default="api-key", description="Key in the Secret's data.")
+
+
+class Condition(Model):
+    """A kstatus-style condition: stable CamelCase reasons, messages without timestamps."""
+
+    type: str = Field(description="Condition type, e.g. Ready, Reconciling or Stalled.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="Stable CamelCase reason for the status.")
+    message: str = Field(default="", description="Human-readable detail.")
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation this condition was computed from."
+    )
+    last_transition_time: str | None = Field(
+        default=None, description="When the status last changed (RFC 3339)."
+    )
+
+
+class Resource(Model):
+    """A whole manifest of one of our kinds; subclasses pin `kind`, `spec` and `status`."""
+
+    api_version: Literal["lume.dev/v1alpha1"] = Field(
+        default=API_VERSION, description="APIVersion of this object: lume.dev/v1alpha1."
+    )
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+
+    @property
+    def key(self) -> str:
+        """namespace/name, how users and logs refer to the object."""
+        return f"{self.metadata.namespace}/{self.metadata.name}"

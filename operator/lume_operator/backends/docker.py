@@ -1,0 +1,67 @@
+"""The `docker` backend: flow runs are containers started by a Prefect docker worker."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from lume_operator.api.common import quantity_to_bytes, quantity_to_cpus
+from lume_operator.api.runconfig import Volume
+from lume_operator.backends.base import Backend, TypedRunConfig
+from lume_operator.backends.templates import vendored_template
+
+
+class DockerRunConfig(TypedRunConfig):
+    """A flow run as a Docker container."""
+
+    image: str | None = Field(default=None, description="Image of the container.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None, description="When to pull the image."
+    )
+    cpu_limit: str | None = Field(default=None, description="CPU limit (Kubernetes quantity).")
+    memory_limit: str | None = Field(default=None, description="Memory limit (Kubernetes quantity).")
+    volumes: list[Volume] = Field(default_factory=list, description="Bind mounts and named volumes.")
+
+
+def docker_volume(volume: Volume) -> str:
+    """A volume in Docker's `source:target:mode` form (a claim name is a named volume)."""
+    if volume.host_path:
+        source = volume.host_path.path
+    elif volume.persistent_volume_claim:
+        source = volume.persistent_volume_claim.claim_name
+    else:
+        raise ValueError(f"volume {volume.name!r}: emptyDir has no Docker equivalent")
+    return f"{source}:{volume.mount_path}:{'ro' if volume.read_only else 'rw'}"
+
+
+class DockerBackend(Backend):
+    type = "docker"
+    run_config_model = DockerRunConfig
+
+    def job_variables(self, config: TypedRunConfig) -> dict[str, Any]:
+        assert isinstance(config, DockerRunConfig)
+        variables: dict[str, Any] = {"stream_output": config.stream_output}
+        if config.image:
+            variables["image"] = config.image
+        if config.image_pull_policy:
+            variables["image_pull_policy"] = config.image_pull_policy
+        if config.env:
+            variables["env"] = dict(config.env)
+        if config.labels:
+            variables["labels"] = dict(config.labels)
+        if config.memory_limit:
+            variables["mem_limit"] = str(quantity_to_bytes(config.memory_limit))
+        if config.volumes:
+            variables["volumes"] = [docker_volume(v) for v in config.volumes]
+        create_kwargs: dict[str, Any] = {}
+        if config.cpu_limit:
+            create_kwargs["nano_cpus"] = int(quantity_to_cpus(config.cpu_limit) * 1e9)
+        if config.working_dir:
+            create_kwargs["working_dir"] = config.working_dir
+        if create_kwargs:
+            variables["container_create_kwargs"] = create_kwargs
+        return variables
+
+    def base_job_template(self) -> dict[str, Any]:
+        return vendored_template("docker")
