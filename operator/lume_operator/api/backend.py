@@ -52,7 +52,9 @@ class Resources(Model):
 
     cpu_request: Quantity | None = Field(default=None, description="CPU request, e.g. '100m'.")
     cpu_limit: Quantity | None = Field(default=None, description="CPU limit, e.g. '1'.")
-    memory_request: Quantity | None = Field(default=None, description="Memory request, e.g. '256Mi'.")
+    memory_request: Quantity | None = Field(
+        default=None, description="Memory request, e.g. '256Mi'."
+    )
     memory_limit: Quantity | None = Field(default=None, description="Memory limit, e.g. '1Gi'.")
 
 
@@ -72,7 +74,9 @@ class Agent(Model):
         default=None,
         description="ServiceAccount of the workers. Default: one the operator creates.",
     )
-    env: dict[str, str] | None = Field(default=None, description="Extra environment of the workers.")
+    env: dict[str, str] | None = Field(
+        default=None, description="Extra environment of the workers."
+    )
 
 
 class SchedulingBackendSpec(Model):
@@ -82,11 +86,15 @@ class SchedulingBackendSpec(Model):
         description="Kind of infrastructure flow runs get: kubernetes Jobs, docker containers or "
         "local processes. Immutable.",
         json_schema_extra={
-            "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "type is immutable"}]
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "type is immutable"}
+            ]
         },
     )
     prefect: PrefectAPI | None = Field(default=None, description="The Prefect API to use.")
-    work_pool: WorkPool | None = Field(default=None, description="The work pool to create or adopt.")
+    work_pool: WorkPool | None = Field(
+        default=None, description="The work pool to create or adopt."
+    )
     labels: list[str] | None = Field(
         default=None,
         description="Labels flows can select: each becomes a work queue of the pool and a tag.",

@@ -97,7 +97,9 @@ class ObjectMeta(Model):
     )
     namespace: str = Field(default="default", description="Namespace of the object.")
     uid: str | None = Field(default=None, description="Unique id set by the API server.")
-    generation: int | None = Field(default=None, description="Spec generation, set by the API server.")
+    generation: int | None = Field(
+        default=None, description="Spec generation, set by the API server."
+    )
     labels: dict[str, str] = Field(default_factory=dict, description="Kubernetes labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Kubernetes annotations.")
 

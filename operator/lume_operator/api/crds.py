@@ -15,7 +15,11 @@ import yaml
 from pydantic import BaseModel
 
 from lume_operator import GROUP, VERSION
-from lume_operator.api.backend import SchedulingBackend, SchedulingBackendSpec, SchedulingBackendStatus
+from lume_operator.api.backend import (
+    SchedulingBackend,
+    SchedulingBackendSpec,
+    SchedulingBackendStatus,
+)
 from lume_operator.api.flow import LumeFlow, LumeFlowSpec, LumeFlowStatus
 from lume_operator.api.flowofflows import FlowOfFlows, FlowOfFlowsSpec, FlowOfFlowsStatus
 
@@ -91,7 +95,11 @@ KINDS: list[dict[str, Any]] = [
         "columns": [
             {"name": "Type", "type": "string", "jsonPath": ".spec.type"},
             {"name": "Pool", "type": "string", "jsonPath": ".status.workPoolName"},
-            {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+            {
+                "name": "Ready",
+                "type": "string",
+                "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+            },
             {"name": "Agents", "type": "integer", "jsonPath": ".status.agentReadyReplicas"},
         ],
     },
@@ -105,7 +113,12 @@ KINDS: list[dict[str, Any]] = [
             {"name": "Backend", "type": "string", "jsonPath": ".spec.backendRef.name"},
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Last Run", "type": "date", "jsonPath": ".status.lastRun.startTime"},
-            {"name": "Run State", "type": "string", "jsonPath": ".status.lastRun.state", "priority": 1},
+            {
+                "name": "Run State",
+                "type": "string",
+                "jsonPath": ".status.lastRun.state",
+                "priority": 1,
+            },
             {"name": "Run ID", "type": "string", "jsonPath": ".status.lastRun.id", "priority": 1},
         ],
     },
@@ -128,8 +141,8 @@ def crd(kind: dict[str, Any]) -> dict[str, Any]:
     model: type[BaseModel] = kind["model"]
     name = model.model_fields["kind"].default
     spec_schema = _schema_of(kind["spec"])
-    spec_schema["description"] = model.model_fields["spec"].description + " " + spec_schema.get(
-        "description", ""
+    spec_schema["description"] = (
+        model.model_fields["spec"].description + " " + spec_schema.get("description", "")
     )
     status_schema = _schema_of(kind["status"])
     status_schema["description"] = model.model_fields["status"].description

@@ -6,7 +6,13 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from lume_operator.api.common import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, Condition, Model, Resource
+from lume_operator.api.common import (
+    DNS_LABEL_PATTERN,
+    DNS_SUBDOMAIN_PATTERN,
+    Condition,
+    Model,
+    Resource,
+)
 from lume_operator.api.runconfig import RunConfig
 
 ENTRYPOINT_PATTERN = r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_]*$"
@@ -67,7 +73,9 @@ class RunPolicy(Model):
             try:
                 CronSchedule(cron=self.cron, timezone=self.timezone)
             except ValueError as error:
-                raise ValueError(f"invalid cron schedule {self.cron!r}: {_first_line(error)}") from None
+                raise ValueError(
+                    f"invalid cron schedule {self.cron!r}: {_first_line(error)}"
+                ) from None
         return self
 
 
@@ -151,13 +159,23 @@ class ResultStatus(Model):
 class LumeFlowStatus(Model):
     """What the operator observed."""
 
-    phase: Phase | None = Field(default=None, description="Pending, Deploying, Ready, Running, Completed or Failed.")
-    observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
-    conditions: list[Condition] | None = Field(default=None, description="Ready, Reconciling, Stalled.")
+    phase: Phase | None = Field(
+        default=None, description="Pending, Deploying, Ready, Running, Completed or Failed."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation last acted on."
+    )
+    conditions: list[Condition] | None = Field(
+        default=None, description="Ready, Reconciling, Stalled."
+    )
     work_pool_name: str | None = Field(default=None, description="The Prefect work pool.")
     deployment_id: str | None = Field(default=None, description="The Prefect deployment id.")
-    last_run: FlowRunStatus | None = Field(default=None, description="The last or current flow run.")
-    results: list[ResultStatus] | None = Field(default=None, description="Result locations of the last completed run.")
+    last_run: FlowRunStatus | None = Field(
+        default=None, description="The last or current flow run."
+    )
+    results: list[ResultStatus] | None = Field(
+        default=None, description="Result locations of the last completed run."
+    )
 
 
 class LumeFlow(Resource):

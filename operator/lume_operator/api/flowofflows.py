@@ -15,7 +15,8 @@ class MappedParameter(Model):
 
     parent_flow: str = Field(description="Name of the parent step.")
     parent_task: str | None = Field(
-        default=None, description="Task of the parent whose result to use. Default: the flow's return value."
+        default=None,
+        description="Task of the parent whose result to use. Default: the flow's return value.",
     )
     map_type: Literal["raw", "file", "db"] = Field(
         default="raw",
@@ -42,10 +43,18 @@ class Step(Model):
         }
     )
 
-    name: str = Field(description="Step name, unique in the composition.", pattern=DNS_LABEL_PATTERN)
-    flow_ref: ObjectRef | None = Field(default=None, description="A LumeFlow in the same namespace.")
-    flow: LumeFlowSpec | None = Field(default=None, description="An inline flow, instead of flowRef.")
-    parameters: dict[str, object] | None = Field(default=None, description="Parameters set directly.")
+    name: str = Field(
+        description="Step name, unique in the composition.", pattern=DNS_LABEL_PATTERN
+    )
+    flow_ref: ObjectRef | None = Field(
+        default=None, description="A LumeFlow in the same namespace."
+    )
+    flow: LumeFlowSpec | None = Field(
+        default=None, description="An inline flow, instead of flowRef."
+    )
+    parameters: dict[str, object] | None = Field(
+        default=None, description="Parameters set directly."
+    )
     mapped_parameters: dict[str, MappedParameter] | None = Field(
         default=None, description="Parameters taken from parent steps' outputs, by parameter name."
     )
@@ -67,7 +76,8 @@ class FlowOfFlowsSpec(Model):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     backend_ref: ObjectRef | None = Field(
-        default=None, description="Backend of the composition's parent run. Default: the first step's."
+        default=None,
+        description="Backend of the composition's parent run. Default: the first step's.",
     )
     labels: list[str] | None = Field(default=None, description="Labels, as on a LumeFlow.")
 
@@ -88,16 +98,24 @@ class StepStatus(Model):
         default=None, description="Pending, Running, Completed, Failed or Skipped."
     )
     run: FlowRunStatus | None = Field(default=None, description="The step's flow run.")
-    results: list[ResultStatus] | None = Field(default=None, description="The step's result locations.")
+    results: list[ResultStatus] | None = Field(
+        default=None, description="The step's result locations."
+    )
 
 
 class FlowOfFlowsStatus(Model):
     """What the operator observed."""
 
     phase: Phase | None = Field(default=None, description="Overall phase.")
-    observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
-    conditions: list[Condition] | None = Field(default=None, description="Ready, Reconciling, Stalled.")
-    run: FlowRunStatus | None = Field(default=None, description="The composition's parent flow run.")
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation last acted on."
+    )
+    conditions: list[Condition] | None = Field(
+        default=None, description="Ready, Reconciling, Stalled."
+    )
+    run: FlowRunStatus | None = Field(
+        default=None, description="The composition's parent flow run."
+    )
     steps: list[StepStatus] | None = Field(default=None, description="One entry per step.")
 
 

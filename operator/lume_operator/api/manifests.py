@@ -178,12 +178,17 @@ def parse_resource(body: Any, source: str) -> tuple[Resource | None, list[Proble
     kind = body.get("kind")
     if not isinstance(api_version, str) or not api_version.startswith(f"{GROUP}/"):
         return None, []
-    name = (body.get("metadata") or {}).get("name") if isinstance(body.get("metadata"), dict) else None
+    name = (
+        (body.get("metadata") or {}).get("name") if isinstance(body.get("metadata"), dict) else None
+    )
     source = f"{source} ({kind} {name})" if name else source
     if kind not in KINDS:
         return None, [
-            Problem(source, "kind", f"unknown kind {kind!r} in {GROUP} (expected one of "
-                    f"{', '.join(KINDS)})")
+            Problem(
+                source,
+                "kind",
+                f"unknown kind {kind!r} in {GROUP} (expected one of {', '.join(KINDS)})",
+            )
         ]
     try:
         resource = KINDS[kind].model_validate(body)
@@ -203,7 +208,9 @@ def load(paths: Iterable[str | Path]) -> Manifests:
         if resource is None:
             if not found:
                 body = document.body
-                manifests.skipped.append(f"{document.source} ({body.get('kind')} {body.get('apiVersion')})")
+                manifests.skipped.append(
+                    f"{document.source} ({body.get('kind')} {body.get('apiVersion')})"
+                )
             continue
         manifests.origins[_identity(resource)] = document
         if isinstance(resource, SchedulingBackend):

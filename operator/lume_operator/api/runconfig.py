@@ -16,7 +16,9 @@ from lume_operator.api.common import DNS_LABEL_PATTERN, Model, Quantity
 class PersistentVolumeClaimSource(Model):
     """A PersistentVolumeClaim to mount."""
 
-    claim_name: str = Field(description="Name of the PersistentVolumeClaim (in Docker: the named volume).")
+    claim_name: str = Field(
+        description="Name of the PersistentVolumeClaim (in Docker: the named volume)."
+    )
 
 
 class HostPathSource(Model):
@@ -41,7 +43,9 @@ class Volume(Model):
         }
     )
 
-    name: str = Field(description="Name of the volume, unique in the list.", pattern=DNS_LABEL_PATTERN)
+    name: str = Field(
+        description="Name of the volume, unique in the list.", pattern=DNS_LABEL_PATTERN
+    )
     mount_path: str = Field(description="Where the volume is mounted in the container.")
     read_only: bool = Field(default=False, description="Mount the volume read-only.")
     persistent_volume_claim: PersistentVolumeClaimSource | None = Field(
@@ -74,13 +78,36 @@ class Volume(Model):
 APPLICABLE_FIELDS: dict[str, frozenset[str]] = {
     "process": frozenset({"env", "workingDir", "labels", "streamOutput"}),
     "docker": frozenset(
-        {"image", "imagePullPolicy", "env", "cpuLimit", "memoryLimit", "workingDir", "volumes",
-         "labels", "streamOutput"}
+        {
+            "image",
+            "imagePullPolicy",
+            "env",
+            "cpuLimit",
+            "memoryLimit",
+            "workingDir",
+            "volumes",
+            "labels",
+            "streamOutput",
+        }
     ),
     "kubernetes": frozenset(
-        {"image", "imagePullPolicy", "imagePullSecrets", "env", "cpuRequest", "cpuLimit",
-         "memoryRequest", "memoryLimit", "serviceAccountName", "namespace", "workingDir",
-         "volumes", "labels", "streamOutput", "finishedJobTtl"}
+        {
+            "image",
+            "imagePullPolicy",
+            "imagePullSecrets",
+            "env",
+            "cpuRequest",
+            "cpuLimit",
+            "memoryRequest",
+            "memoryLimit",
+            "serviceAccountName",
+            "namespace",
+            "workingDir",
+            "volumes",
+            "labels",
+            "streamOutput",
+            "finishedJobTtl",
+        }
     ),
 }
 
@@ -156,7 +183,7 @@ class RunConfig(Model):
     def set_fields(self) -> list[str]:
         """camelCase names of the fields this config sets, as users wrote them."""
         return [
-            self.model_fields[name].alias or name
-            for name in self.model_fields
+            type(self).model_fields[name].alias or name
+            for name in type(self).model_fields
             if getattr(self, name) is not None
         ]

@@ -20,8 +20,12 @@ class DockerRunConfig(TypedRunConfig):
         default=None, description="When to pull the image."
     )
     cpu_limit: str | None = Field(default=None, description="CPU limit (Kubernetes quantity).")
-    memory_limit: str | None = Field(default=None, description="Memory limit (Kubernetes quantity).")
-    volumes: list[Volume] = Field(default_factory=list, description="Bind mounts and named volumes.")
+    memory_limit: str | None = Field(
+        default=None, description="Memory limit (Kubernetes quantity)."
+    )
+    volumes: list[Volume] = Field(
+        default_factory=list, description="Bind mounts and named volumes."
+    )
 
 
 def docker_volume(volume: Volume) -> str:

@@ -94,8 +94,16 @@ class KubernetesBackend(Backend):
         assert isinstance(config, KubernetesRunConfig)
         variables: dict[str, Any] = {"stream_output": config.stream_output}
         plain = (
-            "image", "image_pull_policy", "cpu_request", "cpu_limit", "memory_request",
-            "memory_limit", "service_account_name", "namespace", "working_dir", "finished_job_ttl",
+            "image",
+            "image_pull_policy",
+            "cpu_request",
+            "cpu_limit",
+            "memory_request",
+            "memory_limit",
+            "service_account_name",
+            "namespace",
+            "working_dir",
+            "finished_job_ttl",
         )
         for name in plain:
             value = getattr(config, name)

@@ -1,0 +1,117 @@
+"""The `lume-operator` command: run and validate manifests locally, generate CRDs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from lume_operator import __version__
+
+FILES = click.option(
+    "-f",
+    "--filename",
+    "paths",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=str),
+    help="Manifest file or directory (multi-document YAML); repeatable.",
+)
+
+
+def _console() -> Console:
+    return Console(soft_wrap=True, highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lume-operator")
+def main() -> None:
+    """Prefect 3 workflows as Kubernetes objects: LumeFlow, FlowOfFlows, SchedulingBackend."""
+    # Nothing here may reach the network by itself (no telemetry from the embedded server).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@main.command()
+@FILES
+def validate(paths: tuple[str, ...]) -> None:
+    """Check manifests: every problem, with its field path; exit 1 if any."""
+    from lume_operator.api.manifests import ManifestError, load
+
+    console = _console()
+    try:
+        manifests = load(paths)
+    except ManifestError as error:
+        for problem in error.problems:
+            console.print(f"[red]error[/red] {problem}")
+        sys.exit(1)
+    for skipped in manifests.skipped:
+        console.print(f"skipped {skipped}: not a lume.dev resource")
+    if manifests.problems:
+        for problem in manifests.problems:
+            console.print(f"[red]error[/red] {problem}")
+        console.print(f"{len(manifests.problems)} problem(s)")
+        sys.exit(1)
+    count = len(manifests.backends) + len(manifests.flows) + len(manifests.compositions)
+    console.print(f"{count} resource(s) valid")
+
+
+@main.command()
+@FILES
+@click.option(
+    "--status-out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the resulting status as YAML to this file.",
+)
+@click.option(
+    "--results-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("lume-results"),
+    show_default=True,
+    help="Where flow runs write their file results (one directory per run).",
+)
+@click.option(
+    "--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait for runs."
+)
+def run(paths: tuple[str, ...], status_out: Path | None, results_dir: Path, timeout: float) -> None:
+    """Run the LumeFlows in the manifests on Prefect (embedded unless PREFECT_API_URL is set)."""
+    from lume_operator.api.manifests import ManifestError
+    from lume_operator.local.runner import run_local
+
+    console = _console()
+    try:
+        code = run_local(
+            list(paths),
+            console=console,
+            results_root=results_dir,
+            status_out=status_out,
+            timeout=timeout,
+        )
+    except ManifestError as error:
+        for problem in error.problems:
+            console.print(f"[red]error[/red] {problem}")
+        code = 1
+    sys.exit(code)
+
+
+@main.command()
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("crds"),
+    show_default=True,
+    help="Directory to write the CRD YAML files into.",
+)
+def crds(output: Path) -> None:
+    """Generate the CustomResourceDefinitions from the API models."""
+    from lume_operator.api.crds import write_all
+
+    for path in write_all(output):
+        click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

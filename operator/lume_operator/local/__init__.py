@@ -1,0 +1,1 @@
+"""The local adapter: manifests from files, an embedded Prefect server, status printed."""

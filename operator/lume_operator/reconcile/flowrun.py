@@ -1,0 +1,144 @@
+"""From a Prefect flow run to status: phases, run references and result locations."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from lume_operator.api.flow import FlowRunStatus, ResultSpec, ResultStatus
+
+# uuid5 namespace of lume-operator's deterministic ids.
+_NAMESPACE = uuid.UUID("5d1f1c8e-3b0b-4c55-9a55-6c756d652d6f")
+
+
+def idempotency_key(uid: str, generation: int | None, index: int, step: str | None = None) -> str:
+    """The same (resource uid, generation, run index[, step]) always gives the same key, so a
+    restarted operator or a retried request never starts a second run."""
+    parts = [uid, str(generation or 0), str(index)] + ([step] if step else [])
+    return f"lume-{uuid.uuid5(_NAMESPACE, '/'.join(parts))}"
+
+
+def phase_of(state_type: str | None) -> str:
+    """The LumeFlow phase of a Prefect state type."""
+    return {
+        "SCHEDULED": "Running",
+        "PENDING": "Running",
+        "RUNNING": "Running",
+        "PAUSED": "Running",
+        "CANCELLING": "Running",
+        "COMPLETED": "Completed",
+        "FAILED": "Failed",
+        "CRASHED": "Failed",
+        "CANCELLED": "Failed",
+    }.get(state_type or "", "Pending")
+
+
+def _time(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def run_status(flow_run: Any, index: int, url: str | None) -> FlowRunStatus:
+    """A status reference to a Prefect flow run (no payloads)."""
+    state = flow_run.state
+    return FlowRunStatus(
+        id=str(flow_run.id),
+        name=flow_run.name,
+        index=index,
+        state=state.name if state else None,
+        state_type=state.type.value if state else None,
+        start_time=_time(flow_run.start_time),
+        end_time=_time(flow_run.end_time),
+        url=url,
+        message=(state.message or None) if state and state.type.value != "COMPLETED" else None,
+    )
+
+
+class ResultError(Exception):
+    """A declared result is missing, of the wrong type, or its file does not exist."""
+
+
+@dataclass
+class _Found:
+    name: str
+    value: Any
+
+
+def _lookup(value: Any, path: str) -> Any:
+    current = value
+    for part in path.split("."):
+        if isinstance(current, dict) and part in current:
+            current = current[part]
+        elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
+            current = current[int(part)]
+        else:
+            keys = (
+                ", ".join(map(str, current))
+                if isinstance(current, dict)
+                else type(current).__name__
+            )
+            raise ResultError(
+                f"result {path!r} is not in the flow's return value (at {part!r}; found: {keys})"
+            )
+    return current
+
+
+def _is_description(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {
+        "filename",
+        "filesystem_identifier",
+        "file_type_string",
+    }
+
+
+def result_statuses(
+    return_value: Any, declared: list[ResultSpec] | None, result_key: str | None
+) -> list[ResultStatus]:
+    """Locations of a run's results; files are checked to exist.
+
+    Declared results are looked up by key path; undeclared, every File description in the
+    return value is recorded. Plain values are recorded by their Prefect result key.
+    """
+    from lume_operator.results import find_file_descriptions, load_file
+
+    if declared:
+        found = [_Found(spec.name, _lookup(return_value, spec.name)) for spec in declared]
+        expected = {spec.name: spec.type for spec in declared}
+    else:
+        found = [_Found(name, desc) for name, desc in find_file_descriptions(return_value)]
+        expected = {}
+    statuses = []
+    for item in found:
+        if _is_description(item.value):
+            file = load_file(item.value)
+            if expected.get(item.name) and expected[item.name] != file.file_type_string:
+                raise ResultError(
+                    f"result {item.name!r} is a {file.file_type_string}, "
+                    f"not the declared {expected[item.name]}"
+                )
+            if not file.exists():
+                raise ResultError(
+                    f"result {item.name!r}: file {file.filename!r} "
+                    f"(filesystem {file.filesystem_identifier!r}) does not exist"
+                )
+            statuses.append(
+                ResultStatus(
+                    name=item.name,
+                    type=file.file_type_string,
+                    filesystem=file.filesystem_identifier,
+                    location=file.filename,
+                )
+            )
+        else:
+            if expected.get(item.name):
+                raise ResultError(
+                    f"result {item.name!r} is a plain value, not the declared {expected[item.name]}"
+                )
+            statuses.append(
+                ResultStatus(
+                    name=item.name,
+                    type="value",
+                    location=f"{result_key}#{item.name}" if result_key else item.name,
+                )
+            )
+    return statuses

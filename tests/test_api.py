@@ -1,0 +1,152 @@
+"""Spec validation: each bad input gets a message naming the field."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lume_operator.api.common import quantity_to_bytes, quantity_to_cpus
+from lume_operator.api.manifests import load, parse_resource
+from lume_operator.api.runconfig import RunConfig
+from lume_operator.backends import get_backend
+
+
+def problems_of(text: str) -> list[str]:
+    _, problems = parse_resource(yaml.safe_load(text), "m.yaml")
+    return [f"{p.path}: {p.message}" for p in problems]
+
+
+BACKEND = """
+apiVersion: lume.dev/v1alpha1
+kind: SchedulingBackend
+metadata: {name: b}
+spec:
+  type: %s
+"""
+
+FLOW = """
+apiVersion: lume.dev/v1alpha1
+kind: LumeFlow
+metadata: {name: f}
+spec:
+  backendRef: {name: b}
+  entrypoint: flows/x.py:run
+"""
+
+
+def test_unknown_backend_type_names_the_field_and_the_choices():
+    assert problems_of(BACKEND % "slurm") == [
+        "spec.type: 'slurm' is not one of 'kubernetes', 'docker' or 'process'"
+    ]
+
+
+def test_missing_entrypoint():
+    text = FLOW.replace("  entrypoint: flows/x.py:run\n", "")
+    assert problems_of(text) == ["spec.entrypoint: required field is missing"]
+
+
+def test_malformed_entrypoint():
+    text = FLOW.replace("flows/x.py:run", "flows/x.py")
+    [problem] = problems_of(text)
+    assert problem.startswith("spec.entrypoint: 'flows/x.py' does not match the pattern")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('"2 gigs"', "'2 gigs' is not a Kubernetes quantity"),
+        ("2", "2 must be a string Kubernetes quantity: write it in quotes, e.g. '2'"),
+        ('"2GB"', "'2GB' is not a Kubernetes quantity"),
+    ],
+)
+def test_bad_memory_limit(value, message):
+    text = FLOW + f"  runConfig: {{memoryLimit: {value}}}\n"
+    [problem] = problems_of(text)
+    assert problem.startswith(f"spec.runConfig.memoryLimit: {message}")
+
+
+@pytest.mark.parametrize("value", ["2Gi", "512Mi", "1.5G", "500m", "1e3", "0.5"])
+def test_good_quantities(value):
+    assert problems_of(FLOW + f'  runConfig: {{memoryLimit: "{value}"}}\n') == []
+
+
+def test_unknown_field_is_named():
+    [problem] = problems_of(FLOW + "  runConfig: {memoryLimt: 1Gi}\n")
+    assert problem == "spec.runConfig.memoryLimt: unknown field"
+
+
+def test_backend_defaults_that_do_not_apply_to_its_type():
+    text = BACKEND % "process" + "  runConfig: {image: 'python:3.11', env: {A: b}}\n"
+    [problem] = problems_of(text)
+    assert problem.startswith("spec.runConfig.image: does not apply to process backends")
+
+
+def test_volume_needs_one_source():
+    text = (
+        FLOW
+        + "  runConfig: {volumes: [{name: d, mountPath: /d, hostPath: {path: /h}, emptyDir: true}]}\n"
+    )
+    [problem] = problems_of(text)
+    assert problem == (
+        "spec.runConfig.volumes[0]: a volume needs exactly one source of persistentVolumeClaim, "
+        "hostPath or emptyDir (got hostPath, emptyDir)"
+    )
+
+
+def test_schedule_needs_a_valid_cron():
+    assert problems_of(FLOW + "  run: {policy: Schedule}\n") == [
+        "spec.run: cron is required when policy is Schedule"
+    ]
+    [problem] = problems_of(FLOW + "  run: {policy: Schedule, cron: 'every day'}\n")
+    assert problem.startswith("spec.run: invalid cron schedule 'every day'")
+
+
+def test_every_problem_of_every_document_is_reported(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        BACKEND % "slurm" + "---" + FLOW.replace("{name: f}", "{name: F_}")
+    )
+    (tmp_path / "b.yml").write_text("kind: [unclosed\n")
+    manifests = load([tmp_path])
+    messages = [str(p) for p in manifests.problems]
+    assert any("a.yaml#0 (SchedulingBackend b): spec.type" in m for m in messages)
+    assert any("a.yaml#1 (LumeFlow F_): metadata.name" in m for m in messages)
+    assert any("b.yml:2: not valid YAML" in m for m in messages)
+
+
+def test_documents_of_other_groups_are_skipped(tmp_path):
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n")
+    manifests = load([tmp_path])
+    assert manifests.problems == [] and len(manifests.skipped) == 1
+
+
+def test_overrides_merge_over_defaults():
+    defaults = RunConfig(
+        env={"A": "1", "B": "1"},
+        memory_limit="1Gi",
+        volumes=[{"name": "d", "mountPath": "/d", "emptyDir": True}],
+    )
+    overrides = RunConfig(
+        env={"B": "2"},
+        cpu_limit="2",
+        volumes=[{"name": "d", "mountPath": "/data", "emptyDir": True}],
+    )
+    merged = overrides.merged_over(defaults)
+    assert merged.env == {"A": "1", "B": "2"}
+    assert merged.memory_limit == "1Gi" and merged.cpu_limit == "2"
+    assert [v.mount_path for v in merged.volumes] == ["/data"]
+
+
+def test_flow_overrides_that_do_not_apply_are_reported_not_fatal():
+    config, ignored = get_backend("process").run_config(
+        RunConfig(env={"A": "1"}), RunConfig(image="x", memory_limit="2Gi", working_dir="/w")
+    )
+    assert ignored == ["image", "memoryLimit"]
+    assert config.env == {"A": "1"} and config.working_dir == "/w"
+
+
+def test_quantity_conversions():
+    assert quantity_to_bytes("2Gi") == 2 * 1024**3
+    assert quantity_to_bytes("1.5G") == 1_500_000_000
+    assert quantity_to_bytes("1e3") == 1000
+    assert quantity_to_cpus("1500m") == 1.5
+    assert quantity_to_cpus("2") == 2.0
