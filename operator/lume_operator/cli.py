@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from lume_operator import __version__
 
@@ -45,13 +46,13 @@ def validate(paths: tuple[str, ...]) -> None:
         manifests = load(paths)
     except ManifestError as error:
         for problem in error.problems:
-            console.print(f"[red]error[/red] {problem}")
+            console.print(f"[red]error[/red] {escape(str(problem))}")
         sys.exit(1)
     for skipped in manifests.skipped:
-        console.print(f"skipped {skipped}: not a lume.dev resource")
+        console.print(escape(f"skipped {skipped}: not a lume.dev resource"))
     if manifests.problems:
         for problem in manifests.problems:
-            console.print(f"[red]error[/red] {problem}")
+            console.print(f"[red]error[/red] {escape(str(problem))}")
         console.print(f"{len(manifests.problems)} problem(s)")
         sys.exit(1)
     count = len(manifests.backends) + len(manifests.flows) + len(manifests.compositions)
@@ -91,7 +92,12 @@ def run(paths: tuple[str, ...], status_out: Path | None, results_dir: Path, time
         )
     except ManifestError as error:
         for problem in error.problems:
-            console.print(f"[red]error[/red] {problem}")
+            console.print(f"[red]error[/red] {escape(str(problem))}")
+        code = 1
+    except Exception as error:  # never a traceback for users; LUME_OPERATOR_DEBUG=1 shows it
+        if os.environ.get("LUME_OPERATOR_DEBUG"):
+            raise
+        console.print(f"[red]error[/red] {escape(type(error).__name__)}: {escape(str(error))}")
         code = 1
     sys.exit(code)
 

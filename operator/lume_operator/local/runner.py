@@ -17,8 +17,11 @@ from typing import Any
 import anyio
 import yaml
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from lume_operator.api.backend import SchedulingBackend
+from lume_operator.api.common import Condition
 from lume_operator.api.flow import LumeFlow, LumeFlowStatus
 from lume_operator.api.manifests import Manifests, Problem, load
 from lume_operator.backends import get_backend, tags, work_queue
@@ -113,8 +116,9 @@ class LocalRunner:
         self.results_root = results_root.resolve()
         self.timeout = timeout
 
-    def say(self, who: str, text: str) -> None:
-        self.console.print(f"[bold]{who}[/bold]: {text}", highlight=False)
+    def say(self, who: str, text: str, style: str = "") -> None:
+        """One progress line; user text is never read as markup."""
+        self.console.print(Text.assemble((who, "bold"), ": ", (text, style)))
 
     async def run(self, planned: list[PlannedFlow]) -> None:
         from prefect.workers.process import ProcessWorker
@@ -130,7 +134,7 @@ class LocalRunner:
                 except PrefectError as error:
                     item.error = str(error)
                     item.status.phase = "Failed"
-                    self.say(item.flow.key, f"[red]{error}[/red]")
+                    self.say(item.flow.key, str(error), "red")
                     continue
                 pools.setdefault(pool, set()).add(queue)
                 runs[str(flow_run.id)] = (item, flow_run)
@@ -167,7 +171,7 @@ class LocalRunner:
         if ignored:
             item.notes.append(f"run-config fields that do not apply locally: {', '.join(ignored)}")
         for note in item.notes:
-            self.say(flow.key, f"[yellow]note[/yellow]: {note}")
+            self.say(flow.key, f"note: {note}", "yellow")
         variables = runner.job_variables(config)
         variables["env"] = {**RESULT_ENV, **variables.get("env", {})}
         pool = backend.work_pool_name
@@ -244,7 +248,8 @@ class LocalRunner:
                 for item, _ in pending.values():
                     item.error = f"timed out after {self.timeout:.0f} s waiting for the flow run"
                     item.status.phase = "Failed"
-                    self.say(item.flow.key, f"[red]{item.error}[/red]")
+                    item.status.conditions = [_ready(False, "Timeout", item.error)]
+                    self.say(item.flow.key, item.error, "red")
                 return
             for run_id, (item, _) in list(pending.items()):
                 flow_run = await gateway.read_flow_run(uuid.UUID(run_id))
@@ -254,8 +259,13 @@ class LocalRunner:
                     self.say(item.flow.key, f"flow run {flow_run.name!r} is {state.name}")
                 item.status.last_run = run_status(flow_run, 0, gateway.ui_url(flow_run.id))
                 if state and state.type.value in FINAL_STATES:
-                    await self._finish(gateway, item, flow_run)
                     del pending[run_id]
+                    try:
+                        await self._finish(gateway, item, flow_run)
+                    except Exception as error:  # one flow's surprise must not hide the others'
+                        item.status.phase = "Failed"
+                        item.error = f"{type(error).__name__}: {error}"
+                        item.status.conditions = [_ready(False, "InternalError", item.error)]
             await anyio.sleep(0.3)
 
     async def _finish(self, gateway: Any, item: PlannedFlow, flow_run: Any) -> None:
@@ -265,15 +275,29 @@ class LocalRunner:
         item.status.phase = phase_of(state_type)
         if state_type != "COMPLETED":
             item.error = flow_run.state.message or f"flow run ended {flow_run.state.name}"
+            item.status.conditions = [_ready(False, "FlowRunFailed", item.error)]
             return
         try:
             value = await gateway.result_of(flow_run)
             item.status.results = result_statuses(
                 value, item.flow.spec.results, gateway.result_key(flow_run)
             )
-        except (PrefectError, ResultError, ValueError) as error:
+        except (PrefectError, ResultError) as error:
             item.status.phase = "Failed"
             item.error = str(error)
+            item.status.conditions = [_ready(False, "ResultsInvalid", item.error)]
+            return
+        item.status.conditions = [_ready(True, "FlowRunCompleted", "")]
+
+
+def _ready(ok: bool, reason: str, message: str) -> Condition:
+    return Condition(
+        type="Ready",
+        status="True" if ok else "False",
+        reason=reason,
+        message=message,
+        last_transition_time=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
 
 
 def status_documents(planned: Iterable[PlannedFlow]) -> list[dict[str, Any]]:
@@ -293,27 +317,22 @@ def status_documents(planned: Iterable[PlannedFlow]) -> list[dict[str, Any]]:
 
 
 def print_summary(console: Console, planned: list[PlannedFlow]) -> None:
-    from rich.table import Table
-
     for item in planned:
         status = item.status
         run = status.last_run
         console.print()
         console.print(
-            f"[bold]LumeFlow {item.flow.key}[/bold]  phase: [bold]{status.phase}[/bold]",
-            highlight=False,
+            f"[bold]LumeFlow {escape(item.flow.key)}[/bold]  phase: [bold]{status.phase}[/bold]"
         )
         if run:
-            console.print(f"  flow run: {run.name} ({run.id}) state: {run.state}", highlight=False)
-            if run.url:
-                console.print(f"  url: {run.url}", highlight=False)
+            console.print(escape(f"  flow run: {run.name} ({run.id}), state {run.state}"))
         if item.error:
-            console.print(f"  [red]error[/red]: {item.error}", highlight=False)
-        if status.results:
-            table = Table("result", "type", "filesystem", "location", box=None, padding=(0, 2))
-            for result in status.results:
-                table.add_row(result.name, result.type, result.filesystem or "", result.location)
-            console.print(table)
+            console.print(f"  [red]error[/red]: {escape(item.error)}")
+        for result in status.results or []:
+            where = f" on {result.filesystem}" if result.filesystem else ""
+            console.print(
+                escape(f"  result {result.name} ({result.type}{where}): {result.location}")
+            )
 
 
 def run_local(
@@ -331,7 +350,7 @@ def run_local(
     problems.extend(plan_problems)
     if problems:
         for problem in problems:
-            console.print(f"[red]error[/red] {problem}", highlight=False)
+            console.print(f"[red]error[/red] {escape(str(problem))}")
         console.print(f"{len(problems)} problem(s); nothing was run.")
         return 1
     if not planned:

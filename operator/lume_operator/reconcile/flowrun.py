@@ -99,7 +99,12 @@ def result_statuses(
     Declared results are looked up by key path; undeclared, every File description in the
     return value is recorded. Plain values are recorded by their Prefect result key.
     """
-    from lume_operator.results import find_file_descriptions, load_file
+    from lume_operator.results import (
+        FileDescriptionError,
+        FilesystemError,
+        find_file_descriptions,
+        load_file,
+    )
 
     if declared:
         found = [_Found(spec.name, _lookup(return_value, spec.name)) for spec in declared]
@@ -110,13 +115,17 @@ def result_statuses(
     statuses = []
     for item in found:
         if _is_description(item.value):
-            file = load_file(item.value)
+            try:
+                file = load_file(item.value)
+                exists = file.exists()
+            except (FileDescriptionError, FilesystemError) as error:
+                raise ResultError(f"result {item.name!r}: {error}") from None
             if expected.get(item.name) and expected[item.name] != file.file_type_string:
                 raise ResultError(
                     f"result {item.name!r} is a {file.file_type_string}, "
                     f"not the declared {expected[item.name]}"
                 )
-            if not file.exists():
+            if not exists:
                 raise ResultError(
                     f"result {item.name!r}: file {file.filename!r} "
                     f"(filesystem {file.filesystem_identifier!r}) does not exist"
