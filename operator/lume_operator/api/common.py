@@ -85,6 +85,13 @@ def quantity_to_cpus(quantity: str) -> float:
     return float(quantity_to_bytes(quantity))
 
 
+def require_unique(what: str, names: list[str]) -> None:
+    """Raise naming every repeated name: lists keyed by name (steps, volumes, results)."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{what} names must be unique: {', '.join(repeated)} repeated")
+
+
 class ObjectMeta(Model):
     """The part of Kubernetes' ObjectMeta that lume-operator reads."""
 

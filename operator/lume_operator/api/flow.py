@@ -12,6 +12,7 @@ from lume_operator.api.common import (
     Condition,
     Model,
     Resource,
+    require_unique,
 )
 from lume_operator.api.runconfig import RunConfig
 
@@ -126,10 +127,7 @@ class LumeFlowSpec(Model):
 
     @model_validator(mode="after")
     def _unique_results(self) -> LumeFlowSpec:
-        names = [r.name for r in self.results or []]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"result names must be unique: {', '.join(duplicates)} repeated")
+        require_unique("result", [r.name for r in self.results or []])
         return self
 
 

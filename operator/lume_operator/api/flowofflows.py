@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from lume_operator.api.common import DNS_LABEL_PATTERN, Condition, Model, Resource
+from lume_operator.api.common import DNS_LABEL_PATTERN, Condition, Model, Resource, require_unique
 from lume_operator.api.flow import FlowRunStatus, LumeFlowSpec, ObjectRef, Phase, ResultStatus
 
 
@@ -83,10 +83,7 @@ class FlowOfFlowsSpec(Model):
 
     @model_validator(mode="after")
     def _unique_steps(self) -> FlowOfFlowsSpec:
-        names = [s.name for s in self.steps]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"step names must be unique: {', '.join(duplicates)} repeated")
+        require_unique("step", [s.name for s in self.steps])
         return self
 
 

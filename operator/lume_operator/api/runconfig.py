@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from lume_operator.api.common import DNS_LABEL_PATTERN, Model, Quantity
+from lume_operator.api.common import DNS_LABEL_PATTERN, Model, Quantity, require_unique
 
 
 class PersistentVolumeClaimSource(Model):
@@ -160,10 +160,7 @@ class RunConfig(Model):
 
     @model_validator(mode="after")
     def _unique_volume_names(self) -> RunConfig:
-        names = [v.name for v in self.volumes or []]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"volume names must be unique: {', '.join(duplicates)} repeated")
+        require_unique("volume", [v.name for v in self.volumes or []])
         return self
 
     def merged_over(self, defaults: RunConfig) -> RunConfig:
