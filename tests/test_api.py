@@ -150,3 +150,15 @@ def test_quantity_conversions():
     assert quantity_to_bytes("1e3") == 1000
     assert quantity_to_cpus("1500m") == 1.5
     assert quantity_to_cpus("2") == 2.0
+
+
+def test_repeated_volume_and_result_names_are_named_at_their_list():
+    text = FLOW + (
+        "  runConfig: {volumes: [{name: d, mountPath: /a, emptyDir: true},"
+        " {name: d, mountPath: /b, emptyDir: true}]}\n"
+        "  results: [{name: beam}, {name: beam}]\n"
+    )
+    assert problems_of(text) == [
+        "spec.runConfig.volumes: volume names must be unique: d repeated",
+        "spec.results: result names must be unique: beam repeated",
+    ]

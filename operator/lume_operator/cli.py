@@ -48,6 +48,9 @@ def validate(paths: tuple[str, ...]) -> None:
         for problem in error.problems:
             console.print(f"[red]error[/red] {escape(str(problem))}")
         sys.exit(1)
+    from lume_operator.local.checks import composition_problems_local
+
+    manifests.problems.extend(composition_problems_local(manifests))
     for skipped in manifests.skipped:
         console.print(escape(f"skipped {skipped}: not a lume.dev resource"))
     if manifests.problems:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from lume_operator.api.common import (
     DNS_LABEL_PATTERN,
@@ -125,10 +125,11 @@ class LumeFlowSpec(Model):
     )
     run: RunPolicy | None = Field(default=None, description="When flow runs are created.")
 
-    @model_validator(mode="after")
-    def _unique_results(self) -> LumeFlowSpec:
-        require_unique("result", [r.name for r in self.results or []])
-        return self
+    @field_validator("results")
+    @classmethod
+    def _unique_results(cls, items: list | None) -> list | None:
+        require_unique("result", [item.name for item in items or []])
+        return items
 
 
 class FlowRunStatus(Model):

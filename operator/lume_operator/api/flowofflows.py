@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from lume_operator.api.common import DNS_LABEL_PATTERN, Condition, Model, Resource, require_unique
 from lume_operator.api.flow import FlowRunStatus, LumeFlowSpec, ObjectRef, Phase, ResultStatus
@@ -81,10 +81,11 @@ class FlowOfFlowsSpec(Model):
     )
     labels: list[str] | None = Field(default=None, description="Labels, as on a LumeFlow.")
 
-    @model_validator(mode="after")
-    def _unique_steps(self) -> FlowOfFlowsSpec:
-        require_unique("step", [s.name for s in self.steps])
-        return self
+    @field_validator("steps")
+    @classmethod
+    def _unique_steps(cls, items: list | None) -> list | None:
+        require_unique("step", [item.name for item in items or []])
+        return items
 
 
 class StepStatus(Model):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from lume_operator.api.common import DNS_LABEL_PATTERN, Model, Quantity, require_unique
 
@@ -158,10 +158,11 @@ class RunConfig(Model):
         default=None, ge=0, description="Seconds a finished Job is kept (Kubernetes)."
     )
 
-    @model_validator(mode="after")
-    def _unique_volume_names(self) -> RunConfig:
-        require_unique("volume", [v.name for v in self.volumes or []])
-        return self
+    @field_validator("volumes")
+    @classmethod
+    def _unique_volume_names(cls, items: list | None) -> list | None:
+        require_unique("volume", [item.name for item in items or []])
+        return items
 
     def merged_over(self, defaults: RunConfig) -> RunConfig:
         """These overrides on top of `defaults`: maps merge by key, volumes by name."""

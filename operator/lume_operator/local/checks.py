@@ -13,7 +13,9 @@ from typing import Any
 
 import jsonschema
 
-from lume_operator.api.flow import LumeFlow
+from lume_operator.api.flow import LumeFlow, LumeFlowSpec
+from lume_operator.api.flowofflows import FlowOfFlows
+from lume_operator.api.manifests import Manifests, Problem
 
 
 @dataclass
@@ -131,4 +133,40 @@ def check_parameters(
         problems.append(
             CodeProblem(f"spec.parameters.{where}" if where else "spec.parameters", error.message)
         )
+    return problems
+
+
+def local_parameter_schema(spec: LumeFlowSpec, manifest_dir: Path) -> dict[str, Any] | None:
+    """The flow's parameter schema when its code is on this machine, else None."""
+    probe = LumeFlow(metadata={"name": "probe"}, spec=spec)
+    try:
+        return parameter_schema(locate(probe, manifest_dir))
+    except (CodeProblem, OSError, ValueError, SyntaxError):
+        return None
+
+
+def composition_problems_local(manifests: Manifests) -> list[Problem]:
+    """Every FlowOfFlows problem, with step flows and their code looked up in the manifests."""
+    from lume_operator.flows.validation import composition_problems
+
+    problems = []
+    for fof in manifests.compositions:
+        origin = manifests.origin(fof)
+        source = f"{origin.source} (FlowOfFlows {fof.metadata.name})" if origin else fof.key
+        flows = {
+            f.metadata.name: f
+            for f in manifests.flows
+            if f.metadata.namespace == fof.metadata.namespace
+        }
+
+        def schema(
+            spec: LumeFlowSpec, fof: FlowOfFlows = fof, flows: dict[str, LumeFlow] = flows
+        ) -> dict[str, Any] | None:
+            owner = next((f for f in flows.values() if f.spec is spec), None)
+            where = manifests.origin(owner) if owner else manifests.origin(fof)
+            directory = where.path.parent if where and where.path else Path.cwd()
+            return local_parameter_schema(spec, directory)
+
+        for path, message in composition_problems(fof, flows, schema):
+            problems.append(Problem(source, path, message))
     return problems

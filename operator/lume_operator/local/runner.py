@@ -29,6 +29,7 @@ from lume_operator.local.checks import (
     CodeProblem,
     LocalFlowCode,
     check_parameters,
+    composition_problems_local,
     locate,
     parameter_schema,
 )
@@ -348,11 +349,17 @@ def run_local(
     problems = list(manifests.problems)
     planned, plan_problems = plan(manifests)
     problems.extend(plan_problems)
+    problems.extend(composition_problems_local(manifests))
     if problems:
         for problem in problems:
             console.print(f"[red]error[/red] {escape(str(problem))}")
         console.print(f"{len(problems)} problem(s); nothing was run.")
         return 1
+    for fof in manifests.compositions:
+        console.print(
+            f"[yellow]note[/yellow]: FlowOfFlows {escape(fof.key)} is valid but not run: "
+            "running compositions is not implemented yet"
+        )
     if not planned:
         console.print("[red]error[/red] no LumeFlow in the manifests given; nothing to run.")
         return 1

@@ -1,0 +1,1 @@
+"""Flow-of-flows: validation, conversion from the original format, and the DAG."""
