@@ -116,6 +116,7 @@ class LocalRunner:
         self.console = console
         self.results_root = results_root.resolve()
         self.timeout = timeout
+        self._pools_ready: set[str] = set()
 
     def say(self, who: str, text: str, style: str = "") -> None:
         """One progress line; user text is never read as markup."""
@@ -148,7 +149,7 @@ class LocalRunner:
                     await worker.__aenter__()
                     workers.append(worker)
                 try:
-                    group.start_soon(self._poll_workers, workers, runs, gateway)
+                    group.start_soon(self._poll_workers, workers)
                     await self._follow(gateway, runs)
                 finally:
                     group.cancel_scope.cancel()
@@ -179,15 +180,17 @@ class LocalRunner:
         queues = backend.spec.labels or []
         adopt = bool(backend.spec.work_pool and backend.spec.work_pool.adopt)
         limit = backend.spec.work_pool.concurrency_limit if backend.spec.work_pool else None
-        await gateway.ensure_work_pool(
-            pool,
-            runner.work_pool_type,
-            runner.base_job_template(),
-            adopt=adopt,
-            concurrency_limit=limit,
-            queues=queues,
-        )
-        self.say(backend.key, f"work pool {pool!r} ({runner.work_pool_type}) ready")
+        if pool not in self._pools_ready:
+            await gateway.ensure_work_pool(
+                pool,
+                runner.work_pool_type,
+                runner.base_job_template(),
+                adopt=adopt,
+                concurrency_limit=limit,
+                queues=queues,
+            )
+            self._pools_ready.add(pool)
+            self.say(backend.key, f"work pool {pool!r} ({runner.work_pool_type}) ready")
         queue = work_queue(flow)
         deployment = DeploymentSpec(
             flow_name=flow.metadata.name,
@@ -206,6 +209,7 @@ class LocalRunner:
                 }
             ],
             parameter_openapi_schema=item.schema,
+            description=f"LumeFlow {flow.key}, managed by lume-operator.",
         )
         deployment_id = await gateway.ensure_deployment(deployment)
         item.status.deployment_id = str(deployment_id)
@@ -234,7 +238,7 @@ class LocalRunner:
         self.say(flow.key, f"results directory {run_dir}")
         return pool, queue, flow_run
 
-    async def _poll_workers(self, workers: list[Any], runs: dict[str, Any], gateway: Any) -> None:
+    async def _poll_workers(self, workers: list[Any]) -> None:
         while True:
             for worker in workers:
                 await worker.get_and_submit_flow_runs()

@@ -37,7 +37,8 @@ class DeploymentSpec:
     tags: list[str]
     pull_steps: list[dict[str, Any]] = field(default_factory=list)
     parameter_openapi_schema: dict[str, Any] | None = None
-    description: str | None = None
+    # Never None: Prefect stores a missing description as the text "None".
+    description: str = "Managed by lume-operator."
 
     def differs_from(self, current: Any) -> list[str]:
         """Names of the fields whose current value in Prefect is not what we want."""
