@@ -139,10 +139,10 @@ def test_step_needs_exactly_one_flow(tmp_path):
 @pytest.mark.parametrize(
     ("parents", "cycle"),
     [
-        ({"a": [], "b": ["a"], "c": ["a", "b"]}, None),
-        ({"a": ["c"], "b": ["a"], "c": ["b"]}, ["a", "b", "c", "a"]),
-        ({"a": ["a"]}, ["a", "a"]),
-        ({"a": ["ghost"]}, None),
+        ({"a": set(), "b": {"a"}, "c": {"a", "b"}}, None),
+        ({"a": {"c"}, "b": {"a"}, "c": {"b"}}, ["a", "b", "c", "a"]),
+        ({"a": {"a"}}, ["a", "a"]),
+        ({"a": {"ghost"}}, None),
     ],
 )
 def test_find_cycle(parents, cycle):

@@ -6,43 +6,21 @@ learns of every mistake at once, each at its field path.
 
 from __future__ import annotations
 
+import graphlib
 from collections.abc import Callable
 from typing import Any
 
 from lume_operator.api.flow import LumeFlow, LumeFlowSpec
 from lume_operator.api.flowofflows import FlowOfFlows
+from lume_operator.flows.graph import parents
 
 
-def step_parents(fof: FlowOfFlows) -> dict[str, list[str]]:
-    """Each step's parents (the steps it maps parameters from), in spec order."""
-    return {
-        step.name: sorted({m.parent_flow for m in (step.mapped_parameters or {}).values()})
-        for step in fof.spec.steps
-    }
-
-
-def find_cycle(parents: dict[str, list[str]]) -> list[str] | None:
-    """A cycle as [a, b, ..., a], or None; unknown parents are not followed."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for parent in parents.get(node, []):
-            if parent not in parents:
-                continue
-            if state.get(parent) == 1:
-                return path[path.index(parent) :] + [parent]
-            if parent not in state and (cycle := visit(parent)):
-                return cycle
-        path.pop()
-        state[node] = 2
-        return None
-
-    for node in parents:
-        if node not in state and (cycle := visit(node)):
-            return list(reversed(cycle))
+def find_cycle(parents: dict[str, set[str]]) -> list[str] | None:
+    """A cycle as [a, b, ..., a], or None."""
+    try:
+        graphlib.TopologicalSorter(parents).prepare()
+    except graphlib.CycleError as error:
+        return list(error.args[1])
     return None
 
 
@@ -114,7 +92,7 @@ def composition_problems(
                             f"(it takes: {', '.join(takes) or 'no parameters'})",
                         )
                     )
-    cycle = find_cycle(step_parents(fof))
+    cycle = find_cycle(parents(fof.spec))
     if cycle:
         problems.append(("spec.steps", f"the steps form a cycle: {' -> '.join(cycle)}"))
     return problems
