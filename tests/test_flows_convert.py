@@ -296,3 +296,32 @@ def test_legacy_model_reads_the_example():
     ]
     summarize = model.composing_flows[2].mapped_parameters or {}
     assert summarize["distribution_path"].attribute_index == ["outputs", 0]
+
+
+def test_convert_and_graph_commands(tmp_path):
+    """The CLI prints the converted manifest, which validates and draws as a DAG."""
+    from .conftest import EXAMPLES, run_cli
+
+    result = run_cli("convert", "-f", str(EXAMPLES / "legacy" / "impact-pipeline.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    converted = tmp_path / "pipeline.yaml"
+    converted.write_text(result.stdout)
+    manifest = yaml.safe_load(result.stdout)
+    assert manifest["kind"] == "FlowOfFlows"
+    assert [s["name"] for s in manifest["spec"]["steps"]] == [
+        "make-distgen",
+        "run-impact",
+        "summarize",
+    ]
+    drawn = run_cli("graph", "-f", str(converted))
+    assert drawn.returncode == 0, drawn.stdout
+    assert '"make-distgen" -> "run-impact" [label="input_file (file)"];' in drawn.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: p\ncomposing_flows:\n  - name: a\n    mapped_parameters:\n"
+        "      x: {parent_flow_name: nope, map_type: raw}\n"
+    )
+    failed = run_cli("convert", "-f", str(bad))
+    assert failed.returncode == 1
+    assert "composing_flows[0].mapped_parameters.x.parent_flow_name" in failed.stdout
+    assert "Traceback" not in failed.stderr

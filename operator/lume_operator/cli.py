@@ -107,6 +107,72 @@ def run(paths: tuple[str, ...], status_out: Path | None, results_dir: Path, time
 
 @main.command()
 @click.option(
+    "-f",
+    "--filename",
+    "path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A flow-of-flows YAML in the original lume-services format.",
+)
+@click.option("--namespace", default="default", show_default=True, help="Namespace of the result.")
+def convert(path: Path, namespace: str) -> None:
+    """Print the FlowOfFlows manifest equivalent to an original-format flow-of-flows YAML."""
+    import yaml
+
+    from lume_operator.flows.convert import LegacyFormatError, dump
+    from lume_operator.flows.convert import convert as convert_document
+
+    console = _console()
+    try:
+        document = yaml.safe_load(path.read_text())
+        manifest = convert_document(document, namespace=namespace)
+    except yaml.YAMLError as error:
+        console.print(f"[red]error[/red] {escape(str(path))}: not valid YAML: {escape(str(error))}")
+        sys.exit(1)
+    except LegacyFormatError as error:
+        for where, message in error.problems:
+            console.print(
+                f"[red]error[/red] {escape(str(path))}: {escape(where)}: {escape(message)}"
+            )
+        sys.exit(1)
+    click.echo(dump(manifest), nl=False)
+
+
+@main.command()
+@FILES
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write .dot, .png or .svg (the images need Graphviz's `dot`). Default: DOT to stdout.",
+)
+def graph(paths: tuple[str, ...], output: Path | None) -> None:
+    """Draw each FlowOfFlows in the manifests as a Graphviz DAG."""
+    from lume_operator.api.manifests import load
+    from lume_operator.flows.graph import GraphvizNotFound, render, to_dot
+
+    console = _console()
+    manifests = load(paths)
+    if manifests.problems or not manifests.compositions:
+        for problem in manifests.problems:
+            console.print(f"[red]error[/red] {escape(str(problem))}")
+        if not manifests.compositions:
+            console.print("[red]error[/red] no FlowOfFlows in the manifests given")
+        sys.exit(1)
+    dot = "\n".join(to_dot(fof) for fof in manifests.compositions)
+    if output is None:
+        click.echo(dot, nl=False)
+        return
+    try:
+        render(dot, output)
+    except (GraphvizNotFound, RuntimeError, ValueError) as error:
+        console.print(f"[red]error[/red] {escape(str(error))}")
+        sys.exit(1)
+    click.echo(str(output))
+
+
+@main.command()
+@click.option(
     "--output",
     "-o",
     type=click.Path(path_type=Path, file_okay=False),
