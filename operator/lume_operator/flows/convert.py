@@ -7,7 +7,6 @@ paths of a manifest they never saw.
 
 from __future__ import annotations
 
-import graphlib
 import re
 from typing import Any, Literal
 
@@ -16,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lume_operator import API_VERSION
 from lume_operator.api.common import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN
-from lume_operator.api.flowofflows import FlowOfFlows, FlowOfFlowsSpec
+from lume_operator.api.flowofflows import FlowOfFlows
 from lume_operator.api.manifests import format_location, problems_from
 from lume_operator.flows.graph import parents
+from lume_operator.flows.validation import find_cycle
 
 HEADER = "# Converted from the lume-services flow-of-flows format by lume-operator convert"
 PROJECT_ANNOTATION = "lume.dev/project"
@@ -136,7 +136,7 @@ def convert(document: dict[str, Any], namespace: str = "default") -> dict[str, A
         raise LegacyFormatError(
             [(_legacy_path(p.path), p.message) for p in problems_from(error, "converted")]
         ) from None
-    cycle = _cycle(fof.spec)
+    cycle = find_cycle(parents(fof.spec))
     if cycle:
         raise LegacyFormatError(
             [("composing_flows", f"mapped parameters form a cycle: {' -> '.join(cycle)}")]
@@ -219,14 +219,6 @@ def _mapping(mapping: LegacyMappedParameter, steps: dict[str, str]) -> dict[str,
     if mapping.attribute_index is not None:
         new["attributeIndex"] = list(mapping.attribute_index)
     return new
-
-
-def _cycle(spec: FlowOfFlowsSpec) -> list[str] | None:
-    try:
-        graphlib.TopologicalSorter(parents(spec)).prepare()
-    except graphlib.CycleError as error:
-        return list(error.args[1])
-    return None
 
 
 def _legacy_path(path: str) -> str:
