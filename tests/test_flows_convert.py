@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,9 +19,7 @@ from lume_operator.flows.convert import (
     is_legacy,
 )
 
-from .conftest import EXAMPLES
-
-LEGACY = EXAMPLES / "legacy" / "impact-pipeline.yaml"
+LEGACY = Path(__file__).parent / "data" / "legacy" / "impact-pipeline.yaml"
 
 EXPECTED = {
     "apiVersion": "lume.dev/v1alpha1",
@@ -300,9 +299,9 @@ def test_legacy_model_reads_the_example():
 
 def test_convert_and_graph_commands(tmp_path):
     """The CLI prints the converted manifest, which validates and draws as a DAG."""
-    from .conftest import EXAMPLES, run_cli
+    from .conftest import run_cli
 
-    result = run_cli("convert", "-f", str(EXAMPLES / "legacy" / "impact-pipeline.yaml"))
+    result = run_cli("convert", "-f", str(LEGACY))
     assert result.returncode == 0, result.stdout + result.stderr
     converted = tmp_path / "pipeline.yaml"
     converted.write_text(result.stdout)

@@ -138,6 +138,9 @@ class FlowRunStatus(Model):
     id: str | None = Field(default=None, description="Prefect flow run id.")
     name: str | None = Field(default=None, description="Prefect flow run name.")
     index: int | None = Field(default=None, description="Run index for this generation.")
+    generation: int | None = Field(
+        default=None, description="The spec generation the run was made for."
+    )
     state: str | None = Field(default=None, description="Prefect state name, e.g. Completed.")
     state_type: str | None = Field(default=None, description="Prefect state type, e.g. COMPLETED.")
     start_time: str | None = Field(default=None, description="When the run started (RFC 3339).")

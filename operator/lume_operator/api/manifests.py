@@ -198,12 +198,26 @@ def parse_resource(body: Any, source: str) -> tuple[Resource | None, list[Proble
     return (None if problems else resource), problems
 
 
+def _parse_document(document: Document) -> tuple[Resource | None, list[Problem]]:
+    """A manifest, or an original lume-services flow-of-flows file converted to one."""
+    from lume_operator.flows.convert import LegacyFormatError, convert, is_legacy
+
+    if not is_legacy(document.body):
+        return parse_resource(document.body, document.source)
+    source = f"{document.source} (lume-services flow-of-flows)"
+    try:
+        manifest = convert(document.body)
+    except LegacyFormatError as error:
+        return None, [Problem(source, path, message) for path, message in error.problems]
+    return parse_resource(manifest, document.source)
+
+
 def load(paths: Iterable[str | Path]) -> Manifests:
     """Parse every manifest under `paths`; problems are collected, not raised."""
     documents, problems = read_documents(paths)
     manifests = Manifests(problems=problems)
     for document in documents:
-        resource, found = parse_resource(document.body, document.source)
+        resource, found = _parse_document(document)
         manifests.problems.extend(found)
         if resource is None:
             if not found:

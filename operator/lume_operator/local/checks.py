@@ -102,9 +102,17 @@ def _takes_any_keyword(code: LocalFlowCode) -> bool:
 
 
 def check_parameters(
-    code: LocalFlowCode, parameters: dict[str, Any], schema: dict[str, Any]
+    code: LocalFlowCode,
+    parameters: dict[str, Any],
+    schema: dict[str, Any],
+    *,
+    supplied_elsewhere: bool = False,
 ) -> list[CodeProblem]:
-    """Every way `parameters` do not fit the flow's signature, each at its field."""
+    """Every way `parameters` do not fit the flow's signature, each at its field.
+
+    `supplied_elsewhere`: the flow runs as a composition step, which supplies the rest, so a
+    missing required parameter is the step's problem, checked there.
+    """
     problems = []
     properties = schema.get("properties", {})
     if not _takes_any_keyword(code):
@@ -117,7 +125,7 @@ def check_parameters(
                         f"flow {code.function!r} takes no parameter {name!r} (it takes: {takes})",
                     )
                 )
-    for name in schema.get("required", []):
+    for name in [] if supplied_elsewhere else schema.get("required", []):
         if name not in parameters:
             problems.append(
                 CodeProblem(

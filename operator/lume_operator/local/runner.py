@@ -23,8 +23,10 @@ from rich.text import Text
 from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.common import Condition
 from lume_operator.api.flow import LumeFlow, LumeFlowStatus
+from lume_operator.api.flowofflows import FlowOfFlows, FlowOfFlowsStatus, StepStatus
 from lume_operator.api.manifests import Manifests, Problem, load
-from lume_operator.backends import get_backend, tags, work_queue
+from lume_operator.backends import get_backend, tags
+from lume_operator.flows.plan import plan_steps, step_flows, steps_with_mapped_tasks
 from lume_operator.local.checks import (
     CodeProblem,
     LocalFlowCode,
@@ -33,6 +35,7 @@ from lume_operator.local.checks import (
     locate,
     parameter_schema,
 )
+from lume_operator.reconcile.deploy import flow_deployment, job_variables
 from lume_operator.reconcile.flowrun import (
     ResultError,
     idempotency_key,
@@ -41,15 +44,9 @@ from lume_operator.reconcile.flowrun import (
     run_status,
 )
 
+# Overlapping polls per worker; each may be starting a run's process.
+MAX_POLLS_IN_FLIGHT = 8
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-# What every local flow run gets: results persisted as JSON, so status can list them.
-RESULT_ENV = {
-    "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-    # Only the flow's return value is persisted: tasks that pass arrays around stay in memory.
-    "PREFECT_TASKS_DEFAULT_PERSIST_RESULT": "false",
-    "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
-}
 
 
 @dataclass
@@ -65,234 +62,574 @@ class PlannedFlow:
     error: str | None = None
 
 
-def plan(manifests: Manifests) -> tuple[list[PlannedFlow], list[Problem]]:
-    """Resolve backends, code and parameters of every LumeFlow; problems instead of raising."""
-    planned: list[PlannedFlow] = []
+@dataclass
+class PlannedComposition:
+    """A FlowOfFlows with its steps' flows planned and the backend of its parent run."""
+
+    fof: FlowOfFlows
+    backend: SchedulingBackend
+    steps: dict[str, PlannedFlow]
+    status: FlowOfFlowsStatus = field(default_factory=FlowOfFlowsStatus)
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        self.status.steps = [
+            StepStatus(name=step.name, phase="Pending") for step in self.fof.spec.steps
+        ]
+
+    def step_status(self, name: str) -> StepStatus:
+        return next(step for step in self.status.steps or [] if step.name == name)
+
+
+def _plan_flow(
+    manifests: Manifests, flow: LumeFlow, source: str, manifest_dir: Path, *, step: bool = False
+) -> tuple[PlannedFlow | None, list[Problem]]:
     problems: list[Problem] = []
-    for flow in manifests.flows:
-        origin = manifests.origin(flow)
-        source = f"{origin.source} (LumeFlow {flow.metadata.name})" if origin else flow.key
-        backend = manifests.backend(flow.metadata.namespace, flow.spec.backend_ref.name)
-        if backend is None:
-            have = ", ".join(b.metadata.name for b in manifests.backends) or "none"
+    backend = manifests.backend(flow.metadata.namespace, flow.spec.backend_ref.name)
+    if backend is None:
+        have = ", ".join(b.metadata.name for b in manifests.backends) or "none"
+        return None, [
+            Problem(
+                source,
+                "spec.backendRef.name",
+                f"SchedulingBackend {flow.spec.backend_ref.name!r} is not in the manifests "
+                f"given (namespace {flow.metadata.namespace!r}; have: {have})",
+            )
+        ]
+    labels = set(backend.spec.labels or [])
+    for index, label in enumerate(flow.spec.labels or []):
+        if label not in labels:
             problems.append(
                 Problem(
                     source,
-                    "spec.backendRef.name",
-                    f"SchedulingBackend {flow.spec.backend_ref.name!r} is not in the manifests "
-                    f"given (namespace {flow.metadata.namespace!r}; have: {have})",
+                    f"spec.labels[{index}]",
+                    f"{label!r} is not a label of backend {backend.metadata.name!r} "
+                    f"(it has: {', '.join(sorted(labels)) or 'none'})",
                 )
             )
+    try:
+        code = locate(flow, manifest_dir)
+        schema = parameter_schema(code)
+        bad = check_parameters(code, flow.spec.parameters or {}, schema, supplied_elsewhere=step)
+    except CodeProblem as problem:
+        return None, [*problems, Problem(source, problem.path, str(problem))]
+    problems.extend(Problem(source, p.path, str(p)) for p in bad)
+    return (None if problems else PlannedFlow(flow, backend, code, schema)), problems
+
+
+def plan(
+    manifests: Manifests,
+) -> tuple[list[PlannedFlow], list[PlannedComposition], list[Problem]]:
+    """Resolve backends, code and parameters of every LumeFlow and composition.
+
+    Returns the flows to run on their own (none when compositions are given: then LumeFlows
+    are their steps), the compositions, and every problem found instead of raising.
+    """
+    by_key: dict[str, PlannedFlow] = {}
+    problems: list[Problem] = []
+    steps_of = {
+        f"{fof.metadata.namespace}/{step.flow_ref.name}"
+        for fof in manifests.compositions
+        for step in fof.spec.steps
+        if step.flow_ref is not None
+    }
+    for flow in manifests.flows:
+        origin = manifests.origin(flow)
+        source = f"{origin.source} (LumeFlow {flow.metadata.name})" if origin else flow.key
+        directory = origin.path.parent if origin and origin.path else Path.cwd()
+        # With compositions given, LumeFlows are their building blocks: they need not be
+        # runnable alone (their steps supply parameters), and run only as steps.
+        as_step = flow.key in steps_of or bool(manifests.compositions)
+        item, found = _plan_flow(manifests, flow, source, directory, step=as_step)
+        problems.extend(found)
+        if item:
+            by_key[flow.key] = item
+    compositions: list[PlannedComposition] = []
+    for fof in manifests.compositions:
+        origin = manifests.origin(fof)
+        source = f"{origin.source} (FlowOfFlows {fof.metadata.name})" if origin else fof.key
+        directory = origin.path.parent if origin and origin.path else Path.cwd()
+        namespace = {
+            f.metadata.name: f
+            for f in manifests.flows
+            if f.metadata.namespace == fof.metadata.namespace
+        }
+        steps: dict[str, PlannedFlow] = {}
+        for index, step in enumerate(fof.spec.steps):
+            flow = step_flows(fof, namespace).get(step.name)
+            if flow is None:
+                continue  # an unknown flowRef: the composition checks report it
+            if step.flow_ref is not None:
+                if flow.key in by_key:
+                    steps[step.name] = by_key[flow.key]
+                continue
+            item, found = _plan_flow(manifests, flow, source, directory, step=True)
+            problems.extend(
+                Problem(
+                    p.source, f"spec.steps[{index}].flow.{p.path.removeprefix('spec.')}", p.message
+                )
+                for p in found
+            )
+            if item:
+                steps[step.name] = item
+        if len(steps) != len(fof.spec.steps):
             continue
-        labels = set(backend.spec.labels or [])
-        for index, label in enumerate(flow.spec.labels or []):
-            if label not in labels:
+        step_problems = _step_parameter_problems(fof, steps, source)
+        if step_problems:
+            problems.extend(step_problems)
+            continue
+        first = steps[fof.spec.steps[0].name]
+        backend = first.backend
+        if fof.spec.backend_ref is not None:
+            named = manifests.backend(fof.metadata.namespace, fof.spec.backend_ref.name)
+            if named is None:
                 problems.append(
                     Problem(
                         source,
-                        f"spec.labels[{index}]",
-                        f"{label!r} is not a label of backend {backend.metadata.name!r} "
-                        f"(it has: {', '.join(sorted(labels)) or 'none'})",
+                        "spec.backendRef.name",
+                        f"SchedulingBackend {fof.spec.backend_ref.name!r} is not in the "
+                        f"manifests given (namespace {fof.metadata.namespace!r})",
                     )
                 )
-        manifest_dir = origin.path.parent if origin and origin.path else Path.cwd()
-        try:
-            code = locate(flow, manifest_dir)
-            schema = parameter_schema(code)
-            bad = check_parameters(code, flow.spec.parameters or {}, schema)
-        except CodeProblem as problem:
-            problems.append(Problem(source, problem.path, str(problem)))
-            continue
-        problems.extend(Problem(source, p.path, str(p)) for p in bad)
-        if not bad:
-            planned.append(PlannedFlow(flow, backend, code, schema))
-    return planned, problems
+                continue
+            backend = named
+        compositions.append(PlannedComposition(fof, backend, steps))
+    alone = [] if manifests.compositions else list(by_key.values())
+    return alone, compositions, problems
+
+
+def _step_parameter_problems(
+    fof: FlowOfFlows, steps: dict[str, PlannedFlow], source: str
+) -> list[Problem]:
+    """A step's own parameters against its flow's signature; every required one supplied."""
+    problems = []
+    for index, step in enumerate(fof.spec.steps):
+        item = steps[step.name]
+        own = step.parameters or {}
+        merged = {**(item.flow.spec.parameters or {}), **own}
+        for bad in check_parameters(item.code, merged, item.schema, supplied_elsewhere=True):
+            name = bad.path.removeprefix("spec.parameters").lstrip(".").split(".")[0]
+            if name in own:
+                path = f"spec.steps[{index}].{bad.path.removeprefix('spec.')}"
+                problems.append(Problem(source, path, str(bad)))
+        supplied = {*merged, *(step.mapped_parameters or {})}
+        missing = [name for name in item.schema.get("required", []) if name not in supplied]
+        for name in missing:
+            problems.append(
+                Problem(
+                    source,
+                    f"spec.steps[{index}]",
+                    f"step {step.name!r}: flow {item.code.function!r} needs parameter {name!r}; "
+                    "set it in parameters or mappedParameters",
+                )
+            )
+    return problems
+
+
+@dataclass
+class _Deployed:
+    pool: str
+    queue: str
+    deployment_id: Any
+    env: dict[str, str]
 
 
 class LocalRunner:
-    """Runs planned flows on one Prefect API and reports as it goes."""
+    """Runs planned flows and compositions on one Prefect API and reports as it goes."""
 
-    def __init__(self, console: Console, results_root: Path, timeout: float) -> None:
+    def __init__(
+        self, console: Console, results_root: Path, timeout: float, poll_interval: float = 0.5
+    ) -> None:
         self.console = console
         self.results_root = results_root.resolve()
         self.timeout = timeout
+        self.poll_interval = poll_interval
         self._pools_ready: set[str] = set()
+        self._deployed: dict[str, _Deployed] = {}
+        self.queues: dict[str, set[str]] = {}
 
     def say(self, who: str, text: str, style: str = "") -> None:
         """One progress line; user text is never read as markup."""
         self.console.print(Text.assemble((who, "bold"), ": ", (text, style)))
 
-    async def run(self, planned: list[PlannedFlow]) -> None:
+    async def run(
+        self, planned: list[PlannedFlow], compositions: list[PlannedComposition] | None = None
+    ) -> None:
         from prefect.workers.process import ProcessWorker
 
         from lume_operator.prefect.gateway import PrefectError, PrefectGateway
 
         async with PrefectGateway.connect() as gateway:
-            pools: dict[str, set[str]] = {}
-            runs: dict[str, tuple[PlannedFlow, Any]] = {}
+            watches: list[_Watch] = []
             for item in planned:
                 try:
-                    pool, queue, flow_run = await self._start(gateway, item)
+                    flow_run = await self._start(gateway, item)
                 except PrefectError as error:
                     item.error = str(error)
                     item.status.phase = "Failed"
                     self.say(item.flow.key, str(error), "red")
                     continue
-                pools.setdefault(pool, set()).add(queue)
-                runs[str(flow_run.id)] = (item, flow_run)
-            if not runs:
+                watches.append(_FlowWatch(self, item, flow_run.id))
+            for composition in compositions or []:
+                try:
+                    flow_run = await self._start_composition(gateway, composition)
+                except PrefectError as error:
+                    composition.error = str(error)
+                    composition.status.phase = "Failed"
+                    self.say(composition.fof.key, str(error), "red")
+                    continue
+                watches.append(_CompositionWatch(self, composition, flow_run.id))
+            if not watches:
                 return
             async with anyio.create_task_group() as group:
                 workers = []
-                for pool, queues in pools.items():
+                for pool, queues in self.queues.items():
                     worker = ProcessWorker(work_pool_name=pool, work_queues=sorted(queues))
                     await worker.__aenter__()
                     workers.append(worker)
                 try:
                     group.start_soon(self._poll_workers, workers)
-                    await self._follow(gateway, runs)
+                    await self._follow(gateway, watches)
                 finally:
                     group.cancel_scope.cancel()
                     for worker in workers:
                         await worker.__aexit__(None, None, None)
 
-    def run_sync(self, planned: list[PlannedFlow]) -> None:
-        anyio.run(self.run, planned)
+    def run_sync(
+        self, planned: list[PlannedFlow], compositions: list[PlannedComposition] | None = None
+    ) -> None:
+        anyio.run(self.run, planned, compositions)
 
-    async def _start(self, gateway: Any, item: PlannedFlow) -> tuple[str, str, Any]:
-        from lume_operator.prefect.gateway import DeploymentSpec
-
-        flow, backend = item.flow, item.backend
-        declared = backend.spec.type
+    async def _ensure_pool(self, gateway: Any, backend: SchedulingBackend, queue: str) -> str:
         runner = get_backend("process")
-        if declared != "process":
-            item.notes.append(
-                f"backend {backend.metadata.name!r} is {declared}; runs here as a local process"
-            )
-        config, ignored = runner.run_config(backend.spec.run_config, flow.spec.run_config)
-        if ignored:
-            item.notes.append(f"run-config fields that do not apply locally: {', '.join(ignored)}")
-        for note in item.notes:
-            self.say(flow.key, f"note: {note}", "yellow")
-        variables = runner.job_variables(config)
-        variables["env"] = {**RESULT_ENV, **variables.get("env", {})}
         pool = backend.work_pool_name
-        queues = backend.spec.labels or []
-        adopt = bool(backend.spec.work_pool and backend.spec.work_pool.adopt)
-        limit = backend.spec.work_pool.concurrency_limit if backend.spec.work_pool else None
         if pool not in self._pools_ready:
+            adopt = bool(backend.spec.work_pool and backend.spec.work_pool.adopt)
+            limit = backend.spec.work_pool.concurrency_limit if backend.spec.work_pool else None
             await gateway.ensure_work_pool(
                 pool,
                 runner.work_pool_type,
                 runner.base_job_template(),
                 adopt=adopt,
                 concurrency_limit=limit,
-                queues=queues,
+                queues=backend.spec.labels or [],
             )
             self._pools_ready.add(pool)
             self.say(backend.key, f"work pool {pool!r} ({runner.work_pool_type}) ready")
-        queue = work_queue(flow)
-        deployment = DeploymentSpec(
-            flow_name=flow.metadata.name,
-            name=flow.metadata.namespace,
+        self.queues.setdefault(pool, set()).add(queue)
+        return pool
+
+    async def _deploy(self, gateway: Any, item: PlannedFlow) -> _Deployed:
+        """The flow's work pool and deployment, once per flow however many steps use it."""
+        flow, backend = item.flow, item.backend
+        if flow.key in self._deployed:
+            return self._deployed[flow.key]
+        made = flow_deployment(
+            flow,
+            backend,
+            backend_type="process",
             entrypoint=item.code.entrypoint,
-            work_pool_name=pool,
-            work_queue_name=queue,
-            job_variables=variables,
-            parameters=flow.spec.parameters or {},
-            tags=tags(flow, backend),
-            pull_steps=[
-                {
-                    "prefect.deployments.steps.set_working_directory": {
-                        "directory": str(item.code.project_dir)
-                    }
-                }
-            ],
-            parameter_openapi_schema=item.schema,
-            description=f"LumeFlow {flow.key}, managed by lume-operator.",
+            working_dir=str(item.code.project_dir),
+            parameter_schema=item.schema,
         )
-        deployment_id = await gateway.ensure_deployment(deployment)
+        item.notes.extend(made.notes)
+        for note in item.notes:
+            self.say(flow.key, f"note: {note}", "yellow")
+        pool = await self._ensure_pool(gateway, backend, made.spec.work_queue_name)
+        deployment_id = await gateway.ensure_deployment(made.spec)
         item.status.deployment_id = str(deployment_id)
         item.status.work_pool_name = pool
         self.say(flow.key, f"deployment '{flow.metadata.name}/{flow.metadata.namespace}' ready")
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        local_uid = uuid.uuid4().hex
-        run_dir = (
-            self.results_root
-            / flow.metadata.namespace
-            / flow.metadata.name
-            / f"{stamp}-{local_uid[:8]}"
+        self._deployed[flow.key] = _Deployed(
+            pool, made.spec.work_queue_name, deployment_id, made.env
         )
+        return self._deployed[flow.key]
+
+    def _run_dir(self, namespace: str, name: str, local_uid: str) -> Path:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        run_dir = self.results_root / namespace / name / f"{stamp}-{local_uid[:8]}"
         run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+
+    async def _start(self, gateway: Any, item: PlannedFlow) -> Any:
+        flow = item.flow
+        deployed = await self._deploy(gateway, item)
+        local_uid = uuid.uuid4().hex
+        run_dir = self._run_dir(flow.metadata.namespace, flow.metadata.name, local_uid)
         flow_run = await gateway.create_flow_run(
-            deployment_id,
+            deployed.deployment_id,
             idempotency_key=idempotency_key(
                 flow.metadata.uid or local_uid, flow.metadata.generation, 0
             ),
-            tags=tags(flow, backend),
-            job_variables={"env": {**variables["env"], "LUME_RESULTS_DIR": str(run_dir)}},
+            tags=tags(flow, item.backend),
+            job_variables={"env": {**deployed.env, "LUME_RESULTS_DIR": str(run_dir)}},
         )
         item.status.phase = "Running"
         item.status.last_run = run_status(flow_run, 0, gateway.ui_url(flow_run.id))
         self.say(flow.key, f"flow run {flow_run.name!r} created ({gateway.ui_url(flow_run.id)})")
         self.say(flow.key, f"results directory {run_dir}")
-        return pool, queue, flow_run
+        return flow_run
+
+    async def _start_composition(self, gateway: Any, composition: PlannedComposition) -> Any:
+        """Deploy every step's flow and the parent flow, then start the parent run."""
+        from lume_operator.flows.composition import ENTRYPOINT, FLOW_NAME
+        from lume_operator.prefect.gateway import DeploymentSpec
+
+        fof, backend = composition.fof, composition.backend
+        local_uid = uuid.uuid4().hex
+        run_dir = self._run_dir(fof.metadata.namespace, fof.metadata.name, local_uid)
+        persist_tasks = steps_with_mapped_tasks(fof)
+        step_variables: dict[str, dict[str, Any]] = {}
+        for step in fof.spec.steps:
+            deployed = await self._deploy(gateway, composition.steps[step.name])
+            env = {**deployed.env, "LUME_RESULTS_DIR": str(run_dir / step.name)}
+            if step.name in persist_tasks:  # a child maps one of its tasks' results
+                env["PREFECT_TASKS_DEFAULT_PERSIST_RESULT"] = "true"
+            step_variables[step.name] = {"env": env}
+        uid = fof.metadata.uid or local_uid
+        flows = {name: item.flow for name, item in composition.steps.items()}
+        steps = plan_steps(fof, flows, uid, job_variables=step_variables)
+        variables = job_variables(backend, None, "process", [])
+        queue = fof.spec.labels[0] if fof.spec.labels else "default"
+        pool = await self._ensure_pool(gateway, backend, queue)
+        composition_tags = [
+            *(fof.spec.labels or []),
+            f"lume.dev/flowofflows={fof.metadata.name}",
+            f"lume.dev/backend={backend.metadata.name}",
+        ]
+        deployment_id = await gateway.ensure_deployment(
+            DeploymentSpec(
+                flow_name=FLOW_NAME,
+                name=f"{fof.metadata.namespace}.{fof.metadata.name}",
+                entrypoint=ENTRYPOINT,
+                work_pool_name=pool,
+                work_queue_name=queue,
+                job_variables=variables,
+                parameters={},
+                tags=composition_tags,
+                description=f"FlowOfFlows {fof.key}, managed by lume-operator.",
+            )
+        )
+        flow_run = await gateway.create_flow_run(
+            deployment_id,
+            idempotency_key=idempotency_key(uid, fof.metadata.generation, 0),
+            parameters={"steps": steps, "poll_interval": self.poll_interval},
+            tags=composition_tags,
+        )
+        composition.status.phase = "Running"
+        composition.status.run = run_status(flow_run, 0, gateway.ui_url(flow_run.id))
+        self.say(fof.key, f"flow run {flow_run.name!r} created ({gateway.ui_url(flow_run.id)})")
+        self.say(fof.key, f"results directory {run_dir}")
+        return flow_run
 
     async def _poll_workers(self, workers: list[Any]) -> None:
-        while True:
-            for worker in workers:
-                await worker.get_and_submit_flow_runs()
-            await anyio.sleep(0.5)
+        """Poll each worker without waiting for the previous poll to finish.
 
-    async def _follow(self, gateway: Any, runs: dict[str, tuple[PlannedFlow, Any]]) -> None:
-        pending = dict(runs)
-        last_state: dict[str, str] = {}
+        A process worker's poll returns only once each run it took has started its process,
+        a few seconds each; awaited in turn, branches of a composition that should run side
+        by side would start one after the other. Overlapping polls (the worker skips runs
+        it is already submitting) start them together.
+        """
+        in_flight = dict.fromkeys(range(len(workers)), 0)
+
+        async def poll(index: int) -> None:
+            in_flight[index] += 1
+            try:
+                await workers[index].get_and_submit_flow_runs()
+            finally:
+                in_flight[index] -= 1
+
+        async with anyio.create_task_group() as group:
+            while True:
+                for index in range(len(workers)):
+                    if in_flight[index] < MAX_POLLS_IN_FLIGHT:
+                        group.start_soon(poll, index)
+                await anyio.sleep(self.poll_interval)
+
+    async def _follow(self, gateway: Any, watches: list[_Watch]) -> None:
+        pending = list(watches)
         started = time.monotonic()
         while pending:
             if time.monotonic() - started > self.timeout:
-                for item, _ in pending.values():
-                    item.error = f"timed out after {self.timeout:.0f} s waiting for the flow run"
-                    item.status.phase = "Failed"
-                    item.status.conditions = [_ready(False, "Timeout", item.error)]
-                    self.say(item.flow.key, item.error, "red")
+                for watch in pending:
+                    watch.timed_out(
+                        f"timed out after {self.timeout:.0f} s waiting for the flow run"
+                    )
                 return
-            for run_id, (item, _) in list(pending.items()):
-                flow_run = await gateway.read_flow_run(uuid.UUID(run_id))
-                state = flow_run.state
-                if state and last_state.get(run_id) != state.name:
-                    last_state[run_id] = state.name
-                    self.say(item.flow.key, f"flow run {flow_run.name!r} is {state.name}")
-                item.status.last_run = run_status(flow_run, 0, gateway.ui_url(flow_run.id))
-                if state and state.type.value in FINAL_STATES:
-                    del pending[run_id]
-                    try:
-                        await self._finish(gateway, item, flow_run)
-                    except Exception as error:  # one flow's surprise must not hide the others'
-                        item.status.phase = "Failed"
-                        item.error = f"{type(error).__name__}: {error}"
-                        item.status.conditions = [_ready(False, "InternalError", item.error)]
+            for watch in list(pending):
+                try:
+                    if await watch.poll(gateway):
+                        pending.remove(watch)
+                except Exception as error:  # one run's surprise must not hide the others'
+                    pending.remove(watch)
+                    watch.broken(f"{type(error).__name__}: {error}")
             await anyio.sleep(0.3)
 
-    async def _finish(self, gateway: Any, item: PlannedFlow, flow_run: Any) -> None:
+    async def finish_flow(
+        self,
+        gateway: Any,
+        who: str,
+        flow: LumeFlow,
+        flow_run: Any,
+        status: LumeFlowStatus | StepStatus,
+    ) -> str | None:
+        """Phase and result locations of a finished run; returns its error, if any."""
         from lume_operator.prefect.gateway import PrefectError
 
         state_type = flow_run.state.type.value
-        item.status.phase = phase_of(state_type)
+        status.phase = phase_of(state_type)
         if state_type != "COMPLETED":
-            item.error = flow_run.state.message or f"flow run ended {flow_run.state.name}"
-            item.status.conditions = [_ready(False, "FlowRunFailed", item.error)]
-            return
+            return flow_run.state.message or f"flow run ended {flow_run.state.name}"
         try:
             value = await gateway.result_of(flow_run)
-            item.status.results = result_statuses(
-                value, item.flow.spec.results, gateway.result_key(flow_run)
-            )
+            status.results = result_statuses(value, flow.spec.results, gateway.result_key(flow_run))
         except (PrefectError, ResultError) as error:
-            item.status.phase = "Failed"
-            item.error = str(error)
-            item.status.conditions = [_ready(False, "ResultsInvalid", item.error)]
-            return
-        item.status.conditions = [_ready(True, "FlowRunCompleted", "")]
+            status.phase = "Failed"
+            self.say(who, str(error), "red")
+            return str(error)
+        return None
+
+
+class _Watch:
+    """One run being followed to its end."""
+
+    async def poll(self, gateway: Any) -> bool:
+        """Read the run's state, report changes; True once it is final."""
+        raise NotImplementedError
+
+    def timed_out(self, message: str) -> None:
+        raise NotImplementedError
+
+    def broken(self, message: str) -> None:
+        raise NotImplementedError
+
+
+class _FlowWatch(_Watch):
+    def __init__(self, runner: LocalRunner, item: PlannedFlow, flow_run_id: Any) -> None:
+        self.runner, self.item, self.flow_run_id = runner, item, flow_run_id
+        self.last_state: str | None = None
+
+    async def poll(self, gateway: Any) -> bool:
+        item = self.item
+        flow_run = await gateway.read_flow_run(self.flow_run_id)
+        state = flow_run.state
+        if state and self.last_state != state.name:
+            self.last_state = state.name
+            self.runner.say(item.flow.key, f"flow run {flow_run.name!r} is {state.name}")
+        item.status.last_run = run_status(flow_run, 0, gateway.ui_url(flow_run.id))
+        if not (state and state.type.value in FINAL_STATES):
+            return False
+        item.error = await self.runner.finish_flow(
+            gateway, item.flow.key, item.flow, flow_run, item.status
+        )
+        if item.error is None:
+            item.status.conditions = [_ready(True, "FlowRunCompleted", "")]
+        else:
+            reason = (
+                "FlowRunFailed"
+                if item.status.last_run.state_type != "COMPLETED"
+                else "ResultsInvalid"
+            )
+            item.status.conditions = [_ready(False, reason, item.error)]
+        return True
+
+    def timed_out(self, message: str) -> None:
+        self.item.error = message
+        self.item.status.phase = "Failed"
+        self.item.status.conditions = [_ready(False, "Timeout", message)]
+        self.runner.say(self.item.flow.key, message, "red")
+
+    def broken(self, message: str) -> None:
+        self.item.error = message
+        self.item.status.phase = "Failed"
+        self.item.status.conditions = [_ready(False, "InternalError", message)]
+
+
+class _CompositionWatch(_Watch):
+    """The parent run of a composition and its child runs, one per step."""
+
+    def __init__(
+        self, runner: LocalRunner, composition: PlannedComposition, flow_run_id: Any
+    ) -> None:
+        self.runner, self.composition, self.flow_run_id = runner, composition, flow_run_id
+        self.last_state: dict[str, str] = {}
+        self.finished: set[str] = set()
+        self.step_errors: dict[str, str] = {}
+
+    def _say_state(self, who: str, run: Any) -> None:
+        if run.state and self.last_state.get(who) != run.state.name:
+            self.last_state[who] = run.state.name
+            style = {"COMPLETED": "green", "FAILED": "red", "CRASHED": "red"}.get(
+                run.state.type.value, ""
+            )
+            self.runner.say(who, f"flow run {run.name!r} is {run.state.name}", style)
+
+    async def poll(self, gateway: Any) -> bool:
+        from lume_operator.flows.composition import OUTCOME_DESCRIPTION, step_of
+
+        composition = self.composition
+        fof = composition.fof
+        parent = await gateway.read_flow_run(self.flow_run_id)
+        self._say_state(fof.key, parent)
+        composition.status.run = run_status(parent, 0, gateway.ui_url(parent.id))
+        for child in await gateway.child_runs(parent.id):
+            name = step_of(child.tags)
+            if name is None or name not in composition.steps:
+                continue
+            step = composition.step_status(name)
+            who = f"{fof.key}/{name}"
+            self._say_state(who, child)
+            step.run = run_status(child, 0, gateway.ui_url(child.id))
+            state_type = child.state.type.value if child.state else None
+            step.phase = "Running"
+            if state_type in FINAL_STATES and name not in self.finished:
+                self.finished.add(name)
+                item = composition.steps[name]
+                error = await self.runner.finish_flow(gateway, who, item.flow, child, step)
+                if error:
+                    self.step_errors[name] = error
+            if name in self.finished:
+                step.phase = "Failed" if name in self.step_errors else "Completed"
+        if not (parent.state and parent.state.type.value in FINAL_STATES):
+            return False
+        rows = await gateway.table_artifact(parent.id, OUTCOME_DESCRIPTION) or []
+        outcome = {row.get("step"): row for row in rows}
+        for step in composition.status.steps or []:
+            if step.name in self.finished:
+                continue
+            row = outcome.get(step.name, {})
+            if row.get("state") == "SKIPPED":
+                step.phase = "Skipped"
+                self.runner.say(f"{fof.key}/{step.name}", row.get("message") or "skipped", "yellow")
+            else:
+                step.phase = "Failed"
+                message = row.get("message") or "the composition ended before this step ran"
+                self.step_errors[step.name] = message
+                self.runner.say(f"{fof.key}/{step.name}", message, "red")
+        parent_type = parent.state.type.value
+        composition.status.phase = phase_of(parent_type)
+        if parent_type == "COMPLETED" and self.step_errors:
+            composition.status.phase = "Failed"
+        if composition.status.phase == "Completed":
+            composition.status.conditions = [_ready(True, "FlowRunCompleted", "")]
+        else:
+            failed = "; ".join(
+                f"step {name!r}: {error}" for name, error in self.step_errors.items()
+            )
+            composition.error = failed or parent.state.message or f"ended {parent.state.name}"
+            composition.status.conditions = [_ready(False, "StepFailed", composition.error)]
+        return True
+
+    def timed_out(self, message: str) -> None:
+        self.composition.error = message
+        self.composition.status.phase = "Failed"
+        self.composition.status.conditions = [_ready(False, "Timeout", message)]
+        self.runner.say(self.composition.fof.key, message, "red")
+
+    def broken(self, message: str) -> None:
+        self.composition.error = message
+        self.composition.status.phase = "Failed"
+        self.composition.status.conditions = [_ready(False, "InternalError", message)]
 
 
 def _ready(ok: bool, reason: str, message: str) -> Condition:
@@ -305,23 +642,37 @@ def _ready(ok: bool, reason: str, message: str) -> Condition:
     )
 
 
-def status_documents(planned: Iterable[PlannedFlow]) -> list[dict[str, Any]]:
-    """Each flow as `kubectl get -o yaml` would show it: identity and status."""
-    return [
-        {
-            "apiVersion": item.flow.api_version,
-            "kind": item.flow.kind,
-            "metadata": {
-                "name": item.flow.metadata.name,
-                "namespace": item.flow.metadata.namespace,
-            },
-            "status": item.status.to_wire(),
-        }
-        for item in planned
+def _document(resource: Any, status: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": resource.api_version,
+        "kind": resource.kind,
+        "metadata": {"name": resource.metadata.name, "namespace": resource.metadata.namespace},
+        "status": status.to_wire(),
+    }
+
+
+def status_documents(
+    planned: Iterable[PlannedFlow], compositions: Iterable[PlannedComposition] = ()
+) -> list[dict[str, Any]]:
+    """Each resource as `kubectl get -o yaml` would show it: identity and status."""
+    return [_document(item.flow, item.status) for item in planned] + [
+        _document(item.fof, item.status) for item in compositions
     ]
 
 
-def print_summary(console: Console, planned: list[PlannedFlow]) -> None:
+def _print_results(console: Console, results: list[Any] | None, indent: str) -> None:
+    for result in results or []:
+        where = f" on {result.filesystem}" if result.filesystem else ""
+        console.print(
+            escape(f"{indent}result {result.name} ({result.type}{where}): {result.location}")
+        )
+
+
+def print_summary(
+    console: Console,
+    planned: list[PlannedFlow],
+    compositions: list[PlannedComposition] | None = None,
+) -> None:
     for item in planned:
         status = item.status
         run = status.last_run
@@ -333,11 +684,22 @@ def print_summary(console: Console, planned: list[PlannedFlow]) -> None:
             console.print(escape(f"  flow run: {run.name} ({run.id}), state {run.state}"))
         if item.error:
             console.print(f"  [red]error[/red]: {escape(item.error)}")
-        for result in status.results or []:
-            where = f" on {result.filesystem}" if result.filesystem else ""
-            console.print(
-                escape(f"  result {result.name} ({result.type}{where}): {result.location}")
-            )
+        _print_results(console, status.results, "  ")
+    for composition in compositions or []:
+        status = composition.status
+        console.print()
+        console.print(
+            f"[bold]FlowOfFlows {escape(composition.fof.key)}[/bold]  "
+            f"phase: [bold]{status.phase}[/bold]"
+        )
+        if status.run:
+            console.print(escape(f"  flow run: {status.run.name} ({status.run.id})"))
+        if composition.error:
+            console.print(f"  [red]error[/red]: {escape(composition.error)}")
+        for step in status.steps or []:
+            run = f", flow run {step.run.name} ({step.run.id})" if step.run else ""
+            console.print(escape(f"  step {step.name}: {step.phase}{run}"))
+            _print_results(console, step.results, "    ")
 
 
 def run_local(
@@ -348,10 +710,10 @@ def run_local(
     status_out: Path | None = None,
     timeout: float = 3600.0,
 ) -> int:
-    """Validate, run and report; the exit code is 0 only when every flow completed."""
+    """Validate, run and report; the exit code is 0 only when everything completed."""
     manifests = load(paths)
     problems = list(manifests.problems)
-    planned, plan_problems = plan(manifests)
+    planned, compositions, plan_problems = plan(manifests)
     problems.extend(plan_problems)
     problems.extend(composition_problems_local(manifests))
     if problems:
@@ -359,12 +721,15 @@ def run_local(
             console.print(f"[red]error[/red] {escape(str(problem))}")
         console.print(f"{len(problems)} problem(s); nothing was run.")
         return 1
-    for fof in manifests.compositions:
+    if manifests.compositions:
+        used = {item.flow.key for c in compositions for item in c.steps.values()}
+        idle = sorted(f.key for f in manifests.flows if f.key not in used)
         console.print(
-            f"[yellow]note[/yellow]: FlowOfFlows {escape(fof.key)} is valid but not run: "
-            "running compositions is not implemented yet"
+            "[yellow]note[/yellow]: with a FlowOfFlows given, LumeFlows run only as its steps"
+            + (f"; not run: {escape(', '.join(idle))}" if idle else ""),
+            highlight=False,
         )
-    if not planned:
+    if not planned and not compositions:
         console.print("[red]error[/red] no LumeFlow in the manifests given; nothing to run.")
         return 1
     from lume_operator.prefect.server import prefect_api
@@ -373,9 +738,12 @@ def run_local(
         console.print(
             f"Prefect API: {api_url}" + (" (embedded server)" if embedded else ""), highlight=False
         )
-        LocalRunner(console, results_root, timeout).run_sync(planned)
-    print_summary(console, planned)
+        LocalRunner(console, results_root, timeout).run_sync(planned, compositions)
+    print_summary(console, planned, compositions)
     if status_out:
         status_out.parent.mkdir(parents=True, exist_ok=True)
-        status_out.write_text(yaml.safe_dump_all(status_documents(planned), sort_keys=False))
-    return 0 if all(item.status.phase == "Completed" for item in planned) else 1
+        status_out.write_text(
+            yaml.safe_dump_all(status_documents(planned, compositions), sort_keys=False)
+        )
+    done = [item.status.phase for item in planned] + [c.status.phase for c in compositions]
+    return 0 if all(phase == "Completed" for phase in done) else 1

@@ -7,6 +7,7 @@ stays free of Prefect's client, and every call has a timeout so an outage never 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,8 +15,25 @@ from uuid import UUID
 
 import anyio
 from prefect.client.orchestration import PrefectClient, get_client
-from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.actions import (
+    DeploymentScheduleCreate,
+    WorkPoolCreate,
+    WorkPoolUpdate,
+)
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterType,
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 
@@ -39,6 +57,8 @@ class DeploymentSpec:
     parameter_openapi_schema: dict[str, Any] | None = None
     # Never None: Prefect stores a missing description as the text "None".
     description: str = "Managed by lume-operator."
+    # Cron schedules as {"cron": ..., "timezone": ...}; None: no schedule.
+    schedules: list[dict[str, str]] | None = None
 
     def differs_from(self, current: Any) -> list[str]:
         """Names of the fields whose current value in Prefect is not what we want."""
@@ -58,6 +78,13 @@ class DeploymentSpec:
         actual["job_variables"] = actual["job_variables"] or {}
         actual["parameters"] = actual["parameters"] or {}
         changed = [name for name in wanted if wanted[name] != actual[name]]
+        current_schedules = [
+            {"cron": item.schedule.cron, "timezone": item.schedule.timezone or "UTC"}
+            for item in (getattr(current, "schedules", None) or [])
+            if getattr(item.schedule, "cron", None)
+        ]
+        if (self.schedules or []) != current_schedules:
+            changed.append("schedules")
         if self.parameter_openapi_schema is not None and (
             self.parameter_openapi_schema != current.parameter_openapi_schema
         ):
@@ -75,10 +102,51 @@ class PrefectGateway:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, timeout: float = 30.0) -> AsyncIterator[PrefectGateway]:
-        """A gateway on the Prefect API that the current settings point to."""
-        async with get_client() as client:
+    async def connect(
+        cls, timeout: float = 30.0, *, api_url: str | None = None, api_key: str | None = None
+    ) -> AsyncIterator[PrefectGateway]:
+        """A gateway on the given Prefect API, or the one the current settings point to."""
+        if api_url is None:
+            async with get_client() as client:
+                yield cls(client, timeout)
+            return
+        settings = {"timeout": timeout}
+        async with PrefectClient(api=api_url, api_key=api_key, httpx_settings=settings) as client:
             yield cls(client, timeout)
+
+    async def health(self) -> None:
+        """Raise PrefectError unless the API answers."""
+        error = await self._call(self.client.api_healthcheck())
+        if error is not None:
+            raise PrefectError(f"Prefect API {self.api_url} is not healthy: {error}")
+
+    async def delete_deployment(self, flow_name: str, name: str) -> None:
+        """Delete a deployment by name; one that is already gone counts as deleted."""
+        try:
+            current = await self._call(self.client.read_deployment_by_name(f"{flow_name}/{name}"))
+        except ObjectNotFound:
+            return
+        with contextlib.suppress(ObjectNotFound):
+            await self._call(self.client.delete_deployment(current.id))
+            self.writes += 1
+
+    async def latest_run(self, deployment_id: UUID) -> FlowRun | None:
+        """The deployment's most recently started or scheduled run (a cron schedule's)."""
+        runs = await self._call(
+            self.client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(
+                            any_=[t for t in StateType if t != StateType.SCHEDULED]
+                        )
+                    )
+                ),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                limit=1,
+            )
+        )
+        return runs[0] if runs else None
 
     async def _call(self, coroutine: Any) -> Any:
         with anyio.fail_after(self.timeout):
@@ -189,6 +257,13 @@ class PrefectGateway:
                 parameter_openapi_schema=spec.parameter_openapi_schema,
                 enforce_parameter_schema=spec.parameter_openapi_schema is not None,
                 description=spec.description,
+                schedules=[
+                    DeploymentScheduleCreate(
+                        schedule=CronSchedule(cron=item["cron"], timezone=item["timezone"]),
+                        active=True,
+                    )
+                    for item in spec.schedules or []
+                ],
             )
         )
         self.writes += 1
@@ -218,6 +293,31 @@ class PrefectGateway:
 
     async def read_flow_run(self, flow_run_id: UUID) -> FlowRun:
         return await self._call(self.client.read_flow_run(flow_run_id))
+
+    async def child_runs(self, parent_id: UUID) -> list[FlowRun]:
+        """The flow runs started from inside a run (a composition's steps)."""
+        return await self._call(
+            self.client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])
+                )
+            )
+        )
+
+    async def table_artifact(self, flow_run_id: UUID, description: str) -> list[dict] | None:
+        """The rows of the run's table artifact with that description, if it made one."""
+        artifacts = await self._call(
+            self.client.read_artifacts(
+                artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["table"])),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            )
+        )
+        for artifact in artifacts:
+            if artifact.description == description:
+                data = artifact.data
+                rows = json.loads(data) if isinstance(data, str) else data
+                return rows if isinstance(rows, list) else None
+        return None
 
     async def result_of(self, flow_run: FlowRun) -> Any:
         """The persisted return value of a completed run."""

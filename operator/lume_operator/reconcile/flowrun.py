@@ -38,13 +38,16 @@ def _time(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def run_status(flow_run: Any, index: int, url: str | None) -> FlowRunStatus:
+def run_status(
+    flow_run: Any, index: int, url: str | None, generation: int | None = None
+) -> FlowRunStatus:
     """A status reference to a Prefect flow run (no payloads)."""
     state = flow_run.state
     return FlowRunStatus(
         id=str(flow_run.id),
         name=flow_run.name,
         index=index,
+        generation=generation,
         state=state.name if state else None,
         state_type=state.type.value if state else None,
         start_time=_time(flow_run.start_time),

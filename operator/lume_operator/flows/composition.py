@@ -1,0 +1,235 @@
+"""The parent flow that runs a FlowOfFlows: each step a child run of its deployment, as a DAG.
+
+It runs where the steps run (a run of the composition's backend), not in the operator: the
+values it maps between steps are the steps' persisted results, and only that runtime is sure
+to reach the result storage (a volume the workers mount). It also keeps going when the operator
+restarts, and Prefect shows the whole pipeline as one run with its child runs.
+
+The plan it takes is plain JSON made by `plan_steps` (see `lume_operator.flows.plan`), so this
+module imports nothing but Prefect: it is loaded by every composition run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.deployments.flow_runs import arun_deployment
+
+FLOW_NAME = "FlowOfFlows"
+ENTRYPOINT = f"{__name__}:run_flow_of_flows"
+STEP_TAG = "lume.dev/step="
+OUTCOME_DESCRIPTION = "lume-operator: how each step of the FlowOfFlows ended"
+DESCRIPTION_KEYS = ("filename", "filesystem_identifier", "file_type_string")
+
+
+class MappingError(Exception):
+    """A mapped parameter whose value cannot be taken from its parent's output."""
+
+
+class StepsFailed(Exception):
+    """Raised at the end of a composition in which a step did not complete."""
+
+
+def step_of(tags: list[str] | None) -> str | None:
+    """The step a child flow run belongs to, from its tags."""
+    for tag in tags or []:
+        if tag.startswith(STEP_TAG):
+            return tag.removeprefix(STEP_TAG)
+    return None
+
+
+def index_into(value: Any, index: list[str | int] | None, where: str) -> Any:
+    """`value[k1][k2]...`; a key that does not resolve is named with what was there instead."""
+    for depth, key in enumerate(index or []):
+        path = "".join(f"[{k!r}]" for k in (index or [])[: depth + 1])
+        if isinstance(value, dict):
+            if key not in value and str(key) in value:
+                key = str(key)
+            if key not in value:
+                have = ", ".join(repr(k) for k in list(value)[:10]) or "no keys"
+                raise MappingError(f"{where}: attributeIndex {path}: no key {key!r} (has {have})")
+            value = value[key]
+        elif isinstance(value, list | tuple):
+            if not isinstance(key, int) and not (
+                isinstance(key, str) and key.lstrip("-").isdigit()
+            ):
+                raise MappingError(
+                    f"{where}: attributeIndex {path}: {key!r} indexes a list, which needs a number"
+                )
+            position = int(key)
+            if not -len(value) <= position < len(value):
+                raise MappingError(
+                    f"{where}: attributeIndex {path}: index {position} is out of range "
+                    f"(the list has {len(value)} items)"
+                )
+            value = value[position]
+        else:
+            raise MappingError(
+                f"{where}: attributeIndex {path}: cannot index a {type(value).__name__}"
+            )
+    return value
+
+
+def _is_description(value: Any) -> bool:
+    return isinstance(value, dict) and all(key in value for key in DESCRIPTION_KEYS)
+
+
+class _Composition:
+    """State of one composition run: which steps ended how, and their outputs."""
+
+    def __init__(self, steps: list[dict[str, Any]], poll_interval: float) -> None:
+        self.steps = {step["name"]: step for step in steps}
+        self.poll_interval = poll_interval
+        self.done = {name: anyio.Event() for name in self.steps}
+        self.outcome: dict[str, dict[str, Any]] = {}
+        self.runs: dict[str, Any] = {}
+        self.outputs: dict[tuple[str, str | None], Any] = {}
+        self.logger = get_run_logger()
+
+    async def run(self) -> dict[str, dict[str, Any]]:
+        async with get_client() as client, anyio.create_task_group() as group:
+            for step in self.steps.values():
+                group.start_soon(self._run_step, client, step)
+        return self.outcome
+
+    async def _run_step(self, client: Any, step: dict[str, Any]) -> None:
+        name = step["name"]
+        try:
+            await self._run_step_inner(client, step)
+        except Exception as error:  # a broken step must not take its siblings with it
+            self.outcome[name] = {"state": "FAILED", "message": f"{type(error).__name__}: {error}"}
+        finally:
+            self.done[name].set()
+
+    async def _run_step_inner(self, client: Any, step: dict[str, Any]) -> None:
+        name = step["name"]
+        parents = sorted({m["parent"] for m in (step.get("mapped") or {}).values()})
+        for parent in parents:
+            await self.done[parent].wait()
+        blocked = [p for p in parents if self.outcome[p]["state"] != "COMPLETED"]
+        if blocked:
+            self.outcome[name] = {
+                "state": "SKIPPED",
+                "message": f"not run: parent step {', '.join(map(repr, blocked))} did not complete",
+            }
+            self.logger.info("step %r skipped: %s", name, self.outcome[name]["message"])
+            return
+        parameters = dict(step.get("parameters") or {})
+        try:
+            for param, mapping in (step.get("mapped") or {}).items():
+                parameters[param] = await self._mapped_value(client, name, param, mapping)
+        except MappingError as error:
+            self.outcome[name] = {"state": "FAILED", "message": str(error)}
+            self.logger.error("step %r not started: %s", name, error)
+            return
+        self.logger.info("step %r starting (%s)", name, step["deployment"])
+        flow_run = await arun_deployment(
+            name=step["deployment"],
+            parameters=parameters,
+            idempotency_key=step["key"],
+            tags=[*step.get("tags", []), f"{STEP_TAG}{name}"],
+            job_variables=step.get("jobVariables"),
+            poll_interval=self.poll_interval,
+            timeout=None,
+            as_subflow=True,
+        )
+        self.runs[name] = flow_run
+        state = flow_run.state
+        self.outcome[name] = {
+            "state": state.type.value if state else "UNKNOWN",
+            "flowRunId": str(flow_run.id),
+            "message": (state.message or "") if state else "",
+        }
+        self.logger.info("step %r ended %s", name, state.name if state else "without a state")
+
+    async def _mapped_value(
+        self, client: Any, step: str, param: str, mapping: dict[str, Any]
+    ) -> Any:
+        where = f"step {step!r}, parameter {param!r}"
+        parent, task = mapping["parent"], mapping.get("task")
+        output = await self._output(client, parent, task, where)
+        value = index_into(output, mapping.get("index"), where)
+        if mapping["type"] == "file" and not _is_description(value):
+            raise MappingError(
+                f"{where}: mapType file needs a File description "
+                f"({', '.join(DESCRIPTION_KEYS)}) from step {parent!r}, got {type(value).__name__}"
+            )
+        return value
+
+    async def _output(self, client: Any, parent: str, task: str | None, where: str) -> Any:
+        """The parent's return value, or the last completed run of one of its tasks."""
+        cache_key = (parent, task)
+        if cache_key not in self.outputs:
+            flow_run = self.runs[parent]
+            if task is None:
+                state = flow_run.state
+            else:
+                state = await self._task_state(client, flow_run, parent, task, where)
+            try:
+                self.outputs[cache_key] = await state.aresult(raise_on_failure=True)
+            except Exception as error:
+                what = f"task {task!r} of step {parent!r}" if task else f"step {parent!r}"
+                raise MappingError(
+                    f"{where}: cannot read the result of {what}: {type(error).__name__}: {error}"
+                ) from error
+        return self.outputs[cache_key]
+
+    async def _task_state(
+        self, client: Any, flow_run: Any, parent: str, task: str, where: str
+    ) -> Any:
+        task_runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+        named = [run for run in task_runs if run.name == task or run.name.rsplit("-", 1)[0] == task]
+        if not named:
+            seen = sorted({run.name.rsplit("-", 1)[0] for run in task_runs})
+            raise MappingError(
+                f"{where}: parentTask {task!r}: flow run of step {parent!r} ran no task of "
+                f"that name (its tasks: {', '.join(seen) or 'none'})"
+            )
+        completed = [run for run in named if run.state and run.state.is_completed()]
+        if not completed:
+            raise MappingError(f"{where}: parentTask {task!r} of step {parent!r} did not complete")
+        return max(completed, key=lambda run: run.end_time or run.expected_start_time).state
+
+
+@flow(name=FLOW_NAME, persist_result=True)
+async def run_flow_of_flows(steps: list[dict[str, Any]], poll_interval: float = 0.5) -> dict:
+    """Run every step as soon as its parents completed; fail naming the steps that did not.
+
+    Args:
+        steps: The plan: per step its deployment, parameters, mapped parameters, idempotency
+            key, tags and job variables.
+        poll_interval: Seconds between reads of a running child's state.
+    """
+    outcome = await _Composition(steps, poll_interval).run()
+    # Steps that never got a child run (skipped, or a mapping that failed) are known only
+    # here: the table tells readers of the parent run (the UI, the operator) how each ended.
+    await acreate_table_artifact(
+        table=[
+            {
+                "step": name,
+                "state": outcome[name]["state"],
+                "flowRunId": outcome[name].get("flowRunId"),
+                "message": outcome[name].get("message") or "",
+            }
+            for name in (step["name"] for step in steps)
+        ],
+        description=OUTCOME_DESCRIPTION,
+    )
+    failed = {name: o for name, o in outcome.items() if o["state"] not in ("COMPLETED", "SKIPPED")}
+    if failed:
+        skipped = [name for name, o in outcome.items() if o["state"] == "SKIPPED"]
+        text = "; ".join(
+            f"step {name!r} {o['state'].lower()}: {o['message'] or 'no message'}"
+            for name, o in failed.items()
+        )
+        if skipped:
+            text += f"; skipped: {', '.join(skipped)}"
+        raise StepsFailed(text)
+    return outcome

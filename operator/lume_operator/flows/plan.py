@@ -1,0 +1,82 @@
+"""A FlowOfFlows as the plain-JSON plan its parent flow runs: the same for the CLI and operator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lume_operator.api.flow import LumeFlow
+from lume_operator.api.flowofflows import FlowOfFlows
+from lume_operator.reconcile.flowrun import idempotency_key
+
+
+def step_flows(fof: FlowOfFlows, flows: dict[str, LumeFlow]) -> dict[str, LumeFlow]:
+    """The LumeFlow each step runs; inline flows become LumeFlows named `<composition>-<step>`.
+
+    `flows` are the LumeFlows of the composition's namespace by name; unknown references are
+    left out (validation reports them first).
+    """
+    resolved: dict[str, LumeFlow] = {}
+    for step in fof.spec.steps:
+        if step.flow_ref is not None:
+            if step.flow_ref.name in flows:
+                resolved[step.name] = flows[step.flow_ref.name]
+        elif step.flow is not None:
+            resolved[step.name] = LumeFlow(
+                metadata={
+                    "name": f"{fof.metadata.name}-{step.name}",
+                    "namespace": fof.metadata.namespace,
+                    "uid": fof.metadata.uid,
+                    "generation": fof.metadata.generation,
+                },
+                spec=step.flow,
+            )
+    return resolved
+
+
+def steps_with_mapped_tasks(fof: FlowOfFlows) -> set[str]:
+    """Steps whose task results some child reads: their runs must persist task results."""
+    return {
+        mapping.parent_flow
+        for step in fof.spec.steps
+        for mapping in (step.mapped_parameters or {}).values()
+        if mapping.parent_task
+    }
+
+
+def plan_steps(
+    fof: FlowOfFlows,
+    flows: dict[str, LumeFlow],
+    uid: str,
+    *,
+    job_variables: dict[str, dict[str, Any]] | None = None,
+    run_index: int = 0,
+) -> list[dict[str, Any]]:
+    """The `steps` parameter of the composition's parent flow run.
+
+    Each step names its deployment as `<flow name>/<deployment name>` (the LumeFlow's name and
+    namespace) and carries its idempotency key from (uid, generation, run index, step), so a
+    retried parent never starts a step twice.
+    """
+    planned = []
+    for step in fof.spec.steps:
+        flow = flows[step.name]
+        item: dict[str, Any] = {
+            "name": step.name,
+            "deployment": f"{flow.metadata.name}/{flow.metadata.namespace}",
+            "parameters": dict(step.parameters or {}),
+            "mapped": {
+                param: {
+                    "parent": mapping.parent_flow,
+                    "task": mapping.parent_task,
+                    "type": mapping.map_type,
+                    "index": list(mapping.attribute_index or []),
+                }
+                for param, mapping in (step.mapped_parameters or {}).items()
+            },
+            "key": idempotency_key(uid, fof.metadata.generation, run_index, step.name),
+            "tags": [f"lume.dev/flowofflows={fof.metadata.name}"],
+        }
+        if job_variables and step.name in job_variables:
+            item["jobVariables"] = job_variables[step.name]
+        planned.append(item)
+    return planned

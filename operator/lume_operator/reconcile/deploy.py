@@ -1,0 +1,99 @@
+"""A LumeFlow as a Prefect deployment: the one definition the CLI and the operator both use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lume_operator.api.backend import SchedulingBackend
+from lume_operator.api.flow import LumeFlow
+from lume_operator.backends import get_backend, tags, work_queue
+from lume_operator.prefect.gateway import DeploymentSpec
+
+# What every flow run gets: its return value persisted as JSON, so status can list results.
+RESULT_ENV = {
+    "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+    # Only the flow's return value is persisted: tasks that pass arrays around stay in memory.
+    "PREFECT_TASKS_DEFAULT_PERSIST_RESULT": "false",
+    "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
+}
+
+
+@dataclass
+class FlowDeployment:
+    """The deployment of a flow and what was noticed while making it."""
+
+    spec: DeploymentSpec
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.spec.job_variables.get("env", {})
+
+
+def job_variables(
+    backend: SchedulingBackend, overrides: Any, backend_type: str, notes: list[str]
+) -> dict[str, Any]:
+    """The backend's defaults with the overrides on top, as the worker's job variables."""
+    runner = get_backend(backend_type)
+    config, ignored = runner.run_config(backend.spec.run_config, overrides)
+    if ignored:
+        notes.append(f"run-config fields that do not apply here: {', '.join(ignored)}")
+    variables = runner.job_variables(config)
+    variables["env"] = {**RESULT_ENV, **variables.get("env", {})}
+    return variables
+
+
+def flow_deployment(
+    flow: LumeFlow,
+    backend: SchedulingBackend,
+    *,
+    backend_type: str | None = None,
+    entrypoint: str | None = None,
+    working_dir: str | None = None,
+    parameter_schema: dict[str, Any] | None = None,
+) -> FlowDeployment:
+    """The deployment `<flow name>/<namespace>` of a LumeFlow on its backend.
+
+    `backend_type` overrides the backend's (the local runner runs everything as processes);
+    `working_dir` is where the code is (the project directory locally, `source.path` in an
+    image); a cron policy becomes the deployment's schedule.
+    """
+    notes: list[str] = []
+    declared = backend.spec.type
+    kind = backend_type or declared
+    if kind != declared:
+        notes.append(f"backend {backend.metadata.name!r} is {declared}; runs here as {kind}")
+    variables = job_variables(backend, flow.spec.run_config, kind, notes)
+    source = flow.spec.source
+    if source and source.image and kind in ("kubernetes", "docker"):
+        variables["image"] = source.image
+    if working_dir and kind == "process" and not working_dir.startswith("/"):
+        # A process worker runs each flow in a fresh temporary directory; a relative path
+        # means the worker's own directory (a container's workdir), so it goes to the
+        # worker as its working_dir rather than to a pull step run from that temp dir.
+        variables["working_dir"] = working_dir
+        working_dir = None
+    run = flow.spec.run
+    schedules = None
+    if run and run.policy == "Schedule" and run.cron:
+        schedules = [{"cron": run.cron, "timezone": run.timezone or "UTC"}]
+    spec = DeploymentSpec(
+        flow_name=flow.metadata.name,
+        name=flow.metadata.namespace,
+        entrypoint=entrypoint or flow.spec.entrypoint,
+        work_pool_name=backend.work_pool_name,
+        work_queue_name=work_queue(flow),
+        job_variables=variables,
+        parameters=flow.spec.parameters or {},
+        tags=tags(flow, backend),
+        pull_steps=(
+            [{"prefect.deployments.steps.set_working_directory": {"directory": working_dir}}]
+            if working_dir
+            else []
+        ),
+        parameter_openapi_schema=parameter_schema,
+        description=f"LumeFlow {flow.key}, managed by lume-operator.",
+        schedules=schedules,
+    )
+    return FlowDeployment(spec, notes)
