@@ -188,5 +188,50 @@ def crds(output: Path) -> None:
         click.echo(str(path))
 
 
+@main.command("operator")
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Namespace to watch (repeatable). None: the whole cluster.",
+)
+@click.option(
+    "--peering",
+    default=None,
+    help="kopf peering name: only one replica with the same name acts. None: standalone.",
+)
+@click.option(
+    "--liveness",
+    default=None,
+    help="Serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz.",
+)
+@click.option(
+    "--kubeconfig", default=None, help="Kubeconfig file. Default: in-cluster or $KUBECONFIG."
+)
+@click.option(
+    "--log-format", type=click.Choice(["plain", "full", "json"]), default="plain", show_default=True
+)
+@click.option("--verbose", is_flag=True, help="Debug logging.")
+def operator_command(
+    namespaces: tuple[str, ...],
+    peering: str | None,
+    liveness: str | None,
+    kubeconfig: str | None,
+    log_format: str,
+    verbose: bool,
+) -> None:
+    """Run the operator: SchedulingBackends, LumeFlows and FlowOfFlows to Prefect and back."""
+    from lume_operator.handlers import run_operator
+
+    run_operator(
+        namespaces=list(namespaces),
+        peering=peering,
+        liveness=liveness,
+        kubeconfig=kubeconfig,
+        verbose=verbose,
+        log_format=log_format,
+    )
+
+
 if __name__ == "__main__":
     main()

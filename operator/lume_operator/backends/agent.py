@@ -1,0 +1,206 @@
+"""The in-cluster agent of a SchedulingBackend: Prefect workers as a Deployment, and their RBAC.
+
+Pure functions from a backend spec to Kubernetes objects; the operator applies them and makes
+the backend their owner, so deleting the backend removes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lume_operator.api.backend import SchedulingBackend
+
+DEFAULT_WORKER_IMAGE = {
+    "kubernetes": "prefecthq/prefect:3-python3.11-kubernetes",
+    "docker": "prefecthq/prefect:3-python3.11",
+    "process": "prefecthq/prefect:3-python3.11",
+}
+# Only kubernetes workers talk to the Kubernetes API: they create a Job per flow run and
+# follow its pod. Process and docker workers need no rules at all, so they get no Role.
+WORKER_RULES: dict[str, list[dict[str, Any]]] = {
+    "kubernetes": [
+        {
+            "apiGroups": ["batch"],
+            "resources": ["jobs"],
+            "verbs": ["get", "list", "watch", "create", "delete"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]},
+    ],
+}
+HEALTH_PORT = 8080
+# Non-root and unprivileged, as the Pod Security Standard `restricted` requires.
+RESTRICTED_POD = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def agent_name(backend: SchedulingBackend) -> str:
+    return f"{backend.metadata.name}-agent"
+
+
+def agent_labels(backend: SchedulingBackend) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "prefect-worker",
+        "app.kubernetes.io/instance": agent_name(backend),
+        "app.kubernetes.io/managed-by": "lume-operator",
+        "lume.dev/backend": backend.metadata.name,
+    }
+
+
+def worker_command(backend: SchedulingBackend) -> list[str]:
+    """`prefect worker start` for the backend's pool, type and queues, with its health server."""
+    command = [
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        backend.work_pool_name,
+        "--type",
+        backend.spec.type,
+        "--with-healthcheck",
+    ]
+    for label in backend.spec.labels or []:
+        command += ["--work-queue", label]
+    return command
+
+
+def worker_env(backend: SchedulingBackend, api_url: str | None) -> list[dict[str, Any]]:
+    """The worker's environment; the API key only as a reference to its Secret."""
+    env: list[dict[str, Any]] = []
+    if api_url:
+        env.append({"name": "PREFECT_API_URL", "value": api_url})
+    ref = backend.spec.prefect.api_key_secret_ref if backend.spec.prefect else None
+    if ref:
+        env.append(
+            {
+                "name": "PREFECT_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    env += [
+        {"name": "PREFECT_WORKER_WEBSERVER_HOST", "value": "0.0.0.0"},
+        {"name": "PREFECT_WORKER_WEBSERVER_PORT", "value": str(HEALTH_PORT)},
+        {"name": "PREFECT_HOME", "value": "/tmp/prefect"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PREFECT_SERVER_ANALYTICS_ENABLED", "value": "false"},
+    ]
+    agent = backend.spec.agent
+    taken = {item["name"] for item in env}
+    for name, value in sorted(((agent.env if agent else None) or {}).items()):
+        if name not in taken:
+            env.append({"name": name, "value": value})
+    return env
+
+
+def _resources(backend: SchedulingBackend) -> dict[str, Any]:
+    given = backend.spec.agent.resources if backend.spec.agent else None
+    requests = {"cpu": "100m", "memory": "256Mi"}
+    limits = {"memory": "1Gi"}
+    if given:
+        requests.update(
+            {k: v for k, v in (("cpu", given.cpu_request), ("memory", given.memory_request)) if v}
+        )
+        limits.update(
+            {k: v for k, v in (("cpu", given.cpu_limit), ("memory", given.memory_limit)) if v}
+        )
+    return {"requests": requests, "limits": limits}
+
+
+def agent_objects(backend: SchedulingBackend, api_url: str | None) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding (kubernetes type only) and the worker Deployment."""
+    name = agent_name(backend)
+    namespace = backend.metadata.namespace
+    labels = agent_labels(backend)
+    agent = backend.spec.agent
+    meta = {"name": name, "namespace": namespace, "labels": labels}
+    objects: list[dict[str, Any]] = []
+    account = agent.service_account_name if agent and agent.service_account_name else None
+    if account is None:
+        account = name
+        objects.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": meta,
+                "automountServiceAccountToken": backend.spec.type == "kubernetes",
+            }
+        )
+    rules = WORKER_RULES.get(backend.spec.type)
+    if rules:
+        objects.append(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": meta,
+                "rules": rules,
+            }
+        )
+        objects.append(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": meta,
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+            }
+        )
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": (
+            agent.image if agent and agent.image else DEFAULT_WORKER_IMAGE[backend.spec.type]
+        ),
+        "command": worker_command(backend),
+        "env": worker_env(backend, api_url),
+        "ports": [{"name": "health", "containerPort": HEALTH_PORT}],
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "health"},
+            "initialDelaySeconds": 30,
+            "periodSeconds": 30,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": "health"},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+        },
+        "resources": _resources(backend),
+        "securityContext": RESTRICTED_CONTAINER,
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if agent and agent.image_pull_policy:
+        container["imagePullPolicy"] = agent.image_pull_policy
+    objects.append(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {
+                "replicas": agent.replicas if agent else 1,
+                "selector": {"matchLabels": {"app.kubernetes.io/instance": name}},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "serviceAccountName": account,
+                        "automountServiceAccountToken": backend.spec.type == "kubernetes",
+                        "securityContext": RESTRICTED_POD,
+                        "containers": [container],
+                        "volumes": [{"name": "tmp", "emptyDir": {}}],
+                    },
+                },
+            },
+        }
+    )
+    return objects

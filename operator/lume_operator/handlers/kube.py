@@ -1,0 +1,96 @@
+"""The few Kubernetes calls the operator makes besides kopf's own: agent objects, Secrets.
+
+The official client is synchronous; each call runs in a worker thread so handlers stay async.
+Every verb used here is listed in the chart's RBAC, and nothing else is called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+
+class SecretMissing(Exception):
+    """A Secret (or its key) that a spec refers to does not exist."""
+
+
+def load_config(kubeconfig: str | None = None) -> None:
+    """In-cluster config in a pod, else a kubeconfig (given, $KUBECONFIG or ~/.kube/config)."""
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()
+    else:
+        # $KUBECONFIG read now: the client library reads it once, at its import.
+        config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"))
+
+
+class Kube:
+    """Create-or-patch of the agent's objects, reads of Deployments and Secrets."""
+
+    def __init__(self) -> None:
+        api = client.ApiClient()
+        self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
+
+    def _methods(self, kind: str) -> tuple[Any, Any]:
+        return {
+            "ServiceAccount": (
+                self.core.create_namespaced_service_account,
+                self.core.patch_namespaced_service_account,
+            ),
+            "Role": (self.rbac.create_namespaced_role, self.rbac.patch_namespaced_role),
+            "RoleBinding": (
+                self.rbac.create_namespaced_role_binding,
+                self.rbac.patch_namespaced_role_binding,
+            ),
+            "Deployment": (
+                self.apps.create_namespaced_deployment,
+                self.apps.patch_namespaced_deployment,
+            ),
+        }[kind]
+
+    def _apply(self, body: dict[str, Any]) -> None:
+        create, patch = self._methods(body["kind"])
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        try:
+            create(namespace, body)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            patch(name, namespace, body)
+
+    async def apply(self, body: dict[str, Any]) -> None:
+        await asyncio.to_thread(self._apply, body)
+
+    def _ready_replicas(self, namespace: str, name: str) -> int | None:
+        try:
+            deployment = self.apps.read_namespaced_deployment(name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return (deployment.status.ready_replicas or 0) if deployment.status else 0
+
+    async def ready_replicas(self, namespace: str, name: str) -> int | None:
+        """Ready replicas of a Deployment; None when it does not exist."""
+        return await asyncio.to_thread(self._ready_replicas, namespace, name)
+
+    def _secret_value(self, namespace: str, name: str, key: str) -> str:
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                raise SecretMissing(f"Secret {namespace}/{name} not found") from None
+            raise
+        data = secret.data or {}
+        if key not in data:
+            raise SecretMissing(f"Secret {namespace}/{name} has no key {key!r}")
+        return base64.b64decode(data[key]).decode()
+
+    async def secret_value(self, namespace: str, name: str, key: str) -> str:
+        return await asyncio.to_thread(self._secret_value, namespace, name, key)

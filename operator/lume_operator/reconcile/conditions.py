@@ -1,0 +1,71 @@
+"""kstatus conditions: Ready, Reconciling, Stalled, plus a kind's own, without flapping times."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def condition(type_: str, ok: bool, reason: str, message: str = "") -> dict[str, Any]:
+    return {
+        "type": type_,
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message,
+    }
+
+
+def merge(existing: list[dict[str, Any]] | None, *updates: dict[str, Any]) -> list[dict[str, Any]]:
+    """`existing` with `updates` applied; a condition keeps its lastTransitionTime unless its
+    status changed, so a resync that changes nothing writes nothing new."""
+    by_type = {c["type"]: dict(c) for c in existing or []}
+    for update in updates:
+        old = by_type.get(update["type"])
+        changed = old is None or old.get("status") != update["status"]
+        when = now() if changed else old.get("lastTransitionTime", now())
+        by_type[update["type"]] = {**update, "lastTransitionTime": when}
+    order = ["Ready", "Reconciling", "Stalled"]
+    return sorted(
+        by_type.values(),
+        key=lambda c: (order.index(c["type"]) if c["type"] in order else 9, c["type"]),
+    )
+
+
+def ready(reason: str, message: str = "") -> list[dict[str, Any]]:
+    """Everything converged."""
+    return [
+        condition("Ready", True, reason, message),
+        condition("Reconciling", False, reason),
+        condition("Stalled", False, reason),
+    ]
+
+
+def progressing(reason: str, message: str) -> list[dict[str, Any]]:
+    """Work in progress, or waiting for something that will come (a backend, Prefect)."""
+    return [
+        condition("Ready", False, reason, message),
+        condition("Reconciling", True, reason, message),
+        condition("Stalled", False, reason),
+    ]
+
+
+def stalled(reason: str, message: str) -> list[dict[str, Any]]:
+    """Cannot progress until the spec changes."""
+    return [
+        condition("Ready", False, reason, message),
+        condition("Reconciling", False, reason),
+        condition("Stalled", True, reason, message),
+    ]
+
+
+def failed(reason: str, message: str) -> list[dict[str, Any]]:
+    """Done, unsuccessfully (a flow run failed): not stalled, nothing to retry."""
+    return [
+        condition("Ready", False, reason, message),
+        condition("Reconciling", False, reason),
+        condition("Stalled", False, reason),
+    ]

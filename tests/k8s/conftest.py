@@ -1,0 +1,296 @@
+"""Fixtures for tests against an emulated Kubernetes API: real kubectl, real kopf, no cluster.
+
+- `k8s_emulator`: an `EmulatorServer` (`.url`, `.emulator` with `.log`, `.count()`,
+  `.get_object()`, `.objects`; `.patch_status()` to play a controller).
+- `kubeconfig`: a kubeconfig file for it; also exported as `KUBECONFIG` for the test, so
+  kopf, the kubernetes client and helm can only ever reach the emulator.
+- `kubectl`: ``kubectl("get", "lf", "-o", "yaml")`` runs the real binary, returns the
+  CompletedProcess (``check=True`` raises with stderr on failure).
+- `run_kopf_operator`: starts a real kopf operator against the emulator and stops it at
+  teardown; see `KopfOperator`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import kopf
+import pytest
+import yaml
+from kopf._core.intents.causes import Activity  # not re-exported by kopf
+
+from tests.k8s.emulator import EmulatorServer
+from tests.k8s.tools import kubectl_path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Kubectl(Protocol):
+    def __call__(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]: ...
+
+
+@pytest.fixture
+def k8s_emulator() -> Iterator[EmulatorServer]:
+    """A fresh emulated API server per test, on 127.0.0.1 and a random port."""
+    with EmulatorServer() as server:
+        yield server
+
+
+@pytest.fixture
+def kubeconfig(
+    k8s_emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """A kubeconfig with one context, `emulator`, namespace `default`; set as KUBECONFIG."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "emulator", "cluster": {"server": k8s_emulator.url}}],
+        "users": [{"name": "emulator", "user": {"token": "emulator-token"}}],
+        "contexts": [
+            {
+                "name": "emulator",
+                "context": {"cluster": "emulator", "user": "emulator", "namespace": "default"},
+            }
+        ],
+        "current-context": "emulator",
+    }
+    path = tmp_path / "kubeconfig.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    return path
+
+
+@pytest.fixture
+def kubectl(kubeconfig: Path, tmp_path: Path) -> Kubectl:
+    """The real kubectl against the emulator, with a private discovery cache per test."""
+    binary = str(kubectl_path())
+    cache = tmp_path / "kube-cache"
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
+
+    def run(
+        *args: str, input: str | None = None, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [binary, f"--kubeconfig={kubeconfig}", f"--cache-dir={cache}", *args]
+        proc = subprocess.run(
+            cmd, input=input, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"kubectl {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}{proc.stdout}"
+            )
+        return proc
+
+    return run
+
+
+class KopfOperator:
+    """A real kopf operator against the emulator, in a thread or in a subprocess.
+
+    Thread mode (a registry or an imported module) shares the test's process, so handlers
+    defined in the test can record what they saw. Subprocess mode (``in_subprocess=True``, a
+    module name or a file path) runs ``kopf run`` as users do and can be killed hard
+    (`kill()`), e.g. to prove that a restarted operator does not repeat work.
+
+    Both are standalone (no peering) unless ``peering=...`` names a peering object, and
+    clusterwide unless ``namespaces`` are given. `start()` returns once the operator has
+    opened its first watch on the emulator.
+    """
+
+    def __init__(
+        self,
+        target: kopf.OperatorRegistry | types.ModuleType | str,
+        server: EmulatorServer,
+        kubeconfig: Path,
+        *,
+        namespaces: list[str] | None = None,
+        settings: kopf.OperatorSettings | None = None,
+        in_subprocess: bool = False,
+        peering: str | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.target = target
+        self.server = server
+        self.kubeconfig = kubeconfig
+        self.namespaces = namespaces
+        self.settings = settings
+        self.use_subprocess = in_subprocess
+        self.peering = peering
+        self.log_path = log_path
+        self._thread: threading.Thread | None = None
+        self._stop_flag = threading.Event()
+        self._ready_flag = threading.Event()
+        self._failure: BaseException | None = None
+        self._proc: Any = None
+
+    def __enter__(self) -> KopfOperator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self, timeout: float = 20) -> KopfOperator:
+        seen = len(self.server.emulator.log)
+        if self.use_subprocess:
+            self._start_subprocess()
+        else:
+            self._start_thread()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise RuntimeError(f"the kopf operator exited during startup:\n{self.output()}")
+            if any(e.action == "watch" for e in self.server.emulator.log[seen:]):
+                return self
+            time.sleep(0.05)
+        calls = "\n".join(f"{e.method} {e.path}" for e in self.server.emulator.log[seen:])
+        raise TimeoutError(
+            f"the kopf operator opened no watch in {timeout}s; its API calls:\n{calls}\n"
+            f"{self.output()}"
+        )
+
+    @property
+    def alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 20) -> None:
+        """Ask the operator to exit gracefully; kill it (subprocess) if it does not."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGINT)
+                try:
+                    self._proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+            return
+        self._stop_flag.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError("the kopf operator thread did not stop")
+        if self._failure is not None:
+            raise RuntimeError("the kopf operator failed") from self._failure
+
+    def kill(self) -> None:
+        """SIGKILL the subprocess: no cleanup, as when a pod is OOM-killed."""
+        assert self._proc is not None, "kill() needs in_subprocess=True"
+        self._proc.kill()
+        self._proc.wait()
+
+    def output(self) -> str:
+        """The subprocess's combined output so far (empty in thread mode: kopf logs to pytest)."""
+        if self.log_path is not None and self.log_path.exists():
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+    # ---- modes -----------------------------------------------------------------------------
+
+    def _registry(self) -> kopf.OperatorRegistry:
+        target = self.target
+        if isinstance(target, str):
+            target = importlib.import_module(target)
+        registry = (
+            target if isinstance(target, kopf.OperatorRegistry) else kopf.get_default_registry()
+        )
+        # A bare OperatorRegistry has no login handler; this one reads KUBECONFIG when called.
+        if not registry._activities.get_handlers(Activity.AUTHENTICATION):
+            kopf.on.login(registry=registry)(kopf.login_with_kubeconfig)
+        return registry
+
+    def _start_thread(self) -> None:
+        registry = self._registry()
+        settings = self.settings or kopf.OperatorSettings()
+        if self.peering is None:
+            settings.peering.standalone = True
+        else:
+            settings.peering.name = self.peering
+            settings.peering.mandatory = True
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(
+                    kopf.operator(
+                        registry=registry,
+                        settings=settings,
+                        clusterwide=not self.namespaces,
+                        namespaces=self.namespaces or (),
+                        stop_flag=self._stop_flag,
+                        ready_flag=self._ready_flag,
+                    )
+                )
+            except BaseException as e:  # surfaced by stop(); a thread must not fail silently
+                self._failure = e
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=main, name="kopf-operator", daemon=True)
+        self._thread.start()
+
+    def _start_subprocess(self) -> None:
+        target = self.target
+        if isinstance(target, types.ModuleType):
+            target = target.__name__
+        assert isinstance(target, str), "subprocess mode needs a module name or a file path"
+        cmd = [sys.executable, "-m", "kopf", "run", "--verbose"]
+        cmd += ["--standalone"] if self.peering is None else ["--peering", self.peering]
+        if self.namespaces:
+            for ns in self.namespaces:
+                cmd += ["--namespace", ns]
+        else:
+            cmd += ["--all-namespaces"]
+        cmd += [target] if target.endswith(".py") else ["-m", target]
+        if self.log_path is None:
+            self.log_path = Path(self.kubeconfig).parent / f"kopf-{time.monotonic_ns()}.log"
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT), str(ROOT / "operator"), env.get("PYTHONPATH")])
+        )
+        with self.log_path.open("wb") as log:
+            self._proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
+
+
+@pytest.fixture
+def run_kopf_operator(
+    k8s_emulator: EmulatorServer, kubeconfig: Path, caplog: pytest.LogCaptureFixture
+) -> Iterator[Callable[..., KopfOperator]]:
+    """``run_kopf_operator(registry_or_module, **options)`` -> a started `KopfOperator`."""
+    caplog.set_level(logging.INFO, logger="kopf")
+    started: list[KopfOperator] = []
+
+    def start(
+        target: kopf.OperatorRegistry | types.ModuleType | str, **options: Any
+    ) -> KopfOperator:
+        operator = KopfOperator(target, k8s_emulator, kubeconfig, **options)
+        started.append(operator)
+        return operator.start()
+
+    yield start
+    errors = []
+    for operator in reversed(started):
+        try:
+            operator.stop()
+        except Exception as e:  # stop them all, then report
+            errors.append(e)
+    if errors:
+        raise errors[0]

@@ -1,0 +1,966 @@
+"""An in-memory Kubernetes API server for the end-to-end tests, built on kmock's emulator.
+
+Why: there is no cluster and no Docker on the test machines. kmock's `KubernetesEmulator`
+serves discovery, list, watch, create, patch and delete over real HTTP, but it treats objects
+as plain JSON: no generation, resourceVersion or uid, no status subresource, no `kind` in
+lists, no PUT. The operator's promises (observedGeneration, no drift loops, finalizers that
+hold deletion, owner references) cannot be tested without those, so `LumeKubernetesEmulator`
+re-implements every write on top of kmock's object store and keeps kmock's reads, watch
+streams, request recording and fault-injection DSL (``emulator['patch', ...] << 500``).
+
+`EmulatorServer` runs it over HTTP on 127.0.0.1 in a background thread with its own event
+loop, so blocking callers (``subprocess.run([kubectl, ...])``, a kopf operator in another
+thread) can use it from synchronous tests.
+
+What it does not model is listed in `NOT_MODELLED`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import copy
+import datetime
+import json
+import re
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import attrs
+import jsonpatch
+import kmock
+import yaml
+from kmock._internal import apps, enums, parsing, rendering
+from typing_extensions import override
+
+T = TypeVar("T")
+
+ALL_VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+
+NOT_MODELLED = """\
+- No admission: CRD OpenAPI schemas, CEL rules, defaulting, RBAC and authentication are not
+  enforced (use `kubectl apply --validate=false`; check schemas offline instead).
+- No controllers: Deployments never get Pods or readyReplicas, Jobs never run, nothing
+  schedules; tests set such status themselves (`EmulatorServer.patch_status`).
+- Garbage collection is immediate and synchronous (background propagation only; foreground
+  and blockOwnerDeletion are not modelled). Namespace deletion deletes its objects at once.
+- Strategic merge patch is approximated: maps merge, lists of dicts merge by `name`, other
+  lists are replaced; `$patch`/`$retainKeys` and other directives are mostly dropped.
+- Server-side apply is approximated as a merge patch (no managedFields, no conflicts).
+- Watches replay the current objects as ADDED and ignore the requested resourceVersion;
+  there is no watch cache, compaction or 410 Gone. Field selectors: metadata.name and
+  metadata.namespace only. No pagination (`limit`/`continue` ignored). No Table output.
+- No aggregated discovery and no OpenAPI documents (`/openapi/v2`, `/openapi/v3` are 404).
+- JSON and YAML bodies only: protobuf is refused (415), so kubectl's imperative generators for
+  built-in kinds (`kubectl create secret|namespace|configmap ...`) fail; use `kubectl apply -f`.
+"""
+
+
+def _resource_info(
+    kind: str,
+    singular: str,
+    *,
+    namespaced: bool = True,
+    shortnames: Iterable[str] = (),
+    categories: Iterable[str] = (),
+    subresources: Iterable[str] = (),
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "singular": singular,
+        "namespaced": namespaced,
+        "verbs": ALL_VERBS,
+        "shortnames": list(shortnames),
+        "categories": list(categories),
+        "subresources": list(subresources),
+    }
+
+
+# What the operator, kubectl and kopf touch. Tests may add more via `emulator.resources[...]`
+# (or by creating a CustomResourceDefinition, which registers its resources).
+DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
+    "lume.dev/v1alpha1/schedulingbackends": _resource_info(
+        "SchedulingBackend", "schedulingbackend", shortnames=["sb"], categories=["lume"],
+        subresources=["status"],
+    ),
+    "lume.dev/v1alpha1/lumeflows": _resource_info(
+        "LumeFlow", "lumeflow", shortnames=["lf"], categories=["lume"], subresources=["status"]
+    ),
+    "lume.dev/v1alpha1/flowofflows": _resource_info(
+        "FlowOfFlows", "flowofflows", shortnames=["fof"], categories=["lume"],
+        subresources=["status"],
+    ),
+    "v1/namespaces": _resource_info(
+        "Namespace", "namespace", namespaced=False, shortnames=["ns"], subresources=["status"]
+    ),
+    "v1/secrets": _resource_info("Secret", "secret"),
+    "v1/configmaps": _resource_info("ConfigMap", "configmap", shortnames=["cm"]),
+    "v1/serviceaccounts": _resource_info("ServiceAccount", "serviceaccount", shortnames=["sa"]),
+    "v1/events": _resource_info("Event", "event", shortnames=["ev"]),
+    "v1/pods": _resource_info("Pod", "pod", shortnames=["po"], subresources=["status"]),
+    "apps/v1/deployments": _resource_info(
+        "Deployment", "deployment", shortnames=["deploy"], subresources=["status"]
+    ),
+    "batch/v1/jobs": _resource_info("Job", "job", subresources=["status"]),
+    "rbac.authorization.k8s.io/v1/roles": _resource_info("Role", "role"),
+    "rbac.authorization.k8s.io/v1/rolebindings": _resource_info("RoleBinding", "rolebinding"),
+    "rbac.authorization.k8s.io/v1/clusterroles": _resource_info(
+        "ClusterRole", "clusterrole", namespaced=False
+    ),
+    "rbac.authorization.k8s.io/v1/clusterrolebindings": _resource_info(
+        "ClusterRoleBinding", "clusterrolebinding", namespaced=False
+    ),
+    "coordination.k8s.io/v1/leases": _resource_info("Lease", "lease"),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": _resource_info(
+        "CustomResourceDefinition", "customresourcedefinition", namespaced=False,
+        shortnames=["crd", "crds"], subresources=["status"],
+    ),
+    "kopf.dev/v1/clusterkopfpeerings": _resource_info(
+        "ClusterKopfPeering", "clusterkopfpeering", namespaced=False
+    ),
+    "kopf.dev/v1/kopfpeerings": _resource_info("KopfPeering", "kopfpeering"),
+}  # fmt: skip
+
+DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public")
+
+HISTORY_LIMIT = 100_000  # watch events kept for resuming; older resourceVersions get 410 Gone
+
+_SMP_DIRECTIVE = re.compile(r"^\$(setElementOrder|deleteFromPrimitiveList|retainKeys)(/.*)?$")
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One API call, as recorded for assertions (`emulator.log`)."""
+
+    method: str
+    path: str
+    query: Mapping[str, str]
+    action: str | None  # kmock's guess: list, watch, fetch, create, update, delete
+    subresource: str | None
+
+
+class ApiError(kmock.KubernetesError):
+    """A Kubernetes `Status` failure with the reason codes client-go and kubectl understand."""
+
+
+def _error(status: int, reason: str, message: str, **details: Any) -> ApiError:
+    return ApiError(
+        status=status, reason=reason, message=message, details=details or {"causes": []}
+    )
+
+
+_END: dict[str, Any] = {}  # the end-of-stream marker in a watch queue
+
+
+def _gone(rv: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Status",
+        "status": "Failure",
+        "code": 410,
+        "reason": "Expired",
+        "message": f"too old resource version: {rv}",
+    }
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: maps merge, `null` deletes, everything else replaces."""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def strategic_merge_patch(target: Any, patch: Any) -> Any:
+    """An approximation of strategic merge patch (see NOT_MODELLED), enough for kubectl apply."""
+    if isinstance(patch, list) and isinstance(target, list):
+        named = all(isinstance(x, Mapping) and "name" in x for x in [*target, *patch])
+        if not named:
+            return copy.deepcopy(patch)
+        merged = {x["name"]: x for x in target}
+        order = [x["name"] for x in target]
+        for item in patch:
+            if item.get("$patch") == "delete":
+                merged.pop(item["name"], None)
+                continue
+            if item["name"] not in merged:
+                order.append(item["name"])
+            merged[item["name"]] = strategic_merge_patch(merged.get(item["name"]), item)
+        return [merged[n] for n in order if n in merged]
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    if patch.get("$patch") == "delete":
+        return None
+    if patch.get("$patch") == "replace":
+        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if key == "$patch" or _SMP_DIRECTIVE.match(key):
+            continue
+        if value is None:
+            result.pop(key, None)
+        else:
+            merged = strategic_merge_patch(result.get(key), value)
+            if merged is None:
+                result.pop(key, None)
+            else:
+                result[key] = merged
+    return result
+
+
+_NAMESPACE_PATH = re.compile(r"^/api/v1/namespaces(?:/([^/]+)(?:/(status|finalize))?)?/?$")
+_kmock_parse_path = parsing.parse_path
+
+
+def _parse_path(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 reads `/api/v1/namespaces/x` as "namespace x" and fails on `/api/v1/namespaces`.
+
+    The namespace objects themselves live there, so parse those paths as the resource.
+    Installed into kmock's parser module once, on import (idempotent; only these paths change).
+    """
+    match = _NAMESPACE_PATH.match(path)
+    if match is None:
+        return _kmock_parse_path(path)
+    name, sub = match.groups()
+    return parsing.ParsedPath("", "v1", "namespaces", None, name, sub)
+
+
+parsing.parse_path = _parse_path
+
+
+def _labels_match(labels: Mapping[str, str], selector: str) -> bool:
+    """Equality- and set-less label selectors: `a=b`, `a==b`, `a!=b`, `a`, `!a`."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key.strip()) != value.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+def _fields_match(obj: Mapping[str, Any], selector: str) -> bool:
+    meta = obj.get("metadata", {})
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        negate = "!=" in term
+        key, value = re.split(r"!=|==|=", term, maxsplit=1)
+        actual = {"metadata.name": meta.get("name"), "metadata.namespace": meta.get("namespace")}
+        if key not in actual:
+            raise _error(400, "BadRequest", f'field label not supported: "{key}"')
+        if (actual[key] == value) == negate:
+            return False
+    return True
+
+
+@attrs.define(kw_only=True)
+class LumeKubernetesEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator with the API-server semantics that operators rely on.
+
+    Writes (POST, PUT, PATCH, DELETE) are applied here, under kmock's lock, before kmock
+    looks for reactions; reads use the stored objects. Every stored object carries `kind`,
+    `apiVersion`, `metadata.uid`, `resourceVersion` (one global counter), `generation` and
+    `creationTimestamp`.
+    """
+
+    _rv: int = attrs.field(default=0, init=False)
+    _outcomes: dict[int, tuple[int, dict[str, Any]]] = attrs.field(factory=dict, init=False)
+    # Every watch event ever emitted, to resume watches from a resourceVersion, and the live
+    # watches; both only touched under the lock, so no event falls between replay and live.
+    _history: list[tuple[int, kmock.resource, dict[str, Any]]] = attrs.field(
+        factory=list, init=False
+    )
+    _watchers: list[tuple[rendering.Request, asyncio.Queue[dict[str, Any]]]] = attrs.field(
+        factory=list, init=False
+    )
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.fallback[enums.method.PUT] << self._serve_outcome
+        for key, info in DEFAULT_RESOURCES.items():
+            self.resources[key] = copy.deepcopy(info)  # type: ignore[assignment]
+        for name in DEFAULT_NAMESPACES:
+            self.put_object("v1/namespaces", None, {"metadata": {"name": name}})
+
+    # ---- introspection for tests -------------------------------------------------------------
+
+    @property
+    def log(self) -> list[LoggedRequest]:
+        """Every request served so far, in order."""
+        return [
+            LoggedRequest(
+                method=r.method.value.upper(),
+                path=r.url.path,
+                query=dict(r.params),
+                action=r.action.value.lower() if r.action is not None else None,
+                subresource=r.subresource,
+            )
+            for r in list(self._requests)
+        ]
+
+    def count(self, method: str | None = None, path: str | re.Pattern[str] | None = None) -> int:
+        """How many requests match a method (any case) and a path (exact or a full regex)."""
+        n = 0
+        for entry in self.log:
+            if method is not None and entry.method != method.upper():
+                continue
+            if isinstance(path, str) and entry.path != path:
+                continue
+            if isinstance(path, re.Pattern) and not path.fullmatch(entry.path):
+                continue
+            n += 1
+        return n
+
+    def counts(self) -> collections.Counter[tuple[str, str]]:
+        """(method, path) -> number of calls, e.g. to assert that a resync wrote nothing."""
+        return collections.Counter((entry.method, entry.path) for entry in self.log)
+
+    def get_object(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """The current state of an object (a deep copy), or None if absent or deleted."""
+        obj = self._stored(kmock.resource(resource), namespace, name)
+        return copy.deepcopy(obj) if obj is not None else None
+
+    def put_object(self, resource: str, namespace: str | None, body: Mapping[str, Any]) -> None:
+        """Seed an object before the server runs (no watch event is emitted)."""
+        res = kmock.resource(resource)
+        obj = self._new_object(res, namespace, dict(body))
+        self._objects[res, namespace, obj["metadata"]["name"]] = obj
+
+    # ---- writes --------------------------------------------------------------------------------
+
+    @override
+    async def _handle(self, request: rendering.Request) -> Any:
+        is_write = request.method in {
+            enums.method.POST,
+            enums.method.PUT,
+            enums.method.PATCH,
+            enums.method.DELETE,
+        }
+        if request.resource is None or not is_write:
+            return await apps.RawHandler._handle(self, request)
+        async with self._lock:
+            events: list[tuple[kmock.resource, dict[str, Any]]] = []
+            self._outcomes[id(request)] = self._write(request, events)
+            self._publish(events)
+        try:
+            return await apps.RawHandler._handle(self, request)
+        finally:
+            self._outcomes.pop(id(request), None)
+
+    async def _serve_outcome(self, request: rendering.Request) -> rendering.Response:
+        status, body = self._outcomes[id(request)]
+        return rendering.Response(status=status, payload=body)
+
+    _serve_create = _serve_update = _serve_delete = _serve_outcome  # type: ignore[assignment]
+
+    def _write(
+        self, request: rendering.Request, events: list[tuple[kmock.resource, dict[str, Any]]]
+    ) -> tuple[int, dict[str, Any]]:
+        res = request.resource
+        assert res is not None
+        info = self._info(res)
+        sub = request.subresource
+        if sub is not None and sub not in info.subresources:
+            raise _error(
+                404, "NotFound", f"the server could not find the requested resource ({sub})"
+            )
+        ns = request.namespace if info.namespaced else None
+        if info.namespaced and ns is None and request.method != enums.method.DELETE:
+            raise _error(404, "NotFound", f"{res.plural} must be created in a namespace")
+        dry_run = bool(request.params.get("dryRun"))
+        method = request.method
+
+        if method == enums.method.POST and request.name is None:
+            body = self._body(request)
+            return 201, self._create(res, ns, body, events, dry_run=dry_run)
+        if request.name is None or method == enums.method.POST:
+            raise _error(405, "MethodNotAllowed", f"{method.value} is not supported here")
+        if method == enums.method.DELETE:
+            body = self._body(request, required=False) or {}
+            return 200, self._delete(res, ns, request.name, body, events, dry_run=dry_run)
+
+        current = self._stored(res, ns, request.name)
+        body = self._body(request)
+        ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+        if current is None:
+            if method == enums.method.PATCH and ctype == "application/apply-patch+yaml":
+                body.setdefault("metadata", {})["name"] = request.name
+                return 201, self._create(res, ns, body, events, dry_run=dry_run)
+            raise self._not_found(res, request.name)
+        if method == enums.method.PUT:
+            self._check_rv(res, request.name, current, body)
+            desired = body
+        else:
+            desired = self._apply_patch(current, body, ctype)
+            if isinstance(body, Mapping):
+                self._check_rv(res, request.name, current, body)
+        return 200, self._update(res, ns, current, desired, sub, events, dry_run=dry_run)
+
+    def _create(
+        self,
+        res: kmock.resource,
+        ns: str | None,
+        body: dict[str, Any],
+        events: list[tuple[kmock.resource, dict[str, Any]]],
+        *,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        meta = body.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
+        if not meta.get("name"):
+            raise _error(422, "Invalid", "metadata.name: Required value")
+        if ns is not None and meta.get("namespace", ns) != ns:
+            raise _error(400, "BadRequest", "the namespace of the object does not match the URL")
+        if ns is not None and self._stored(kmock.resource("v1/namespaces"), None, ns) is None:
+            raise _error(
+                404, "NotFound", f'namespaces "{ns}" not found', name=ns, kind="namespaces"
+            )
+        existing = self._stored(res, ns, meta["name"])
+        if existing is not None:
+            raise _error(
+                409,
+                "AlreadyExists",
+                f'{self._qualified(res)} "{meta["name"]}" already exists',
+                name=meta["name"],
+                kind=res.plural,
+            )
+        obj = self._new_object(res, ns, body)
+        if dry_run:
+            return obj
+        key = (res, ns, obj["metadata"]["name"])
+        if key in self._objects:
+            self._objects[key].create(obj)
+        else:
+            self._objects[key] = obj
+        events.append((res, {"type": "ADDED", "object": copy.deepcopy(obj)}))
+        if res == kmock.resource("apiextensions.k8s.io/v1/customresourcedefinitions"):
+            self._register_crd(obj)
+        return obj
+
+    def _new_object(
+        self, res: kmock.resource, ns: str | None, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        info = self._info(res)
+        obj = copy.deepcopy(body)
+        obj["apiVersion"] = f"{res.group}/{res.version}" if res.group else res.version
+        obj["kind"] = info.kind
+        if "status" in info.subresources:
+            obj.pop("status", None)
+        if res == kmock.resource("v1/namespaces"):
+            obj["status"] = {"phase": "Active"}
+        meta = obj.setdefault("metadata", {})
+        for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields"):
+            meta.pop(field, None)
+        if ns is not None:
+            meta["namespace"] = ns
+        meta["uid"] = str(uuid.uuid4())
+        meta["generation"] = 1
+        meta["creationTimestamp"] = _now()
+        meta["resourceVersion"] = self._next_rv()
+        return obj
+
+    def _update(
+        self,
+        res: kmock.resource,
+        ns: str | None,
+        current: dict[str, Any],
+        desired: Any,
+        sub: str | None,
+        events: list[tuple[kmock.resource, dict[str, Any]]],
+        *,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        if not isinstance(desired, Mapping):
+            raise _error(400, "BadRequest", "the body must be a JSON object")
+        info = self._info(res)
+        if sub == "status":  # only status changes; everything else stays as it is
+            new = copy.deepcopy(current)
+            new.pop("status", None)
+            if desired.get("status") is not None:
+                new["status"] = copy.deepcopy(desired["status"])
+        else:
+            new = copy.deepcopy(dict(desired))
+            new.pop("status", None)
+            if "status" not in info.subresources and desired.get("status") is not None:
+                new["status"] = copy.deepcopy(desired["status"])
+            elif current.get("status") is not None:
+                new["status"] = copy.deepcopy(current["status"])
+            new["apiVersion"], new["kind"] = current["apiVersion"], current["kind"]
+            meta = new.setdefault("metadata", {})
+            cur_meta = current["metadata"]
+            for field in ("name", "namespace", "uid", "creationTimestamp", "generation"):
+                if field in cur_meta:
+                    meta[field] = cur_meta[field]
+                else:
+                    meta.pop(field, None)
+            for field in ("deletionTimestamp", "deletionGracePeriodSeconds"):
+                if field in cur_meta:
+                    meta[field] = cur_meta[field]
+                else:
+                    meta.pop(field, None)
+            meta.pop("managedFields", None)
+            if cur_meta.get("deletionTimestamp"):
+                added = set(meta.get("finalizers") or []) - set(cur_meta.get("finalizers") or [])
+                if added:
+                    raise _error(
+                        422,
+                        "Invalid",
+                        f"metadata.finalizers: Forbidden: no new finalizers can be added if the "
+                        f"object is being deleted, found new finalizers {sorted(added)}",
+                    )
+            if not meta.get("finalizers"):
+                meta.pop("finalizers", None)
+
+            def body_of(o: Mapping[str, Any]) -> dict[str, Any]:
+                return {k: v for k, v in o.items() if k not in ("metadata", "status")}
+
+            if body_of(new) != body_of(current):
+                meta["generation"] = int(cur_meta.get("generation", 1)) + 1
+        new["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        if new == current:  # a no-op write changes nothing, not even the resourceVersion
+            return current
+        new["metadata"]["resourceVersion"] = self._next_rv()
+        if dry_run:
+            return new
+        self._objects[res, ns, new["metadata"]["name"]].history.append(new)
+        events.append((res, {"type": "MODIFIED", "object": copy.deepcopy(new)}))
+        meta = new["metadata"]
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            return self._finalize(res, ns, new, events, orphan=False)
+        return new
+
+    def _delete(
+        self,
+        res: kmock.resource,
+        ns: str | None,
+        name: str,
+        options: Mapping[str, Any],
+        events: list[tuple[kmock.resource, dict[str, Any]]],
+        *,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        current = self._stored(res, ns, name)
+        if current is None:
+            raise self._not_found(res, name)
+        pre = options.get("preconditions") or {}
+        if pre.get("uid") and pre["uid"] != current["metadata"]["uid"]:
+            raise _error(409, "Conflict", f"precondition failed: uid {pre['uid']}")
+        rv = pre.get("resourceVersion")
+        if rv and rv != current["metadata"]["resourceVersion"]:
+            raise _error(409, "Conflict", f"precondition failed: resourceVersion {rv}")
+        if dry_run:
+            return current
+        orphan = options.get("propagationPolicy") == "Orphan" or options.get("orphanDependents")
+        if current["metadata"].get("finalizers"):
+            if current["metadata"].get("deletionTimestamp"):
+                return current  # already being deleted; wait for the finalizers
+            new = copy.deepcopy(current)
+            new["metadata"]["deletionTimestamp"] = _now()
+            new["metadata"]["deletionGracePeriodSeconds"] = 0
+            new["metadata"]["resourceVersion"] = self._next_rv()
+            self._objects[res, ns, name].history.append(new)
+            events.append((res, {"type": "MODIFIED", "object": copy.deepcopy(new)}))
+            return new
+        return self._finalize(res, ns, current, events, orphan=bool(orphan))
+
+    def _finalize(
+        self,
+        res: kmock.resource,
+        ns: str | None,
+        obj: dict[str, Any],
+        events: list[tuple[kmock.resource, dict[str, Any]]],
+        *,
+        orphan: bool,
+    ) -> dict[str, Any]:
+        """Remove an object for good, then collect what it owned (or what lived in it)."""
+        final = copy.deepcopy(obj)
+        final["metadata"]["resourceVersion"] = self._next_rv()
+        self._objects[res, ns, final["metadata"]["name"]].delete()
+        events.append((res, {"type": "DELETED", "object": copy.deepcopy(final)}))
+        if orphan:
+            return final
+        uid = final["metadata"]["uid"]
+        is_namespace = res == kmock.resource("v1/namespaces")
+        for (dres, dns, dname), dobj in list(self._objects.items()):
+            if dobj.deleted:
+                continue
+            meta = dobj.raw.get("metadata", {})
+            owners = [o.get("uid") for o in meta.get("ownerReferences") or []]
+            in_namespace = is_namespace and dns == final["metadata"]["name"]
+            if in_namespace or uid in owners:
+                alive = [u for u in owners if u != uid and self._uid_alive(u)]
+                if in_namespace or not alive:
+                    self._delete(dres, dns, dname, {}, events)
+        return final
+
+    def _uid_alive(self, uid: str) -> bool:
+        return any(
+            not o.deleted and o.raw.get("metadata", {}).get("uid") == uid
+            for o in self._objects.values()
+        )
+
+    def _register_crd(self, crd: Mapping[str, Any]) -> None:
+        """Serve a newly created CRD's resources, as the real apiextensions server does."""
+        spec = crd.get("spec", {})
+        names = spec.get("names", {})
+        for version in spec.get("versions", []):
+            if not version.get("served", True):
+                continue
+            key = f"{spec.get('group')}/{version['name']}/{names.get('plural')}"
+            self.resources[key] = _resource_info(  # type: ignore[assignment]
+                names.get("kind"),
+                names.get("singular") or names.get("kind", "").lower(),
+                namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+                shortnames=names.get("shortNames", []),
+                categories=names.get("categories", []),
+                subresources=(version.get("subresources") or {}).keys(),
+            )
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    @override
+    async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
+        """Discovery as the real server sends it: core is `v1`; subresources have no short names.
+
+        kmock says `/v1` for the core group (kubectl then knows no Secret), and copies short
+        names onto `lumeflows/status`, which makes kubectl warn that `lf` is ambiguous.
+        """
+        reply: Any = await super()._serve_version(request)
+        reply["groupVersion"] = reply["groupVersion"].lstrip("/")  # core is "v1", not "/v1"
+        for entry in reply["resources"]:
+            if "/" in entry["name"]:
+                entry.update(shortNames=[], categories=[], verbs=["get", "patch", "update"])
+                entry.pop("singularName", None)
+        reply["resources"].sort(key=lambda entry: entry["name"])
+        return reply
+
+    @override
+    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
+        assert request.resource is not None and request.name is not None
+        info = self._info(request.resource)
+        async with self._lock:
+            ns = request.namespace if info.namespaced else None
+            obj = self._stored(request.resource, ns, request.name)
+        if obj is None:
+            raise self._not_found(request.resource, request.name)
+        return obj
+
+    @override
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        assert request.resource is not None
+        info = self._info(request.resource)
+        async with self._lock:
+            items = self._select(request)
+            rv = str(self._rv)
+        res = request.resource
+        return {
+            "apiVersion": f"{res.group}/{res.version}" if res.group else res.version,
+            "kind": f"{info.kind}List",
+            "metadata": {"resourceVersion": rv},
+            "items": items,
+        }
+
+    @override
+    def _serve_watch(self, request: rendering.Request) -> rendering.Response:  # type: ignore[override]
+        """A JSON stream: client-go refuses kmock's default application/octet-stream."""
+        assert request.resource is not None
+        self._info(request.resource)
+        headers = {"Content-Type": "application/json"}
+        return rendering.Response(headers=headers, payload=self._watch_events(request))
+
+    async def _watch_events(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
+        """Replay (current objects, or events after the requested resourceVersion), then live."""
+        res = request.resource
+        assert res is not None
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        since = request.params.get("resourceVersion") or "0"
+        initial = request.params.get("sendInitialEvents") == "true"
+        async with self._lock:
+            if since == "0" or initial:
+                replay = [{"type": "ADDED", "object": obj} for obj in self._select(request)]
+            elif self._history and int(since) < self._history[0][0] - 1:
+                replay = [{"type": "ERROR", "object": _gone(since)}]
+            else:
+                replay = [
+                    copy.deepcopy(event)
+                    for rv, r, event in self._history
+                    if r == res and rv > int(since) and self._matches(request, event["object"])
+                ]
+            if initial:
+                replay.append(self._bookmark(res, str(self._rv)))
+            watcher = (request, queue)
+            self._watchers.append(watcher)
+        try:
+            yield b""  # send the headers now, even if no event ever comes
+            for event in replay:
+                yield event
+            if replay and replay[-1]["type"] == "ERROR":
+                return
+            timeout = float(request.params.get("timeoutSeconds") or 0) or None
+            try:
+                async with asyncio.timeout(timeout):
+                    while (event := await queue.get()) is not _END:
+                        yield event
+            except TimeoutError:
+                return
+        finally:
+            async with self._lock:
+                self._watchers.remove(watcher)
+
+    async def close_watches(self) -> None:
+        """End every open watch stream (so the HTTP server can stop without waiting on them)."""
+        async with self._lock:
+            for _, queue in self._watchers:
+                queue.put_nowait(_END)
+
+    def _bookmark(self, res: kmock.resource, rv: str) -> dict[str, Any]:
+        """The end of initial events, for client-go's WatchList (sendInitialEvents=true)."""
+        return {
+            "type": "BOOKMARK",
+            "object": {
+                "kind": self._info(res).kind,
+                "apiVersion": f"{res.group}/{res.version}" if res.group else res.version,
+                "metadata": {
+                    "resourceVersion": rv,
+                    "annotations": {"k8s.io/initial-events-end": "true"},
+                },
+            },
+        }
+
+    def _publish(self, events: list[tuple[kmock.resource, dict[str, Any]]]) -> None:
+        """Record events and hand them to matching watches (call under the lock)."""
+        for res, event in events:
+            rv = int(event["object"]["metadata"]["resourceVersion"])
+            self._history.append((rv, res, event))
+            for request, queue in self._watchers:
+                if request.resource == res and self._matches(request, event["object"]):
+                    queue.put_nowait(copy.deepcopy(event))
+        del self._history[: max(0, len(self._history) - HISTORY_LIMIT)]
+
+    def _select(self, request: rendering.Request) -> list[dict[str, Any]]:
+        assert request.resource is not None
+        found = []
+        for (res, ns, name), obj in self._objects.items():
+            if res != request.resource or obj.deleted:
+                continue
+            raw = obj.raw
+            if self._matches(request, raw):
+                found.append(((ns or "", name), copy.deepcopy(raw)))
+        return [raw for _, raw in sorted(found, key=lambda pair: pair[0])]
+
+    def _matches(self, request: rendering.Request, obj: Mapping[str, Any]) -> bool:
+        meta = obj.get("metadata", {})
+        if request.namespace is not None and meta.get("namespace") != request.namespace:
+            return False
+        if request.name is not None and meta.get("name") != request.name:
+            return False
+        labels = request.params.get("labelSelector")
+        if labels and not _labels_match(meta.get("labels") or {}, labels):
+            return False
+        fields = request.params.get("fieldSelector")
+        return not (fields and not _fields_match(obj, fields))
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _info(self, res: kmock.resource) -> kmock.ResourceInfo:
+        if res not in self.resources:
+            raise _error(
+                404, "NotFound", f"the server could not find the requested resource ({res.plural})"
+            )
+        return self.resources[res]
+
+    def _stored(self, res: kmock.resource, ns: str | None, name: str) -> dict[str, Any] | None:
+        key = (res, ns, name)
+        if key not in self._objects:
+            return None
+        obj = self._objects[key]
+        return None if obj.deleted else obj.raw
+
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def _qualified(self, res: kmock.resource) -> str:
+        return f"{res.plural}.{res.group}" if res.group else str(res.plural)
+
+    def _not_found(self, res: kmock.resource, name: str) -> ApiError:
+        return _error(
+            404,
+            "NotFound",
+            f'{self._qualified(res)} "{name}" not found',
+            name=name,
+            group=res.group,
+            kind=res.plural,
+        )
+
+    def _check_rv(
+        self, res: kmock.resource, name: str, current: Mapping[str, Any], body: Mapping[str, Any]
+    ) -> None:
+        """Optimistic concurrency: a write that names a resourceVersion must name the current one."""
+        wanted = (body.get("metadata") or {}).get("resourceVersion")
+        if wanted and wanted != current["metadata"]["resourceVersion"]:
+            raise _error(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {self._qualified(res)} "{name}": the object '
+                f"has been modified; please apply your changes to the latest version and try again",
+                name=name,
+                kind=res.plural,
+            )
+
+    @staticmethod
+    def _body(request: rendering.Request, *, required: bool = True) -> Any:
+        ctype = request.headers.get("Content-Type", "")
+        if "protobuf" in ctype or "cbor" in ctype:  # client-go then retries as JSON
+            raise _error(415, "UnsupportedMediaType", f"the body type {ctype!r} is not supported")
+        text = request.body.decode() if request.body else ""
+        if not text.strip():
+            if required:
+                raise _error(400, "BadRequest", "the request body is empty")
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            try:
+                return yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise _error(400, "BadRequest", f"cannot decode the body: {e}") from None
+
+    @staticmethod
+    def _apply_patch(current: Mapping[str, Any], patch: Any, ctype: str) -> Any:
+        try:
+            if ctype == "application/json-patch+json":
+                return jsonpatch.apply_patch(copy.deepcopy(dict(current)), patch)
+            if ctype in ("application/merge-patch+json", "application/apply-patch+yaml"):
+                return merge_patch(current, patch)
+            if ctype == "application/strategic-merge-patch+json":
+                return strategic_merge_patch(current, patch)
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
+            raise _error(422, "Invalid", f"the JSON patch cannot be applied: {e}") from None
+        raise _error(415, "UnsupportedMediaType", f"the patch type {ctype!r} is not supported")
+
+
+class EmulatorServer:
+    """`LumeKubernetesEmulator` served over HTTP on 127.0.0.1 from a background thread.
+
+    Why a thread: tests call blocking things (the kubectl binary, a kopf operator in another
+    thread, `time.sleep` polls); an emulator on the test's own event loop would freeze then.
+    """
+
+    def __init__(self, emulator: LumeKubernetesEmulator | None = None) -> None:
+        self._factory = (lambda: emulator) if emulator is not None else LumeKubernetesEmulator
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._stopping: asyncio.Event | None = None
+        self._failure: BaseException | None = None
+        self.emulator: LumeKubernetesEmulator
+        self.url = ""
+
+    def __enter__(self) -> EmulatorServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="k8s-emulator", daemon=True)
+        self._thread.start()
+        if not self._started.wait(30) or self._failure is not None:
+            raise RuntimeError(f"the Kubernetes emulator did not start: {self._failure!r}")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopping is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _main(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as e:  # reported to start(); the thread must not die silently
+            self._failure = e
+            self._started.set()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _serve(self) -> None:
+        self._stopping = asyncio.Event()
+        self.emulator = self._factory()
+        async with self.emulator, kmock.Server(self.emulator) as server:
+            self.url = str(server.url).rstrip("/")
+            self._started.set()
+            await self._stopping.wait()
+            # Close live watch streams first, or the server waits for them on shutdown.
+            await self.emulator.close_watches()
+
+    def call(self, fn: Callable[[], Awaitable[T]], timeout: float = 30) -> T:
+        """Run a coroutine function on the emulator's loop (to mutate state safely) and wait."""
+        assert self._loop is not None
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(fn(), self._loop)
+        return future.result(timeout)
+
+    def patch_status(
+        self, resource: str, namespace: str | None, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Merge into an object's status as a controller would (emits MODIFIED to watchers).
+
+        For what the emulator has no controller for: a Deployment's readyReplicas, a Job's
+        completion, a Pod's phase.
+        """
+        emulator = self.emulator
+        res = kmock.resource(resource)
+
+        async def patch() -> dict[str, Any]:
+            async with emulator._lock:
+                current = emulator._stored(res, namespace, name)
+                if current is None:
+                    raise emulator._not_found(res, name)
+                events: list[tuple[kmock.resource, dict[str, Any]]] = []
+                desired = merge_patch(current, {"status": dict(status)})
+                new = emulator._update(res, namespace, current, desired, "status", events)
+                emulator._publish(events)
+                return copy.deepcopy(new)
+
+        return self.call(patch)
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10, interval: float = 0.05) -> T:
+    """Poll until `predicate()` is truthy and return it; fail with the last value on timeout.
+
+    Why polling: an operator reacts asynchronously, and a fixed sleep is either flaky or slow.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s; last value: {value!r}")
+        time.sleep(interval)
