@@ -22,7 +22,6 @@ import kopf
 from lume_operator import GROUP
 from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.flow import LumeFlow
-from lume_operator.api.flowofflows import FlowOfFlows
 from lume_operator.api.manifests import parse_resource
 from lume_operator.backends import get_backend
 from lume_operator.backends.agent import agent_name, agent_objects
@@ -195,11 +194,13 @@ async def backend_reconcile(
 
     extra = {"observedGeneration": generation, "workPoolName": pool}
     pool_id = await _guarded(patch, status, retry, ensure, extra)
+    failpoints.hit("backend-pool-ensured")
     prefect = backend.spec.prefect
     api_url = (prefect.api_url if prefect else None) or default_api_url()
     for obj in agent_objects(backend, api_url):
         kopf.adopt(obj, owner=body)
         await kube().apply(obj)
+    failpoints.hit("backend-agent-applied")
     ready = await kube().ready_replicas(backend.metadata.namespace, agent_name(backend)) or 0
     wanted = backend.spec.agent.replicas if backend.spec.agent else 1
     agent_ok = ready >= wanted
@@ -326,6 +327,11 @@ def find_backend(index: kopf.Index, namespace: str, name: str) -> SchedulingBack
     return backend
 
 
+def _is_whole_number(text: str) -> bool:
+    """0, 1, 2, ... in ASCII digits: str.isdigit() alone also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def wanted_run(flow: LumeFlow, status: dict[str, Any]) -> int | None:
     """The run index to create now, or None: OnChange once per generation, OnRequest per
     new value of the `lume.dev/run-request` annotation (an integer users increase)."""
@@ -340,7 +346,7 @@ def wanted_run(flow: LumeFlow, status: dict[str, Any]) -> int | None:
         request = flow.metadata.annotations.get(RUN_REQUEST)
         if request is None:
             return None
-        index = int(request) if request.isdigit() else None
+        index = int(request) if _is_whole_number(request) else None
         if index is None or (last.get("index") == index and last.get("generation") == generation):
             return None
         return index
@@ -362,7 +368,7 @@ async def flow_reconcile(
     flow, invalid = parse(body)
     if not invalid and flow.spec.run and flow.spec.run.policy == "OnRequest":
         request = flow.metadata.annotations.get(RUN_REQUEST)
-        if request is not None and not request.isdigit():
+        if request is not None and not _is_whole_number(request):
             invalid = f"metadata.annotations.{RUN_REQUEST}: {request!r} is not a whole number"
     if invalid:
         _status_patch(
@@ -384,6 +390,7 @@ async def flow_reconcile(
         )
         async with gateway_for(backend) as gateway:
             deployment_id = await gateway.ensure_deployment(made.spec)
+            failpoints.hit("flow-deployment-ensured")
             index = wanted_run(flow, status)
             flow_run = None
             if index is not None:
@@ -483,6 +490,7 @@ async def flow_follow(
                         ),
                     )
                 return
+            failpoints.hit("flow-follow-final")
             if state_type == "COMPLETED":
                 try:
                     value = await gateway.result_of(flow_run)
@@ -543,39 +551,6 @@ async def flow_delete(body: kopf.Body, retry: int, backend_index: kopf.Index, **
         ) from None
 
 
-# ---- FlowOfFlows: validated here; run by the flow-of-flows parent flow (see README) ----------
-
-
-@kopf.on.resume(GROUP, VERSION, COMPOSITIONS, backoff=ERROR_BACKOFF)
-@kopf.on.create(GROUP, VERSION, COMPOSITIONS, backoff=ERROR_BACKOFF)
-@kopf.on.update(GROUP, VERSION, COMPOSITIONS, backoff=ERROR_BACKOFF)
-async def composition_reconcile(
-    body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, **_: Any
-) -> None:
-    generation = body.metadata.get("generation")
-    fof, invalid = parse(body)
-    if invalid:
-        _status_patch(
-            patch,
-            status,
-            {"phase": "Failed", "observedGeneration": generation},
-            conditions.stalled("InvalidSpec", invalid),
-        )
-        kopf.event(body, type="Warning", reason="InvalidSpec", message=invalid)
-        return
-    assert isinstance(fof, FlowOfFlows)
-    _status_patch(
-        patch,
-        status,
-        {"phase": "Pending", "observedGeneration": generation},
-        conditions.stalled(
-            "NotImplemented",
-            "running a FlowOfFlows in the cluster is not implemented yet; "
-            "run it with `lume-operator run`",
-        ),
-    )
-
-
 def configure(settings: kopf.OperatorSettings) -> None:
     """Our finalizer and annotation names, quiet event posting, fast reconnects."""
     settings.persistence.finalizer = f"{GROUP}/finalizer"
@@ -598,3 +573,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure(settings)
+
+
+# The FlowOfFlows handlers live beside these and share their helpers; importing them here
+# registers them wherever this module is loaded (`kopf run -m lume_operator.handlers.operator`).
+from lume_operator.handlers import composition as _composition  # noqa: E402, F401

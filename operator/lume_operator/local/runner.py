@@ -35,6 +35,7 @@ from lume_operator.local.checks import (
     locate,
     parameter_schema,
 )
+from lume_operator.reconcile.composition import StepObservation, observe_composition
 from lume_operator.reconcile.deploy import flow_deployment, job_variables
 from lume_operator.reconcile.flowrun import (
     ResultError,
@@ -552,71 +553,42 @@ class _CompositionWatch(_Watch):
         self, runner: LocalRunner, composition: PlannedComposition, flow_run_id: Any
     ) -> None:
         self.runner, self.composition, self.flow_run_id = runner, composition, flow_run_id
-        self.last_state: dict[str, str] = {}
-        self.finished: set[str] = set()
-        self.step_errors: dict[str, str] = {}
+        self.said: dict[str, str] = {}
+        self.steps: dict[str, StepObservation] = {}
 
-    def _say_state(self, who: str, run: Any) -> None:
-        if run.state and self.last_state.get(who) != run.state.name:
-            self.last_state[who] = run.state.name
-            style = {"COMPLETED": "green", "FAILED": "red", "CRASHED": "red"}.get(
-                run.state.type.value, ""
-            )
-            self.runner.say(who, f"flow run {run.name!r} is {run.state.name}", style)
+    def _say(self, who: str, text: str, style: str = "") -> None:
+        if self.said.get(who) != text:
+            self.said[who] = text
+            self.runner.say(who, text, style)
 
     async def poll(self, gateway: Any) -> bool:
-        from lume_operator.flows.composition import OUTCOME_DESCRIPTION, step_of
-
         composition = self.composition
         fof = composition.fof
-        parent = await gateway.read_flow_run(self.flow_run_id)
-        self._say_state(fof.key, parent)
+        flows = {name: item.flow for name, item in composition.steps.items()}
+        seen = await observe_composition(gateway, self.flow_run_id, flows, self.steps)
+        self.steps = seen.steps
+        parent = seen.parent
+        if parent.state:
+            self._say(fof.key, f"flow run {parent.name!r} is {parent.state.name}")
         composition.status.run = run_status(parent, 0, gateway.ui_url(parent.id))
-        for child in await gateway.child_runs(parent.id):
-            name = step_of(child.tags)
-            if name is None or name not in composition.steps:
-                continue
-            step = composition.step_status(name)
+        for name, step in seen.steps.items():
             who = f"{fof.key}/{name}"
-            self._say_state(who, child)
-            step.run = run_status(child, 0, gateway.ui_url(child.id))
-            state_type = child.state.type.value if child.state else None
-            step.phase = "Running"
-            if state_type in FINAL_STATES and name not in self.finished:
-                self.finished.add(name)
-                item = composition.steps[name]
-                error = await self.runner.finish_flow(gateway, who, item.flow, child, step)
-                if error:
-                    self.step_errors[name] = error
-            if name in self.finished:
-                step.phase = "Failed" if name in self.step_errors else "Completed"
-        if not (parent.state and parent.state.type.value in FINAL_STATES):
+            if step.run and step.run.state:
+                style = {"Completed": "green", "Failed": "red"}.get(step.phase, "")
+                self._say(who, f"flow run {step.run.name!r} is {step.run.state}", style)
+            if step.phase == "Skipped":
+                self._say(who, step.note or "skipped", "yellow")
+            elif step.error and not step.run:
+                self._say(who, step.error, "red")
+            status = composition.step_status(name)
+            status.phase, status.run, status.results = step.phase, step.run, step.results
+        if not seen.final:
             return False
-        rows = await gateway.table_artifact(parent.id, OUTCOME_DESCRIPTION) or []
-        outcome = {row.get("step"): row for row in rows}
-        for step in composition.status.steps or []:
-            if step.name in self.finished:
-                continue
-            row = outcome.get(step.name, {})
-            if row.get("state") == "SKIPPED":
-                step.phase = "Skipped"
-                self.runner.say(f"{fof.key}/{step.name}", row.get("message") or "skipped", "yellow")
-            else:
-                step.phase = "Failed"
-                message = row.get("message") or "the composition ended before this step ran"
-                self.step_errors[step.name] = message
-                self.runner.say(f"{fof.key}/{step.name}", message, "red")
-        parent_type = parent.state.type.value
-        composition.status.phase = phase_of(parent_type)
-        if parent_type == "COMPLETED" and self.step_errors:
-            composition.status.phase = "Failed"
-        if composition.status.phase == "Completed":
+        composition.status.phase = seen.phase
+        if seen.phase == "Completed":
             composition.status.conditions = [_ready(True, "FlowRunCompleted", "")]
         else:
-            failed = "; ".join(
-                f"step {name!r}: {error}" for name, error in self.step_errors.items()
-            )
-            composition.error = failed or parent.state.message or f"ended {parent.state.name}"
+            composition.error = seen.message or f"ended {parent.state.name}"
             composition.status.conditions = [_ready(False, "StepFailed", composition.error)]
         return True
 
