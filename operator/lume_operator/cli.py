@@ -180,12 +180,25 @@ def graph(paths: tuple[str, ...], output: Path | None) -> None:
     show_default=True,
     help="Directory to write the CRD YAML files into.",
 )
-def crds(output: Path) -> None:
+@click.option(
+    "--chart",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Also copy them into this Helm chart's crds/. Default: charts/lume-operator when "
+    "it exists here.",
+)
+def crds(output: Path, chart: Path | None) -> None:
     """Generate the CustomResourceDefinitions from the API models."""
-    from lume_operator.api.crds import write_all
+    from lume_operator.api.crds import write_all, write_chart_crds
 
     for path in write_all(output):
         click.echo(str(path))
+    default_chart = Path("charts/lume-operator")
+    if chart is None and (default_chart / "Chart.yaml").exists():
+        chart = default_chart
+    if chart is not None:
+        for path in write_chart_crds(chart):
+            click.echo(str(path))
 
 
 @main.command("operator")

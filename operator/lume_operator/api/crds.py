@@ -216,3 +216,32 @@ def write_all(output: Path) -> list[Path]:
             path.write_text(text)
         written.append(path)
     return written
+
+
+CHART_CRD_HEADER = (
+    "# Copied from crds/ by `write_chart_crds` (lume_operator.api.crds); do not edit.\n"
+    "# Helm installs this directory before the templates and never upgrades or deletes it:\n"
+    "# upgrade CRDs with `kubectl apply --server-side -f charts/lume-operator/crds/`.\n"
+)
+
+
+def write_chart_crds(chart_dir: Path) -> list[Path]:
+    """Write the CRDs into `<chart_dir>/crds/`, so `helm install` installs them first.
+
+    The same text as `crds/` under a header, so one drift test covers both copies. Stale
+    `lume.dev_*` files (a kind renamed or removed) are deleted; other CRDs the chart ships
+    (kopf's peering) are left alone.
+    """
+    output = chart_dir / "crds"
+    output.mkdir(parents=True, exist_ok=True)
+    rendered = {name: CHART_CRD_HEADER + text for name, text in render_all().items()}
+    for stale in output.glob(f"{GROUP}_*.yaml"):
+        if stale.name not in rendered:
+            stale.unlink()
+    written = []
+    for filename, text in rendered.items():
+        path = output / filename
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+        written.append(path)
+    return written
