@@ -164,6 +164,25 @@ def test_the_original_format_runs_as_it_is(prefect_home, tmp_path, project):
     assert Path(report).read_text() == "110\n"
 
 
+@pytest.mark.prefect
+def test_a_db_mapping_reads_the_parents_stored_document(prefect_home, tmp_path, project):
+    result, status = run_files(
+        tmp_path,
+        project / "backend.yaml",
+        project / "flows.yaml",
+        project / "record.yaml",
+        project / "db.yaml",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = {step["name"]: step for step in status[("FlowOfFlows", "via-db")]["steps"]}
+    [summary] = steps["t"]["results"]
+    assert summary["name"] == "summary"
+    assert summary["type"] == "DBResult" and "results.sqlite#" in summary["location"]
+    # The store beside the run's results holds the document; the child got stats.total.
+    assert (tmp_path / "results" / "results.sqlite").exists()
+    assert Path(steps["r"]["results"][0]["location"]).read_text() == "70\n"
+
+
 def test_the_original_format_validates_and_graphs(project):
     result = run_cli(
         "validate",

@@ -120,12 +120,10 @@ def test_unknown_flow_ref(tmp_path):
     ]
 
 
-def test_db_mapping_is_not_supported_yet(tmp_path):
-    [problem] = problems(
-        tmp_path, GOOD.replace("parentFlow: make,", "parentFlow: make, mapType: db,")
-    )
-    assert problem.startswith(
-        "spec.steps[1].mappedParameters.values.mapType: mapType 'db' is not supported yet"
+def test_db_mapping_is_valid(tmp_path):
+    assert (
+        problems(tmp_path, GOOD.replace("parentFlow: make,", "parentFlow: make, mapType: db,"))
+        == []
     )
 
 

@@ -153,6 +153,8 @@ class _Composition:
         where = f"step {step!r}, parameter {param!r}"
         parent, task = mapping["parent"], mapping.get("task")
         output = await self._output(client, parent, task, where)
+        if mapping["type"] == "db":
+            return self._db_value(output, mapping.get("index"), parent, where)
         value = index_into(output, mapping.get("index"), where)
         if mapping["type"] == "file" and not _is_description(value):
             raise MappingError(
@@ -160,6 +162,26 @@ class _Composition:
                 f"({', '.join(DESCRIPTION_KEYS)}) from step {parent!r}, got {type(value).__name__}"
             )
         return value
+
+    def _db_value(self, output: Any, index: list[Any] | None, parent: str, where: str) -> Any:
+        """The parent's DB result document (its location is in the output), indexed into its
+        outputs by `index`."""
+        from lume_operator.results.db_tasks import store_for_location
+        from lume_operator.results.store import ResultStoreError, find_db_locations, resolve
+
+        found = find_db_locations(output)
+        if len(found) != 1:
+            what = "no DB result location" if not found else f"{len(found)} DB result locations"
+            raise MappingError(
+                f"{where}: mapType db needs one DB result location in the output of step "
+                f"{parent!r}; it has {what}"
+            )
+        location = found[0][1]
+        try:
+            document = store_for_location(location).get(location["id"])
+            return resolve(document, index)
+        except ResultStoreError as error:
+            raise MappingError(f"{where}: {error}") from None
 
     async def _output(self, client: Any, parent: str, task: str | None, where: str) -> Any:
         """The parent's return value, or the last completed run of one of its tasks."""

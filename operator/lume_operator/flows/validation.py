@@ -64,14 +64,6 @@ def composition_problems(
                 )
             elif mapping.parent_flow == step.name:
                 problems.append((f"{where}.parentFlow", "a step cannot map its own output"))
-            if mapping.map_type == "db":
-                problems.append(
-                    (
-                        f"{where}.mapType",
-                        "mapType 'db' is not supported yet: the database result store has not "
-                        "landed (use raw or file)",
-                    )
-                )
             if param in (step.parameters or {}):
                 problems.append(
                     (

@@ -6,6 +6,7 @@ a Prefect process worker in this process standing in for the in-cluster agent.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterable
@@ -44,6 +45,7 @@ from lume_operator.reconcile.flowrun import (
     result_statuses,
     run_status,
 )
+from lume_operator.results.store import STORE_URL_ENV
 
 # Overlapping polls per worker; each may be starting a run's process.
 MAX_POLLS_IN_FLIGHT = 8
@@ -247,6 +249,11 @@ class LocalRunner:
         self.poll_interval = poll_interval
         self._pools_ready: set[str] = set()
         self._deployed: dict[str, _Deployed] = {}
+        # DB results of local runs: a SQLite file beside the file results, unless configured.
+        self.store_env = {
+            STORE_URL_ENV: os.environ.get(STORE_URL_ENV)
+            or f"sqlite:///{self.results_root / 'results.sqlite'}"
+        }
         self.queues: dict[str, set[str]] = {}
 
     def say(self, who: str, text: str, style: str = "") -> None:
@@ -363,7 +370,9 @@ class LocalRunner:
                 flow.metadata.uid or local_uid, flow.metadata.generation, 0
             ),
             tags=tags(flow, item.backend),
-            job_variables={"env": {**deployed.env, "LUME_RESULTS_DIR": str(run_dir)}},
+            job_variables={
+                "env": {**deployed.env, **self.store_env, "LUME_RESULTS_DIR": str(run_dir)}
+            },
         )
         item.status.phase = "Running"
         item.status.last_run = run_status(flow_run, 0, gateway.ui_url(flow_run.id))
@@ -383,7 +392,7 @@ class LocalRunner:
         step_variables: dict[str, dict[str, Any]] = {}
         for step in fof.spec.steps:
             deployed = await self._deploy(gateway, composition.steps[step.name])
-            env = {**deployed.env, "LUME_RESULTS_DIR": str(run_dir / step.name)}
+            env = {**deployed.env, **self.store_env, "LUME_RESULTS_DIR": str(run_dir / step.name)}
             if step.name in persist_tasks:  # a child maps one of its tasks' results
                 env["PREFECT_TASKS_DEFAULT_PERSIST_RESULT"] = "true"
             step_variables[step.name] = {"env": env}
@@ -391,6 +400,7 @@ class LocalRunner:
         flows = {name: item.flow for name, item in composition.steps.items()}
         steps = plan_steps(fof, flows, uid, job_variables=step_variables)
         variables = job_variables(backend, None, "process", [])
+        variables["env"].update(self.store_env)  # the parent reads `db` mappings from it
         queue = fof.spec.labels[0] if fof.spec.labels else "default"
         pool = await self._ensure_pool(gateway, backend, queue)
         composition_tags = [

@@ -108,12 +108,14 @@ def result_statuses(
         find_file_descriptions,
         load_file,
     )
+    from lume_operator.results.store import find_db_locations, is_db_location
 
     if declared:
         found = [_Found(spec.name, _lookup(return_value, spec.name)) for spec in declared]
         expected = {spec.name: spec.type for spec in declared}
     else:
         found = [_Found(name, desc) for name, desc in find_file_descriptions(return_value)]
+        found += [_Found(name, loc) for name, loc in find_db_locations(return_value)]
         expected = {}
     statuses = []
     for item in found:
@@ -139,6 +141,18 @@ def result_statuses(
                     type=file.file_type_string,
                     filesystem=file.filesystem_identifier,
                     location=file.filename,
+                )
+            )
+        elif is_db_location(item.value):
+            if expected.get(item.name) and expected[item.name] != "DBResult":
+                raise ResultError(
+                    f"result {item.name!r} is a DBResult, not the declared {expected[item.name]}"
+                )
+            statuses.append(
+                ResultStatus(
+                    name=item.name,
+                    type="DBResult",
+                    location=f"{item.value['store']}#{item.value['id']}",
                 )
             )
         else:

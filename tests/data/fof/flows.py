@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, task
 
+from lume_operator.results.db_tasks import save_db_result
 from lume_operator.results.files import TextFile, result_path
 
 
@@ -32,3 +33,9 @@ def record(value: int) -> dict:
     """Writes what it was given, so a test can see the mapped value arrived."""
     report = TextFile(filename=result_path("value.txt")).write(f"{value}\n")
     return {"report": report.description()}
+
+
+@flow(name="tally")
+def tally(value: int) -> dict:
+    """Keeps its summary as a document in the result store; returns only where it is."""
+    return {"summary": save_db_result({"stats": {"total": value * 10, "items": [value]}})}
