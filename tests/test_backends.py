@@ -140,3 +140,47 @@ def test_unknown_backend_type():
         match=r"unknown backend type 'slurm' \(expected one of process, docker, kubernetes\)",
     ):
         get_backend("slurm")
+
+
+def test_result_store_url_reaches_jobs_and_workers_only_by_secret():
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    from lume_operator.api.backend import SchedulingBackend
+    from lume_operator.api.flow import LumeFlow
+    from lume_operator.backends.agent import agent_objects
+    from lume_operator.reconcile.deploy import flow_deployment
+
+    backend = SchedulingBackend.model_validate(
+        {
+            "metadata": {"name": "k8s", "namespace": "science"},
+            "spec": {"type": "kubernetes", "resultStore": {"secretName": "results-db"}},
+        }
+    )
+    flow = LumeFlow.model_validate(
+        {
+            "metadata": {"name": "f", "namespace": "science"},
+            "spec": {"backendRef": {"name": "k8s"}, "entrypoint": "flows/f.py:f"},
+        }
+    )
+    variables = flow_deployment(flow, backend).spec.job_variables
+    assert variables["env_from"] == [{"secretRef": {"name": "results-db"}}]
+    assert "LUME_RESULT_STORE_URL" not in json.dumps(variables)
+    template = get_backend("kubernetes").base_job_template()
+    config = asyncio.run(
+        KubernetesWorkerJobConfiguration.from_template_and_values(template, variables)
+    )
+    container = config.job_manifest["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "results-db"}}]
+    deployment = next(o for o in agent_objects(backend, None) if o["kind"] == "Deployment")
+    worker = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert worker["envFrom"] == [{"secretRef": {"name": "results-db"}}]
+    # Without a result store, a Job takes nothing from Secrets.
+    plain = SchedulingBackend.model_validate(
+        {"metadata": {"name": "k8s", "namespace": "science"}, "spec": {"type": "kubernetes"}}
+    )
+    empty = asyncio.run(
+        KubernetesWorkerJobConfiguration.from_template_and_values(
+            template, flow_deployment(flow, plain).spec.job_variables
+        )
+    )
+    assert empty.job_manifest["spec"]["template"]["spec"]["containers"][0]["envFrom"] == []

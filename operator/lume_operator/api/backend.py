@@ -8,6 +8,7 @@ from pydantic import Field
 
 from lume_operator.api.common import (
     DNS_LABEL_PATTERN,
+    DNS_SUBDOMAIN_PATTERN,
     Condition,
     Model,
     Quantity,
@@ -79,6 +80,17 @@ class Agent(Model):
     )
 
 
+class ResultStoreConfig(Model):
+    """Where DB results go: the store's URL, with its credentials, only from a Secret."""
+
+    secret_name: str = Field(
+        description="Secret in the backend's namespace whose key LUME_RESULT_STORE_URL holds the "
+        "store URL (e.g. postgresql+psycopg://user:pass@host/db); given to the workers and to "
+        "kubernetes flow-run Jobs as environment.",
+        pattern=DNS_SUBDOMAIN_PATTERN,
+    )
+
+
 class SchedulingBackendSpec(Model):
     """Where flows run: the backend type, its Prefect work pool and agent, and run defaults."""
 
@@ -103,6 +115,11 @@ class SchedulingBackendSpec(Model):
     agent: Agent | None = Field(default=None, description="The in-cluster Prefect workers.")
     run_config: RunConfig | None = Field(
         default=None, description="Defaults for every flow run on this backend."
+    )
+    result_store: ResultStoreConfig | None = Field(
+        default=None,
+        description="The DB result store of flows on this backend. Default: a SQLite file in each "
+        "run's results directory.",
     )
 
 

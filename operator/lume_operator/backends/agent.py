@@ -180,6 +180,9 @@ def agent_objects(backend: SchedulingBackend, api_url: str | None) -> list[dict[
         "securityContext": RESTRICTED_CONTAINER,
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
+    if backend.spec.result_store:
+        # Process workers hand their environment to the flows they start.
+        container["envFrom"] = [{"secretRef": {"name": backend.spec.result_store.secret_name}}]
     if agent and agent.image_pull_policy:
         container["imagePullPolicy"] = agent.image_pull_policy
     objects.append(

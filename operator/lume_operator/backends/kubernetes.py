@@ -33,6 +33,13 @@ _EXTRA_VARIABLES: dict[str, Any] = {
         "items": {"type": "object"},
         "default": [],
     },
+    "env_from": {
+        "title": "Environment From",
+        "description": "Secrets whose keys become environment variables, as [{secretRef: {name: ...}}].",
+        "type": "array",
+        "items": {"type": "object"},
+        "default": [],
+    },
     "working_dir": {
         "title": "Working Directory",
         "description": "Working directory of the flow-run container. Default: the image's.",
@@ -130,5 +137,6 @@ class KubernetesBackend(Backend):
         container = pod["containers"][0]
         container["securityContext"] = dict(CONTAINER_SECURITY_CONTEXT)
         container["volumeMounts"] = "{{ volume_mounts }}"
+        container["envFrom"] = "{{ env_from }}"
         container["workingDir"] = "{{ working_dir }}"
         return template

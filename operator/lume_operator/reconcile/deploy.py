@@ -68,6 +68,8 @@ def flow_deployment(
     source = flow.spec.source
     if source and source.image and kind in ("kubernetes", "docker"):
         variables["image"] = source.image
+    if backend.spec.result_store and kind == "kubernetes":
+        variables["env_from"] = [{"secretRef": {"name": backend.spec.result_store.secret_name}}]
     if working_dir and kind == "process" and not working_dir.startswith("/"):
         # A process worker runs each flow in a fresh temporary directory; a relative path
         # means the worker's own directory (a container's workdir), so it goes to the
