@@ -48,9 +48,14 @@ _EXTRA_VARIABLES: dict[str, Any] = {
     },
 }
 
-# Pod Security Standard "restricted": the image must run as a non-root user.
+# Pod Security Standard "restricted". A uid is set because the stock Prefect images run as root
+# (runAsNonRoot alone would refuse to start them); images with their own non-root USER may
+# override it through a custom work pool template.
 POD_SECURITY_CONTEXT: dict[str, Any] = {
     "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
@@ -116,8 +121,8 @@ class KubernetesBackend(Backend):
             value = getattr(config, name)
             if value is not None:
                 variables[name] = value
-        if config.env:
-            variables["env"] = dict(config.env)
+        # Writable places for a uid without a home directory; the run config's env wins.
+        variables["env"] = {"HOME": "/tmp", "PREFECT_HOME": "/tmp/prefect", **config.env}
         if config.labels:
             variables["labels"] = dict(config.labels)
         if config.image_pull_secrets:
