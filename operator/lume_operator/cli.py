@@ -246,5 +246,10 @@ def operator_command(
     )
 
 
+from lume_operator.results.cli import results_group  # noqa: E402
+
+main.add_command(results_group)
+
+
 if __name__ == "__main__":
     main()

@@ -23,6 +23,8 @@ from prefect.deployments.flow_runs import arun_deployment
 FLOW_NAME = "FlowOfFlows"
 ENTRYPOINT = f"{__name__}:run_flow_of_flows"
 STEP_TAG = "lume.dev/step="
+# How long task runs of a finished step may take to show up (they are reported as events).
+TASK_RUNS_GRACE = 15.0
 OUTCOME_DESCRIPTION = "lume-operator: how each step of the FlowOfFlows ended"
 DESCRIPTION_KEYS = ("filename", "filesystem_identifier", "file_type_string")
 
@@ -204,20 +206,30 @@ class _Composition:
     async def _task_state(
         self, client: Any, flow_run: Any, parent: str, task: str, where: str
     ) -> Any:
-        task_runs = await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
-        )
-        named = [run for run in task_runs if run.name == task or run.name.rsplit("-", 1)[0] == task]
+        """The state of the task's last completed run in the parent step's flow run.
+
+        Task runs reach the server as events, after their flow run may already show
+        Completed: an absent task is looked for again for a while before it counts as unknown.
+        """
+        deadline = anyio.current_time() + TASK_RUNS_GRACE
+        while True:
+            task_runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+            )
+            named = [r for r in task_runs if r.name == task or r.name.rsplit("-", 1)[0] == task]
+            completed = [r for r in named if r.state and r.state.is_completed()]
+            if completed:
+                return max(completed, key=lambda r: r.end_time or r.expected_start_time).state
+            if anyio.current_time() >= deadline:
+                break
+            await anyio.sleep(1.0)
         if not named:
             seen = sorted({run.name.rsplit("-", 1)[0] for run in task_runs})
             raise MappingError(
                 f"{where}: parentTask {task!r}: flow run of step {parent!r} ran no task of "
                 f"that name (its tasks: {', '.join(seen) or 'none'})"
             )
-        completed = [run for run in named if run.state and run.state.is_completed()]
-        if not completed:
-            raise MappingError(f"{where}: parentTask {task!r} of step {parent!r} did not complete")
-        return max(completed, key=lambda run: run.end_time or run.expected_start_time).state
+        raise MappingError(f"{where}: parentTask {task!r} of step {parent!r} did not complete")
 
 
 @flow(name=FLOW_NAME, persist_result=True)

@@ -455,7 +455,10 @@ async def flow_follow(
         return
     last = status.get("lastRun") or {}
     schedule = bool(flow.spec.run and flow.spec.run.policy == "Schedule")
-    if not schedule and (not last.get("id") or last.get("stateType") in FINAL_STATES):
+    # A run can already be final when its creation is recorded (it ended while the operator was
+    # down): it is done only once its phase (and results) are written too.
+    done = last.get("stateType") in FINAL_STATES and status.get("phase") in ("Completed", "Failed")
+    if not schedule and (not last.get("id") or done):
         return
     try:
         backend = find_backend(backend_index, flow.metadata.namespace, flow.spec.backend_ref.name)
@@ -480,7 +483,8 @@ async def flow_follow(
             state_type = reference.state_type
             values: dict[str, Any] = {"lastRun": reference.to_wire(), "phase": phase_of(state_type)}
             if state_type not in FINAL_STATES:
-                if last.get("state") != reference.state:
+                # Also after an outage: Prefect answers again, so `Ready` stops saying it is not.
+                if last.get("state") != reference.state or _reason(status) == "PrefectUnreachable":
                     _status_patch(
                         patch,
                         status,
@@ -572,7 +576,9 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _kube
     configure(settings)
+    _kube = None  # configured afresh for this operator run (its kubeconfig may be another)
 
 
 # The FlowOfFlows handlers live beside these and share their helpers; importing them here

@@ -1,0 +1,712 @@
+"""`lume-operator results list|show|get`: the results a LumeFlow or FlowOfFlows recorded.
+
+Status records only where results are (a file's name on a filesystem, a DB document's store and
+id), so that it stays small; these commands read that status, from a local run's status file or
+from a resource in a cluster, and fetch the content for the user, who then needs neither Prefect
+nor kubectl nor SQL to get a result back. Every failure is one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+API_GROUP = "lume.dev"
+API_VERSION = "v1alpha1"
+KIND_ALIASES = {
+    "lf": "LumeFlow",
+    "lumeflow": "LumeFlow",
+    "lumeflows": "LumeFlow",
+    "fof": "FlowOfFlows",
+    "flowofflow": "FlowOfFlows",
+    "flowofflows": "FlowOfFlows",
+}
+PLURALS = {"LumeFlow": "lumeflows", "FlowOfFlows": "flowofflows"}
+DEFAULT_STATUS_FILE = Path("lume-results/status.yaml")
+RUN_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+# The file types whose content `get` checks by loading it; others are only copied.
+CHECKED_TYPES = ("HDF5File", "TextFile")
+
+
+class ResultsCLIError(Exception):
+    """A failure the user can act on: printed as one line, exit status 1."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """One entry of status.results (or of a step's), as the status records it."""
+
+    name: str
+    type: str
+    location: str
+    filesystem: str | None = None
+    step: str | None = None
+
+    @property
+    def key(self) -> str:
+        """How a user names it: `NAME`, or `STEP/NAME` in a FlowOfFlows."""
+        return f"{self.step}/{self.name}" if self.step else self.name
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"step": self.step} if self.step else {}
+        data.update(name=self.name, type=self.type)
+        if self.filesystem:
+            data["filesystem"] = self.filesystem
+        data["location"] = self.location
+        return data
+
+
+@dataclass(frozen=True)
+class Target:
+    """The resource (or one step of it) whose results were asked for."""
+
+    kind: str
+    namespace: str | None
+    name: str
+    results: list[Result]
+    step: str | None = None
+
+    @property
+    def label(self) -> str:
+        where = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        return f"{self.kind} {where}" + (f" step {self.step}" if self.step else "")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where status is read: a status file, or a cluster through a kubeconfig."""
+
+    status_file: Path | None
+    kubeconfig: str | None
+    context: str | None
+    namespace: str | None
+
+    @property
+    def in_cluster(self) -> bool:
+        return self.status_file is None
+
+
+# --- finding the target -------------------------------------------------------------------------
+
+
+def parse_target(text: str) -> tuple[str | None, str]:
+    """(kind, name) for `lf/NAME` and the like; (None, id) for a flow run id."""
+    if RUN_ID.match(text):
+        return None, text.lower()
+    kind, slash, name = text.partition("/")
+    if slash and name and "/" not in name and kind.lower() in KIND_ALIASES:
+        return KIND_ALIASES[kind.lower()], name
+    raise ResultsCLIError(
+        f"unknown target {text!r}: give lf/NAME, lumeflow/NAME, fof/NAME, flowofflows/NAME "
+        "or a flow run id (a UUID)"
+    )
+
+
+def _results(entries: Iterable[dict[str, Any]] | None, step: str | None = None) -> list[Result]:
+    return [
+        Result(
+            name=str(entry.get("name", "")),
+            type=str(entry.get("type", "")),
+            location=str(entry.get("location", "")),
+            filesystem=entry.get("filesystem"),
+            step=step,
+        )
+        for entry in entries or []
+    ]
+
+
+def _namespace(document: dict[str, Any]) -> str | None:
+    return (document.get("metadata") or {}).get("namespace")
+
+
+def _name(document: dict[str, Any]) -> str:
+    return str((document.get("metadata") or {}).get("name", ""))
+
+
+def _status(document: dict[str, Any]) -> dict[str, Any]:
+    return document.get("status") or {}
+
+
+def _whole(document: dict[str, Any]) -> Target:
+    kind, status = document.get("kind", ""), _status(document)
+    if kind == "FlowOfFlows":
+        results = [
+            result
+            for step in status.get("steps") or []
+            for result in _results(step.get("results"), step.get("name"))
+        ]
+    else:
+        results = _results(status.get("results"))
+    return Target(kind, _namespace(document), _name(document), results)
+
+
+def select_target(
+    documents: list[dict[str, Any]],
+    kind: str | None,
+    name: str,
+    namespace: str | None,
+    where: str,
+) -> Target:
+    """The target among status documents: by kind and name, or by a flow run id."""
+    documents = [
+        doc
+        for doc in documents
+        if doc.get("kind") in PLURALS and namespace in (None, _namespace(doc))
+    ]
+    scope = f" in namespace {namespace!r}" if namespace else ""
+    if kind is None:
+        return _by_run_id(documents, name, f"{where}{scope}")
+    found = [doc for doc in documents if doc["kind"] == kind and _name(doc) == name]
+    if not found:
+        there = ", ".join(_whole(doc).label for doc in documents)
+        raise ResultsCLIError(
+            f"no {kind} {name!r} in {where}{scope} "
+            + (f"(there: {there})" if there else "(it holds no LumeFlow or FlowOfFlows)")
+        )
+    if len(found) > 1:
+        spaces = ", ".join(sorted(str(_namespace(doc)) for doc in found))
+        raise ResultsCLIError(
+            f"{kind} {name!r} is in several namespaces in {where} ({spaces}): pass --namespace"
+        )
+    return _whole(found[0])
+
+
+def _by_run_id(documents: list[dict[str, Any]], run_id: str, where: str) -> Target:
+    def same(run: Any) -> bool:
+        return isinstance(run, dict) and str(run.get("id", "")).lower() == run_id
+
+    for doc in documents:
+        status = _status(doc)
+        if doc["kind"] == "LumeFlow" and same(status.get("lastRun")):
+            return _whole(doc)
+        if doc["kind"] == "FlowOfFlows":
+            if same(status.get("run")):
+                return _whole(doc)
+            for step in status.get("steps") or []:
+                if same(step.get("run")):
+                    return Target(
+                        "FlowOfFlows",
+                        _namespace(doc),
+                        _name(doc),
+                        _results(step.get("results"), step.get("name")),
+                        step=step.get("name"),
+                    )
+    raise ResultsCLIError(
+        f"flow run {run_id} is in no status in {where} (looked at each LumeFlow's last run, "
+        "each FlowOfFlows' run and its steps' runs)"
+    )
+
+
+def read_status_file(path: Path) -> list[dict[str, Any]]:
+    """The documents `lume-operator run --status-out` wrote."""
+    if not path.is_file():
+        raise ResultsCLIError(
+            f"status file {str(path)!r} does not exist (write one with `lume-operator run "
+            "--status-out FILE`, or read a cluster with --kubeconfig/--context)"
+        )
+    try:
+        documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ResultsCLIError(f"cannot read status file {str(path)!r}: {first}") from None
+    if not all(isinstance(doc, dict) for doc in documents):
+        raise ResultsCLIError(f"status file {str(path)!r} is not a list of resource documents")
+    return documents
+
+
+def read_cluster(source: Source, kind: str | None, name: str) -> tuple[list[dict], str, str]:
+    """(documents, namespace, where) from the cluster: the named object, or all to search."""
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config.config_exception import ConfigException
+
+    config_file = source.kubeconfig or os.environ.get("KUBECONFIG")
+    if source.kubeconfig and not Path(source.kubeconfig).is_file():
+        raise ResultsCLIError(f"kubeconfig {source.kubeconfig!r} does not exist")
+    try:
+        api_client = config.new_client_from_config(config_file=config_file, context=source.context)
+        namespace = source.namespace or _context_namespace(config_file, source.context)
+    except (ConfigException, OSError, yaml.YAMLError, KeyError, TypeError) as error:
+        raise ResultsCLIError(f"cannot use kubeconfig: {_first_line(error)}") from None
+    server = api_client.configuration.host
+    where = f"the cluster at {server}"
+    api = client.CustomObjectsApi(api_client)
+    try:
+        if kind is not None:
+            documents = [
+                api.get_namespaced_custom_object(
+                    API_GROUP, API_VERSION, namespace, PLURALS[kind], name, _request_timeout=30
+                )
+            ]
+        else:
+            documents = [
+                item
+                for plural in PLURALS.values()
+                for item in api.list_namespaced_custom_object(
+                    API_GROUP, API_VERSION, namespace, plural, _request_timeout=30
+                ).get("items", [])
+            ]
+    except ApiException as error:
+        if error.status == 404 and kind is not None:
+            raise ResultsCLIError(
+                f"no {kind} {name!r} in namespace {namespace!r} of {where}"
+            ) from None
+        reason = _api_reason(error)
+        raise ResultsCLIError(f"{where} refused the request: {reason}") from None
+    except Exception as error:  # urllib3 connection errors and timeouts, SSL errors
+        raise ResultsCLIError(
+            f"cannot reach the cluster at {server}: {_connection_reason(error)}"
+        ) from None
+    finally:
+        api_client.close()
+    return documents, namespace, where
+
+
+def _context_namespace(config_file: str | None, context: str | None) -> str:
+    from kubernetes import config
+
+    contexts, active = config.list_kube_config_contexts(config_file=config_file)
+    chosen = next((c for c in contexts if c.get("name") == context), None) if context else active
+    return ((chosen or {}).get("context") or {}).get("namespace") or "default"
+
+
+def _api_reason(error: Any) -> str:
+    try:
+        message = json.loads(error.body).get("message")
+    except (TypeError, ValueError, AttributeError):
+        message = None
+    return f"{error.status} {error.reason}" + (f": {message}" if message else "")
+
+
+def _connection_reason(error: BaseException) -> str:
+    reason = getattr(error, "reason", None) or error
+    text = _first_line(reason)
+    # urllib3 wraps the OS error in "<object at 0x..>: Failed to establish ...": keep the why.
+    return re.sub(r"^<[^>]*>: ", "", text)
+
+
+def _first_line(error: BaseException | str) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def find_target(source: Source, text: str) -> Target:
+    kind, name = parse_target(text)
+    if source.in_cluster:
+        documents, namespace, where = read_cluster(source, kind, name)
+        return select_target(documents, kind, name, namespace, where)
+    assert source.status_file is not None
+    documents = read_status_file(source.status_file)
+    where = f"status file {str(source.status_file)!r}"
+    return select_target(documents, kind, name, source.namespace, where)
+
+
+def find_result(target: Target, name: str) -> Result:
+    """The result `name` (or `STEP/NAME`) of the target; a name unique across steps is enough."""
+    for result in target.results:
+        if name in (result.key, f"{target.step}/{result.name}" if target.step else None):
+            return result
+    matches = [result for result in target.results if result.name == name]
+    if len(matches) == 1 and target.kind == "FlowOfFlows":
+        return matches[0]
+    if len(matches) > 1:
+        keys = ", ".join(result.key for result in matches)
+        raise ResultsCLIError(
+            f"result {name!r} is in several steps of {target.label} ({keys}): give STEP/NAME"
+        )
+    names = ", ".join(result.key for result in target.results)
+    raise ResultsCLIError(
+        f"no result {name!r} in {target.label} "
+        + (f"(its results: {names})" if names else "(it has no results recorded)")
+    )
+
+
+# --- reading results ----------------------------------------------------------------------------
+
+
+def db_location(result: Result) -> dict[str, str]:
+    """The `{"store", "id", "type"}` location a DBResult's `STORE#ID` stands for."""
+    store, hash_sign, document_id = result.location.rpartition("#")
+    if not hash_sign or not store or not document_id:
+        raise ResultsCLIError(
+            f"result {result.key!r}: DB location {result.location!r} is not STORE_URL#ID"
+        )
+    return {"store": store, "id": document_id, "type": "DBResult"}
+
+
+def load_document(result: Result, store_url: str | None) -> Any:
+    """The stored document of a DBResult; store errors are the store's own messages."""
+    from lume_operator.results.db_tasks import get_store, store_for_location
+    from lume_operator.results.store import STORE_URL_ENV, ResultStoreError
+
+    location = db_location(result)
+    configured = store_url or os.environ.get(STORE_URL_ENV)
+    if not configured and ":***@" in location["store"]:
+        raise ResultsCLIError(
+            f"result {result.key!r} is in store {location['store']}, whose password is not "
+            f"configured here: set {STORE_URL_ENV} (or pass --store-url) to that store's URL"
+        )
+    try:
+        _refuse_missing_sqlite(location["store"])
+        # Without a configured URL, store_for_location would work out the default one, which
+        # creates ./results; the location's own URL is then the only candidate anyway.
+        store = (
+            store_for_location(location, store_url) if configured else get_store(location["store"])
+        )
+        return store.get(location["id"])
+    except ResultStoreError as error:
+        raise ResultsCLIError(str(error)) from None
+
+
+def _refuse_missing_sqlite(url: Any) -> None:
+    """Opening a SQLite store creates it: a read must not leave an empty database behind."""
+    from lume_operator.results.store import StoreUnreachableError, mask_url, parse_store_url
+
+    try:
+        parsed = parse_store_url(url)
+    except Exception:
+        return  # the store reports a bad URL itself
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return
+    if database.startswith("file:"):
+        return
+    path = Path(database).expanduser()
+    if path.parent.is_dir() and not path.exists():
+        raise StoreUnreachableError(
+            f"cannot open result store {mask_url(parsed)}: file {str(path)!r} does not exist"
+        )
+
+
+def file_path(result: Result) -> Path:
+    """Where a file result is in this process (its filesystem's mount, for mounted ones)."""
+    from lume_operator.results import FilesystemError, get_filesystem
+
+    try:
+        return get_filesystem(result.filesystem or "local").resolve(result.location)
+    except FilesystemError as error:
+        raise ResultsCLIError(f"result {result.key!r}: {error}") from None
+
+
+def is_file(result: Result) -> bool:
+    return result.type not in ("DBResult", "value")
+
+
+def details(result: Result, target: Target, store_url: str | None) -> dict[str, Any]:
+    """What `show` prints: where the result is and, for a DB result, the document's metadata."""
+    info: dict[str, Any] = {"resource": target.label.split(" step ")[0], **result.as_dict()}
+    if result.type == "DBResult":
+        location = db_location(result)
+        info.update(store=location["store"], id=location["id"])
+        document = load_document(result, store_url)
+        created = document.created_at
+        info["document"] = {
+            "flow": document.flow_name,
+            "runId": document.flow_run_id,
+            "resource": document.resource,
+            "created": created.isoformat() if created else None,
+            "inputs": document.inputs,
+            **({"files": document.files} if document.files else {}),
+        }
+    elif is_file(result):
+        path = file_path(result)
+        info["path"] = str(path)
+        info["exists"] = path.is_file()
+        if info["exists"]:
+            info["size"] = path.stat().st_size
+    return info
+
+
+def read_value(result: Result) -> Any:
+    """A plain value from the Prefect result file its location names (`KEY#PATH`), if local."""
+    storage_key, _, key_path = result.location.rpartition("#")
+    path = Path(storage_key)
+    if not storage_key or not path.is_file():
+        raise ResultsCLIError(
+            f"result {result.key!r} is a plain value kept by Prefect at {result.location!r}, "
+            "which is not a file here: `get` fetches it only where that storage is local"
+        )
+    from prefect.results import ResultRecord
+
+    try:
+        value = ResultRecord.deserialize(path.read_bytes()).result
+    except Exception as error:
+        raise ResultsCLIError(
+            f"result {result.key!r}: cannot read Prefect result {storage_key!r}: "
+            f"{_first_line(error)}"
+        ) from None
+    for part in key_path.split(".") if key_path and key_path != "return" else []:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise ResultsCLIError(
+                f"result {result.key!r}: {part!r} is not in the value stored at {storage_key!r}"
+            )
+    return value
+
+
+def copy_file(result: Result, output: Path | None, force: bool) -> tuple[Path, int]:
+    """Copy a file result to `output` (default: its name in the cwd), after checking it loads."""
+    from lume_operator.results import load_file
+
+    source = file_path(result)
+    if not source.is_file():
+        where = "" if str(source) == result.location else f" at {str(source)!r}"
+        raise ResultsCLIError(
+            f"result {result.key!r}: file {result.location!r} (filesystem "
+            f"{result.filesystem or 'local'!r}) does not exist{where}"
+        )
+    if result.type in CHECKED_TYPES:
+        description = {
+            "filename": result.location,
+            "filesystem_identifier": result.filesystem or "local",
+            "file_type_string": result.type,
+        }
+        try:
+            load_file(description).read()
+        except Exception as error:
+            raise ResultsCLIError(
+                f"result {result.key!r}: {str(source)!r} does not load as a {result.type}: "
+                f"{_first_line(error)}"
+            ) from None
+    target = output if output is not None else Path.cwd() / source.name
+    if target.is_dir():
+        target = target / source.name
+    if target.exists() and target.resolve() == source.resolve():
+        raise ResultsCLIError(f"{str(target)!r} is the result file itself; choose another -o")
+    if target.exists() and not force:
+        raise ResultsCLIError(f"{str(target)!r} exists; pass --force to overwrite it")
+    if not target.parent.is_dir():
+        raise ResultsCLIError(f"directory {str(target.parent)!r} does not exist")
+    try:
+        shutil.copyfile(source, target)
+    except OSError as error:
+        raise ResultsCLIError(f"cannot write {str(target)!r}: {error.strerror or error}") from None
+    return target, target.stat().st_size
+
+
+def dump(value: Any, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n"
+    text = yaml.safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return text.removesuffix("...\n")  # a bare scalar's document-end marker
+
+
+# --- the commands -------------------------------------------------------------------------------
+
+
+def _err_console() -> Console:
+    return Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _friendly(command: Callable[..., None]) -> Callable[..., None]:
+    """One line and exit 1 for every failure; LUME_OPERATOR_DEBUG=1 shows unexpected ones."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except ResultsCLIError as error:
+            _err_console().print(f"[red]error[/red] {escape(str(error))}")
+            sys.exit(1)
+        except Exception as error:
+            if os.environ.get("LUME_OPERATOR_DEBUG"):
+                raise
+            message = f"{type(error).__name__}: {_first_line(error)}"
+            _err_console().print(f"[red]error[/red] {escape(message)}")
+            sys.exit(1)
+
+    return wrapper
+
+
+def _source_options(command: Callable[..., None]) -> Callable[..., None]:
+    options = [
+        click.option(
+            "--status",
+            "status_file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help=f"Status file of a local run (`run --status-out`). Default: {DEFAULT_STATUS_FILE} "
+            "unless --kubeconfig or --context is given.",
+        ),
+        click.option("--kubeconfig", help="Read status from the cluster of this kubeconfig."),
+        click.option("--context", help="Kubeconfig context (implies reading the cluster)."),
+        click.option(
+            "-n",
+            "--namespace",
+            help="Namespace of the resource. Default: the context's (cluster), any (file).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _source(
+    status_file: Path | None, kubeconfig: str | None, context: str | None, namespace: str | None
+) -> Source:
+    if status_file is not None and (kubeconfig or context):
+        raise ResultsCLIError("give either --status or --kubeconfig/--context, not both")
+    if status_file is None and not (kubeconfig or context):
+        status_file = DEFAULT_STATUS_FILE
+    return Source(status_file, kubeconfig, context, namespace)
+
+
+TARGET_HELP = "lf/NAME, fof/NAME (also lumeflow/, flowofflows/) or a flow run id."
+
+
+@click.group("results")
+def results_group() -> None:
+    """List, show and fetch results recorded in a LumeFlow's or FlowOfFlows' status.
+
+    TARGET is lf/NAME, fof/NAME (or lumeflow/NAME, flowofflows/NAME), or a flow run id: a
+    LumeFlow's last run, a FlowOfFlows' parent run or one of its steps' runs. Status comes from
+    the status file of a local run (default lume-results/status.yaml) or, with --kubeconfig or
+    --context, from the resource in the cluster.
+    """
+
+
+@results_group.command("list")
+@click.argument("target")
+@_source_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "yaml", "json"]),
+    default="table",
+    show_default=True,
+)
+@_friendly
+def list_command(
+    target: str,
+    status_file: Path | None,
+    kubeconfig: str | None,
+    context: str | None,
+    namespace: str | None,
+    output: str,
+) -> None:
+    """Each result of TARGET with its type and location (and step, for a FlowOfFlows)."""
+    found = find_target(_source(status_file, kubeconfig, context, namespace), target)
+    if output != "table":
+        click.echo(dump([result.as_dict() for result in found.results], output), nl=False)
+        return
+    console = Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 4096)
+    if not found.results:
+        console.print(escape(f"{found.label}: no results recorded"))
+        return
+    stepped = found.kind == "FlowOfFlows"
+    mounted = any(r.filesystem not in (None, "local") for r in found.results)
+    table = Table(
+        title=escape(found.label), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False
+    )
+    columns = (["STEP"] if stepped else []) + ["NAME", "TYPE"] + (["FILESYSTEM"] if mounted else [])
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    table.add_column("LOCATION", overflow="fold")
+    for result in found.results:
+        row = ([result.step or ""] if stepped else []) + [result.name, result.type]
+        row += [result.filesystem or ""] if mounted else []
+        table.add_row(*(escape(cell) for cell in [*row, result.location]))
+    console.print(table)
+
+
+@results_group.command("show")
+@click.argument("target")
+@click.argument("name")
+@_source_options
+@click.option("--store-url", help="Store URL with password, for DB locations that mask it.")
+@click.option(
+    "-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
+)
+@_friendly
+def show_command(
+    target: str,
+    name: str,
+    status_file: Path | None,
+    kubeconfig: str | None,
+    context: str | None,
+    namespace: str | None,
+    store_url: str | None,
+    output: str,
+) -> None:
+    """Where result NAME (STEP/NAME in a FlowOfFlows) is; for a DB result, its document's metadata."""
+    found = find_target(_source(status_file, kubeconfig, context, namespace), target)
+    result = find_result(found, name)
+    click.echo(dump(details(result, found, store_url), output), nl=False)
+
+
+@results_group.command("get")
+@click.argument("target")
+@click.argument("name")
+@_source_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Where to copy a file result (default: its file name here), or write a DB document's "
+    "outputs (default: stdout).",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["yaml", "json"]),
+    default="yaml",
+    show_default=True,
+    help="How to print a DB result's outputs or a plain value.",
+)
+@click.option("--store-url", help="Store URL with password, for DB locations that mask it.")
+@_friendly
+def get_command(
+    target: str,
+    name: str,
+    status_file: Path | None,
+    kubeconfig: str | None,
+    context: str | None,
+    namespace: str | None,
+    output: Path | None,
+    force: bool,
+    fmt: str,
+    store_url: str | None,
+) -> None:
+    """Fetch result NAME: copy a file, or print a DB document's outputs (or a plain value)."""
+    found = find_target(_source(status_file, kubeconfig, context, namespace), target)
+    result = find_result(found, name)
+    if is_file(result):
+        path, size = copy_file(result, output, force)
+        _err_console().print(escape(f"{result.type} {result.key} -> {path} ({size} bytes)"))
+        return
+    if result.type == "DBResult":
+        value = load_document(result, store_url).outputs
+    else:
+        value = read_value(result)
+    text = dump(value, fmt)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    if output.exists() and not force:
+        raise ResultsCLIError(f"{str(output)!r} exists; pass --force to overwrite it")
+    try:
+        output.write_text(text)
+    except OSError as error:
+        raise ResultsCLIError(f"cannot write {str(output)!r}: {error.strerror or error}") from None
+    _err_console().print(escape(f"{result.type} {result.key} -> {output}"))
+
+
+__all__ = ["Result", "ResultsCLIError", "Target", "find_result", "parse_target", "results_group"]
