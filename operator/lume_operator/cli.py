@@ -246,7 +246,7 @@ def operator_command(
     )
 
 
-from lume_operator.results.cli import results_group  # noqa: E402
+from lume_operator.results_cli import results_group  # noqa: E402
 
 main.add_command(results_group)
 
