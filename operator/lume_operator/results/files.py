@@ -216,13 +216,17 @@ class File(BaseModel, Generic[SerializerT]):
 
     def read(self) -> Any:
         path = self.path
-        if not path.exists():
-            where = "" if str(path) == self.filename else f" at {str(path)!r}"
-            raise ResultFileNotFoundError(
-                f"result file {self.filename!r} (filesystem {self.filesystem_identifier!r}) "
-                f"does not exist{where}"
-            )
-        return self.serializer_class()().deserialize(str(path))
+        try:
+            return self.serializer_class()().deserialize(str(path))
+        except Exception:
+            # Checked only on failure: a stat per read is a visible share of a small read.
+            if path.exists():
+                raise
+        where = "" if str(path) == self.filename else f" at {str(path)!r}"
+        raise ResultFileNotFoundError(
+            f"result file {self.filename!r} (filesystem {self.filesystem_identifier!r}) "
+            f"does not exist{where}"
+        )
 
     def description(self) -> dict[str, str]:
         """The JSON-able form flows return and Kubernetes status records."""
