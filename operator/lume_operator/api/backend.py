@@ -7,9 +7,9 @@ from typing import Literal
 from pydantic import Field
 
 from lume_operator.api.common import (
-    DNS_LABEL_PATTERN,
     DNS_SUBDOMAIN_PATTERN,
     Condition,
+    Label,
     Model,
     Quantity,
     Resource,
@@ -107,10 +107,9 @@ class SchedulingBackendSpec(Model):
     work_pool: WorkPool | None = Field(
         default=None, description="The work pool to create or adopt."
     )
-    labels: list[str] | None = Field(
+    labels: list[Label] | None = Field(
         default=None,
         description="Labels flows can select: each becomes a work queue of the pool and a tag.",
-        json_schema_extra={"items": {"pattern": DNS_LABEL_PATTERN}},
     )
     agent: Agent | None = Field(default=None, description="The in-cluster Prefect workers.")
     run_config: RunConfig | None = Field(

@@ -22,6 +22,8 @@ _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # RFC 1123 subdomain: metadata.name of most kinds.
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A label users select by: a work queue name and a tag, so a DNS label.
+Label = Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=63)]
 
 
 class Model(BaseModel):

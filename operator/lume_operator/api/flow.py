@@ -7,9 +7,9 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from lume_operator.api.common import (
-    DNS_LABEL_PATTERN,
     DNS_SUBDOMAIN_PATTERN,
     Condition,
+    Label,
     Model,
     Resource,
     require_unique,
@@ -81,6 +81,10 @@ class RunPolicy(Model):
 
 
 def _first_line(error: Exception) -> str:
+    """The reason itself: a pydantic error's message, not its documentation link."""
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        return str(errors()[0]["msg"]).removeprefix("Value error, ")
     return str(error).splitlines()[-1].strip()
 
 
@@ -113,10 +117,9 @@ class LumeFlowSpec(Model):
     run_config: RunConfig | None = Field(
         default=None, description="Overrides of the backend's run-config defaults."
     )
-    labels: list[str] | None = Field(
+    labels: list[Label] | None = Field(
         default=None,
         description="Backend labels to run under: the first picks the work queue; all become tags.",
-        json_schema_extra={"items": {"pattern": DNS_LABEL_PATTERN}},
     )
     results: list[ResultSpec] | None = Field(
         default=None,

@@ -6,7 +6,14 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from lume_operator.api.common import DNS_LABEL_PATTERN, Condition, Model, Resource, require_unique
+from lume_operator.api.common import (
+    DNS_LABEL_PATTERN,
+    Condition,
+    Label,
+    Model,
+    Resource,
+    require_unique,
+)
 from lume_operator.api.flow import FlowRunStatus, LumeFlowSpec, ObjectRef, Phase, ResultStatus
 
 
@@ -79,7 +86,7 @@ class FlowOfFlowsSpec(Model):
         default=None,
         description="Backend of the composition's parent run. Default: the first step's.",
     )
-    labels: list[str] | None = Field(default=None, description="Labels, as on a LumeFlow.")
+    labels: list[Label] | None = Field(default=None, description="Labels, as on a LumeFlow.")
 
     @field_validator("steps")
     @classmethod

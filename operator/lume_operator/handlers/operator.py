@@ -8,6 +8,7 @@ False with reason `PrefectUnreachable` and are retried with bounded backoff.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import logging
@@ -121,8 +122,28 @@ async def gateway_for(backend: SchedulingBackend) -> AsyncIterator[PrefectGatewa
             api_key = await kube().secret_value(backend.metadata.namespace, ref.name, ref.key)
         except SecretMissing as error:
             raise WaitingFor("SecretNotFound", str(error)) from None
-    async with PrefectGateway.connect(api_url=api_url, api_key=api_key, timeout=10.0) as gateway:
+    async with (
+        _prefect_slot(),
+        PrefectGateway.connect(api_url=api_url, api_key=api_key, timeout=10.0) as gateway,
+    ):
         yield gateway
+
+
+# Handlers of many objects at once (an apply of hundreds of LumeFlows) would otherwise flood
+# Prefect with concurrent calls until they time out and retry; a slot is taken before the
+# timeouts start. One semaphore per event loop (tests run several operators, one loop each).
+PREFECT_CONCURRENCY = int(os.environ.get("LUME_OPERATOR_PREFECT_CONCURRENCY", "8"))
+_slots: dict[int, asyncio.Semaphore] = {}
+
+
+@contextlib.asynccontextmanager
+async def _prefect_slot() -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    slots = _slots.get(id(loop))
+    if slots is None:
+        slots = _slots[id(loop)] = asyncio.Semaphore(PREFECT_CONCURRENCY)
+    async with slots:
+        yield
 
 
 async def _guarded(

@@ -1,0 +1,468 @@
+"""Operator overhead: N LumeFlows applied at once, until every one has a first status.
+
+For each N (default 100 and 1000), on a fresh emulated Kubernetes API (tests/k8s/emulator.py)
+each time:
+
+- do-nothing: a kopf operator whose LumeFlow create handler only sets `status.phase: Pending`;
+- lume: the lume-operator handlers (`kopf run -m lume_operator.handlers.operator`), with a
+  `process` SchedulingBackend whose work pool is ready before the clock starts, against a
+  real Prefect server (tests/k8s/prefect_server.py); each LumeFlow gets a Prefect deployment
+  before its first status (`phase: Ready`). Policy `OnRequest` with no request: nothing runs.
+
+The N objects are POSTed to the emulator by 16 threads; the clock runs from the first POST to
+the moment every object has `status.phase`. Printed: both times and their ratio (target: at
+most 1.5). Then lume-operator is restarted (kopf resumes every object: a resync where
+nothing changed) and the Prefect writes during that second run are counted (target: 0) by a
+counting reverse proxy (its own process) that the restarted operator talks to Prefect through:
+POST, PATCH, PUT and DELETE, except Prefect's read-only POSTs (`.../filter`, `.../count`,
+`.../paginate`, `.../history`). The timed run talks to Prefect directly.
+
+The emulator forgets served requests (`BenchEmulator`): kmock's reaction matching is otherwise
+O(requests served) per request, and the emulator, not the operator, would be measured.
+
+Both operators run as `python -m kopf run --standalone --all-namespaces` subprocesses without
+--verbose; the emulator and the bench's polling share this process.
+
+    python bench/operator.py [--n 100] [--n 1000] [--timeout 900]
+"""
+
+# ruff: noqa: E402  (the imports follow the sys.path fix below)
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this file's directory comes first on sys.path, and this file's name would
+# then shadow the standard library's `operator` (which `collections` imports): drop it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import json
+import re
+import signal
+import subprocess
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "operator")]
+
+from tests.k8s.emulator import EmulatorServer, LumeKubernetesEmulator
+from tests.k8s.prefect_server import PrefectServer, free_port
+
+GROUP_PATH = "/apis/lume.dev/v1alpha1/namespaces/default"
+LF = "lume.dev/v1alpha1/lumeflows"
+SB = "lume.dev/v1alpha1/schedulingbackends"
+READ_ONLY_POST = re.compile(r"/(filter|count|paginate|history)/?$")
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+HOP_HEADERS = {
+    "host",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "content-encoding",
+    "accept-encoding",
+}
+
+DO_NOTHING = '''\
+"""A do-nothing kopf operator: the LumeFlow create handler only sets a phase."""
+import logging
+from typing import Any
+
+import kopf
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.posting.level = logging.WARNING
+
+
+@kopf.on.create("lume.dev", "v1alpha1", "lumeflows")
+def create(patch: kopf.Patch, **_: Any) -> None:
+    patch.status["phase"] = "Pending"
+'''
+
+
+# ---- a counting reverse proxy in front of Prefect (its own process) ---------------------------
+
+
+def proxy_main(target: str, port: int) -> None:
+    """Forward everything to `target`; `GET /__counts` returns {"METHOD path": count}."""
+    from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+
+    counts: collections.Counter[str] = collections.Counter()
+
+    def template(path: str) -> str:
+        path = UUID.sub("{id}", path)
+        return re.sub(r"/deployments/name/[^/]+/[^/]+", "/deployments/name/{flow}/{name}", path)
+
+    async def main() -> None:
+        session = ClientSession(
+            connector=TCPConnector(limit=64, force_close=True), timeout=ClientTimeout(total=120)
+        )
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if request.path == "/__counts":
+                return web.json_response(dict(counts))
+            counts[f"{request.method} {template(request.path)}"] += 1
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+            async with session.request(
+                request.method, target + request.path_qs, headers=headers, data=await request.read()
+            ) as reply:
+                body = await reply.read()
+                out = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_HEADERS}
+                return web.Response(status=reply.status, body=body, headers=out)
+
+        app = web.Application(client_max_size=64 * 1024**2)
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+class CountingProxy:
+    def __init__(self, target: str) -> None:
+        self.port = free_port()
+        self.target = target
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> CountingProxy:
+        command = [sys.executable, __file__, "--proxy", self.target, str(self.port)]
+        self.process = subprocess.Popen(command)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.counts()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("the counting proxy did not start")
+
+    def counts(self) -> collections.Counter[str]:
+        url = f"http://127.0.0.1:{self.port}/__counts"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return collections.Counter(json.load(reply))
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def writes(counts: collections.Counter[str]) -> collections.Counter[str]:
+    found: collections.Counter[str] = collections.Counter()
+    for key, n in counts.items():
+        method, path = key.split(" ", 1)
+        if method in ("POST", "PATCH", "PUT", "DELETE") and not (
+            method == "POST" and READ_ONLY_POST.search(path)
+        ):
+            found[key] = n
+    return found
+
+
+# ---- the emulator, without its quadratic request matching ----------------------------------
+
+WATCHES: collections.Counter[int] = collections.Counter()  # id(emulator) -> watches opened
+
+
+class BenchEmulator(LumeKubernetesEmulator):
+    """The test emulator, forgetting each request once served.
+
+    kmock finds the reaction to a request by scanning every request served so far
+    (`request in payload._source`), so each request costs O(requests served): at a few
+    thousand requests the emulator, not the operator, is what a run measures. Served requests
+    are dropped from that list; `log` and `count()` then see only requests in flight.
+    """
+
+    async def _handle(self, request: Any) -> Any:
+        if request.action is not None and request.action.value.lower() == "watch":
+            WATCHES[id(self)] += 1
+        try:
+            return await super()._handle(request)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._requests.remove(request)
+
+
+def emulator_server() -> EmulatorServer:
+    return EmulatorServer(BenchEmulator())
+
+
+# ---- operators and objects --------------------------------------------------------------------
+
+
+def kubeconfig_for(server: EmulatorServer, directory: Path) -> Path:
+    path = directory / f"kubeconfig-{server.url.rsplit(':', 1)[-1]}.yaml"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "emulator", "cluster": {"server": server.url}}],
+        "users": [{"name": "emulator", "user": {"token": "emulator-token"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator"}}],
+        "current-context": "emulator",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class Operator:
+    """`kopf run` of a module or file against one emulator, as a subprocess."""
+
+    def __init__(self, target: str, server: EmulatorServer, kubeconfig: Path, log: Path) -> None:
+        self.target, self.server, self.kubeconfig, self.log = target, server, kubeconfig, log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str] | None = None, timeout: float = 60) -> Operator:
+        seen = WATCHES[id(self.server.emulator)]
+        command = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces"]
+        command += [self.target] if self.target.endswith(".py") else ["-m", self.target]
+        full_env = {**os.environ, **(env or {}), "KUBECONFIG": str(self.kubeconfig)}
+        full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "operator")])
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"operator exited:\n{self.log.read_text()[-3000:]}")
+            if WATCHES[id(self.server.emulator)] > seen:
+                return self
+            time.sleep(0.05)
+        raise TimeoutError(f"operator opened no watch:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def post(server: EmulatorServer, plural: str, body: dict[str, Any]) -> None:
+    request = urllib.request.Request(
+        f"{server.url}{GROUP_PATH}/{plural}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        reply.read()
+
+
+def flow_body(index: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "lume.dev/v1alpha1",
+        "kind": "LumeFlow",
+        "metadata": {"name": f"flow-{index:05d}", "namespace": "default"},
+        "spec": {
+            "backendRef": {"name": "local"},
+            "entrypoint": "flows/beam.py:beam_stats",
+            "parameters": {"n_particles": 1000, "seed": index},
+            "labels": ["cpu"],
+            "run": {"policy": "OnRequest"},
+        },
+    }
+
+
+def backend_body(api_url: str | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"type": "process", "labels": ["cpu"]}
+    if api_url:
+        spec["prefect"] = {"apiUrl": api_url}
+    return {
+        "apiVersion": "lume.dev/v1alpha1",
+        "kind": "SchedulingBackend",
+        "metadata": {"name": "local", "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def status_of(server: EmulatorServer, resource: str, name: str) -> dict[str, Any]:
+    import kmock
+
+    raw = server.emulator._stored(kmock.resource(resource), "default", name)  # no deep copy
+    return (raw or {}).get("status") or {}
+
+
+def wait_for(what: str, predicate: Any, timeout: float, interval: float = 0.05) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+def apply_and_time(server: EmulatorServer, n: int, timeout: float) -> float:
+    """POST n LumeFlows at once; seconds until every one has status.phase."""
+    names = [f"flow-{i:05d}" for i in range(n)]
+    pending = set(names)
+
+    def all_have_status() -> bool:
+        for name in list(pending):
+            if status_of(server, LF, name).get("phase"):
+                pending.discard(name)
+        return not pending
+
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: post(server, "lumeflows", flow_body(i)), range(n)))
+    wait_for(f"first status of {n} LumeFlows ({len(pending)} left)", all_have_status, timeout)
+    return time.monotonic() - start
+
+
+def run_do_nothing(n: int, work: Path, timeout: float) -> float:
+    module = work / "do_nothing_operator.py"
+    module.write_text(DO_NOTHING)
+    with emulator_server() as server:
+        post(server, "schedulingbackends", backend_body("http://127.0.0.1:9/api"))  # unused
+        operator = Operator(
+            str(module), server, kubeconfig_for(server, work), work / f"do-nothing-{n}.log"
+        )
+        operator.start()
+        try:
+            return apply_and_time(server, n, timeout)
+        finally:
+            operator.stop()
+
+
+def run_lume(n: int, work: Path, timeout: float) -> tuple[float, float | None, dict[str, Any]]:
+    """(seconds to first status, seconds for the resync, Prefect request counts).
+
+    The timed run talks to Prefect directly (the operator's PREFECT_API_URL); the resync goes
+    through the counting proxy. The backend names no apiUrl, so switching the operator's
+    default changes no spec (only the agent Deployment's PREFECT_API_URL, a Kubernetes write).
+    """
+    prefect = PrefectServer(work / f"prefect-{n}").start()
+    proxy = CountingProxy(prefect.api_url.removesuffix("/api")).start()
+    direct = {"LUME_OPERATOR_FOLLOW_INTERVAL": "5", "PREFECT_API_URL": prefect.api_url}
+    counted = {**direct, "PREFECT_API_URL": proxy.api_url}
+    names = [f"flow-{i:05d}" for i in range(n)]
+    try:
+        with emulator_server() as server:
+            kubeconfig = kubeconfig_for(server, work)
+            log = work / f"lume-{n}.log"
+            operator = Operator("lume_operator.handlers.operator", server, kubeconfig, log)
+            operator.start(direct)
+            try:
+                post(server, "schedulingbackends", backend_body(None))
+                wait_for(
+                    "work pool ready",
+                    lambda: status_of(server, SB, "local").get("workPoolId"),
+                    timeout=120,
+                )
+                seconds = apply_and_time(server, n, timeout)
+                print(f"N={n}: lume-operator first status {seconds:.2f} s", flush=True)
+                start = time.monotonic()
+                try:
+                    wait_for(
+                        "every LumeFlow deployed",
+                        lambda: all(status_of(server, LF, m).get("deploymentId") for m in names),
+                        timeout,
+                        interval=0.5,
+                    )
+                except TimeoutError:
+                    deployed = sum(
+                        bool(status_of(server, LF, m).get("deploymentId")) for m in names
+                    )
+                    print(
+                        f"N={n}: only {deployed} of {n} deployed after {timeout:.0f} s more; "
+                        "no resync measured",
+                        flush=True,
+                    )
+                    return seconds, None, {"resync": collections.Counter()}
+                print(f"N={n}: all deployed {time.monotonic() - start:.2f} s later", flush=True)
+            finally:
+                operator.stop()
+            # The resync: a new operator process resumes every object.
+            read_by_name = "GET /api/deployments/name/{flow}/{name}"
+            start = time.monotonic()
+            operator.start(counted)
+            try:
+                wait_for(
+                    "every LumeFlow resumed",
+                    lambda: proxy.counts()[read_by_name] >= n,
+                    timeout,
+                    interval=0.5,
+                )
+                resync_seconds = time.monotonic() - start
+                time.sleep(3)  # stragglers, retries
+            finally:
+                operator.stop()
+            resync = proxy.counts()
+    finally:
+        proxy.stop()
+        prefect.stop()
+    return seconds, resync_seconds, {"resync": resync}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, action="append", help="objects (repeatable)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per phase")
+    parser.add_argument("--keep", type=Path, help="keep logs and Prefect databases here")
+    parser.add_argument("--proxy", nargs=2, metavar=("TARGET", "PORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.proxy:
+        proxy_main(args.proxy[0], int(args.proxy[1]))
+        return
+    sizes = args.n or [100, 1000]
+    print(f"cores: {os.cpu_count()}; sizes: {sizes}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lume-bench-operator-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for n in sizes:
+            try:
+                baseline = run_do_nothing(n, work, args.timeout)
+                print(f"N={n}: do-nothing kopf {baseline:.2f} s", flush=True)
+                ours, resync_s, counts = run_lume(n, work, args.timeout)
+            except TimeoutError as error:
+                print(f"N={n}: gave up: {error}", flush=True)
+                rows.append((n, None, None, None, None, None))
+                continue
+            if resync_s is None:
+                rows.append((n, baseline, ours, ours / baseline, None, None))
+                continue
+            resync = writes(counts["resync"])
+            print(f"N={n}: resync {resync_s:.2f} s", flush=True)
+            print(f"  Prefect calls during the resync: {dict(counts['resync'])}", flush=True)
+            rows.append((n, baseline, ours, ours / baseline, sum(resync.values()), resync_s))
+    print()
+    print(
+        textwrap.dedent("""\
+        |     N | do-nothing (s) | lume-operator (s) | ratio (<= 1.5) | resync writes (0) |
+        |------:|---------------:|------------------:|---------------:|------------------:|""")
+    )
+    for n, base, ours, ratio, resync_writes, _resync_s in rows:
+        if base is None:
+            print(f"| {n:>5} | {'-':>14} | {'-':>17} | {'-':>14} | {'-':>17} |")
+            continue
+        shown = "-" if resync_writes is None else resync_writes
+        print(f"| {n:>5} | {base:>14.2f} | {ours:>17.2f} | {ratio:>14.2f} | {shown:>17} |")
+
+
+if __name__ == "__main__":
+    main()
