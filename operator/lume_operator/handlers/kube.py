@@ -36,6 +36,7 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
 
     def _methods(self, kind: str) -> tuple[Any, Any]:
         return {
@@ -94,3 +95,17 @@ class Kube:
 
     async def secret_value(self, namespace: str, name: str, key: str) -> str:
         return await asyncio.to_thread(self._secret_value, namespace, name, key)
+
+    async def patch_own_status(
+        self, plural: str, namespace: str, name: str, status: dict[str, Any]
+    ) -> None:
+        """Merge-patch the status of one of our objects now, not when the handler returns."""
+        await asyncio.to_thread(
+            self.custom.patch_namespaced_custom_object_status,
+            "lume.dev",
+            "v1alpha1",
+            namespace,
+            plural,
+            name,
+            {"status": status},
+        )

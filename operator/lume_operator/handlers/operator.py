@@ -166,6 +166,23 @@ async def _guarded(
         raise kopf.TemporaryError(message, delay=backoff(retry)) from None
 
 
+async def announce(body: kopf.Body, plural: str, status: dict[str, Any], generation: Any) -> None:
+    """A first status (Deploying, Reconciling) at once, before any Prefect call, so users and
+    GitOps tools see the object taken up even while Prefect is slow or busy with others."""
+    first = {
+        "phase": "Deploying",
+        "observedGeneration": generation,
+        "conditions": conditions.merge(
+            status.get("conditions"),
+            *conditions.progressing("Deploying", "creating the Prefect deployment"),
+        ),
+    }
+    try:
+        await kube().patch_own_status(plural, body.metadata.namespace, body.metadata.name, first)
+    except Exception as error:  # only a courtesy: the handler's own patch follows anyway
+        logging.getLogger(__name__).warning("could not write the first status: %s", error)
+
+
 # ---- SchedulingBackend ------------------------------------------------------------------------
 
 
@@ -403,6 +420,7 @@ async def flow_reconcile(
     extra: dict[str, Any] = {"observedGeneration": generation}
     if not status.get("phase"):
         extra["phase"] = "Pending"
+        await announce(body, FLOWS, status, generation)
 
     async def deploy() -> tuple[Any, Any, int | None]:
         backend = find_backend(backend_index, flow.metadata.namespace, flow.spec.backend_ref.name)
@@ -587,6 +605,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
+    # On deletion kopf waits for our timers to stop; one caught mid-call (a health check) is
+    # re-checked after this many seconds, which would otherwise hold the finalizer for 60 s.
+    settings.background.cancellation_polling = 1.0
 
 
 @kopf.on.login()
