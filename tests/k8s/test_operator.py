@@ -54,9 +54,6 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
 def test_apply_runs_the_flow_and_writes_results_into_status(
     prefect_server, project, k8s_emulator, kubectl: Kubectl, run_kopf_operator
 ):
-    import lume_operator.handlers.operator as handlers
-
-    handlers.FOLLOW_INTERVAL = 1.0
     run_kopf_operator(OPERATOR)
     kubectl("apply", "--validate=false", "-f", str(EXAMPLE / "backend.yaml"))
     backend = wait_until(lambda: status_of(k8s_emulator, SB, "local").get("workPoolId"), timeout=30)
@@ -122,3 +119,36 @@ def test_apply_runs_the_flow_and_writes_results_into_status(
     reasons = [e["reason"] for e in yaml.safe_load(events)["items"]]
     posts = [(e.method, e.path) for e in k8s_emulator.emulator.log if "events" in e.path]
     assert "FlowRunCreated" in reasons and "FlowRunCompleted" in reasons, (reasons, posts)
+
+
+def test_deleting_the_backend_first_still_removes_the_flows_deployment(
+    prefect_server, k8s_emulator, kubectl: Kubectl, run_kopf_operator
+):
+    import anyio
+
+    from lume_operator.prefect.gateway import PrefectGateway
+
+    run_kopf_operator(OPERATOR)
+    backend = yaml.safe_load((EXAMPLE / "backend.yaml").read_text())
+    backend["spec"]["agent"] = {"replicas": 0}
+    flow = yaml.safe_load((EXAMPLE / "lumeflow.yaml").read_text())
+    flow["spec"]["run"] = {"policy": "OnRequest"}
+    manifests = yaml.safe_dump_all([backend, flow])
+    kubectl("apply", "--validate=false", "-f", "-", input=manifests)
+    wait_until(lambda: status_of(k8s_emulator, LF, "beam-stats").get("deploymentId"), timeout=60)
+
+    async def deployment_exists() -> bool:
+        async with PrefectGateway.connect(api_url=prefect_server.api_url) as gateway:
+            from prefect.exceptions import ObjectNotFound
+
+            try:
+                await gateway.client.read_deployment_by_name("beam-stats/default")
+            except ObjectNotFound:
+                return False
+            return True
+
+    assert anyio.run(deployment_exists)
+    kubectl("delete", "sb", "local", "--timeout=30s")
+    kubectl("delete", "lf", "beam-stats", "--timeout=30s")
+    assert k8s_emulator.emulator.get_object(LF, "default", "beam-stats") is None
+    assert not anyio.run(deployment_exists)

@@ -63,9 +63,6 @@ def prefect_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 def test_a_flow_of_flows_runs_in_the_cluster_with_per_step_status(
     prefect_server, tmp_path, k8s_emulator, kubectl: Kubectl, run_kopf_operator
 ):
-    import lume_operator.handlers.operator as handlers
-
-    handlers.FOLLOW_INTERVAL = 1.0
     project = tmp_path / "project"
     shutil.copytree(DATA, project)
     run_kopf_operator("lume_operator.handlers.operator")

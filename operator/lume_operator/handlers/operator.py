@@ -578,11 +578,21 @@ async def flow_delete(body: kopf.Body, retry: int, backend_index: kopf.Index, **
     if invalid or not (body.get("status") or {}).get("deploymentId"):
         return
     entries = list(backend_index.get((flow.metadata.namespace, flow.spec.backend_ref.name), []))
-    if not entries:
-        return  # its backend (and with it the work pool) is gone
-    backend, _problems = parse_resource(entries[0]["body"], "backend")
+    backend, _problems = parse_resource(entries[0]["body"], "backend") if entries else (None, [])
     if backend is None:
-        return
+        # Its backend is gone already (deleted first, or with it): the deployment may still be
+        # there, in the operator's default Prefect API if it has one.
+        if not default_api_url():
+            return
+        backend = SchedulingBackend.model_validate(
+            {
+                "metadata": {
+                    "name": flow.spec.backend_ref.name,
+                    "namespace": flow.metadata.namespace,
+                },
+                "spec": {"type": "process"},
+            }
+        )
     try:
         async with gateway_for(backend) as gateway:
             await gateway.delete_deployment(flow.metadata.name, flow.metadata.namespace)
