@@ -16,7 +16,6 @@ from lume_operator import GROUP
 from lume_operator.api.flow import LumeFlow
 from lume_operator.api.flowofflows import FlowOfFlows
 from lume_operator.api.manifests import parse_resource
-from lume_operator.flows.composition import ENTRYPOINT, FLOW_NAME
 from lume_operator.flows.plan import plan_steps, step_flows
 from lume_operator.flows.validation import composition_problems
 from lume_operator.handlers import failpoints
@@ -34,10 +33,10 @@ from lume_operator.handlers.operator import (
     gateway_for,
     parse,
 )
-from lume_operator.prefect.gateway import DeploymentSpec, PrefectError
+from lume_operator.prefect.gateway import PrefectError
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.composition import StepObservation, observe_composition
-from lume_operator.reconcile.deploy import flow_deployment, job_variables
+from lume_operator.reconcile.deploy import composition_deployment, flow_deployment
 from lume_operator.reconcile.flowrun import idempotency_key, run_status
 
 # Seconds between the parent flow's reads of a running step.
@@ -125,25 +124,9 @@ async def composition_reconcile(
                     working_dir=inline.spec.source.path if inline.spec.source else None,
                 )
                 await gateway.ensure_deployment(made.spec)
-            queue = fof.spec.labels[0] if fof.spec.labels else "default"
-            tags = [
-                *(fof.spec.labels or []),
-                f"lume.dev/flowofflows={fof.metadata.name}",
-                f"lume.dev/backend={backend.metadata.name}",
-            ]
-            deployment_id = await gateway.ensure_deployment(
-                DeploymentSpec(
-                    flow_name=FLOW_NAME,
-                    name=f"{fof.metadata.namespace}.{fof.metadata.name}",
-                    entrypoint=ENTRYPOINT,
-                    work_pool_name=backend.work_pool_name,
-                    work_queue_name=queue,
-                    job_variables=job_variables(backend, None, backend.spec.type, []),
-                    parameters={},
-                    tags=tags,
-                    description=f"FlowOfFlows {fof.key}, managed by lume-operator.",
-                )
-            )
+            spec = composition_deployment(fof, backend)
+            tags = spec.tags
+            deployment_id = await gateway.ensure_deployment(spec)
             last = status.get("run") or {}
             if last.get("generation") == generation and last.get("id"):
                 return deployment_id, None

@@ -37,7 +37,7 @@ from lume_operator.local.checks import (
     parameter_schema,
 )
 from lume_operator.reconcile.composition import StepObservation, observe_composition
-from lume_operator.reconcile.deploy import flow_deployment, job_variables
+from lume_operator.reconcile.deploy import composition_deployment, flow_deployment
 from lume_operator.reconcile.flowrun import (
     ResultError,
     idempotency_key,
@@ -382,9 +382,6 @@ class LocalRunner:
 
     async def _start_composition(self, gateway: Any, composition: PlannedComposition) -> Any:
         """Deploy every step's flow and the parent flow, then start the parent run."""
-        from lume_operator.flows.composition import ENTRYPOINT, FLOW_NAME
-        from lume_operator.prefect.gateway import DeploymentSpec
-
         fof, backend = composition.fof, composition.backend
         local_uid = uuid.uuid4().hex
         run_dir = self._run_dir(fof.metadata.namespace, fof.metadata.name, local_uid)
@@ -399,28 +396,13 @@ class LocalRunner:
         uid = fof.metadata.uid or local_uid
         flows = {name: item.flow for name, item in composition.steps.items()}
         steps = plan_steps(fof, flows, uid, job_variables=step_variables)
-        variables = job_variables(backend, None, "process", [])
-        variables["env"].update(self.store_env)  # the parent reads `db` mappings from it
-        queue = fof.spec.labels[0] if fof.spec.labels else "default"
-        pool = await self._ensure_pool(gateway, backend, queue)
-        composition_tags = [
-            *(fof.spec.labels or []),
-            f"lume.dev/flowofflows={fof.metadata.name}",
-            f"lume.dev/backend={backend.metadata.name}",
-        ]
-        deployment_id = await gateway.ensure_deployment(
-            DeploymentSpec(
-                flow_name=FLOW_NAME,
-                name=f"{fof.metadata.namespace}.{fof.metadata.name}",
-                entrypoint=ENTRYPOINT,
-                work_pool_name=pool,
-                work_queue_name=queue,
-                job_variables=variables,
-                parameters={},
-                tags=composition_tags,
-                description=f"FlowOfFlows {fof.key}, managed by lume-operator.",
-            )
+        # The parent reads `db` mappings from the run's store.
+        spec = composition_deployment(
+            fof, backend, backend_type="process", extra_env=self.store_env
         )
+        await self._ensure_pool(gateway, backend, spec.work_queue_name)
+        deployment_id = await gateway.ensure_deployment(spec)
+        composition_tags = spec.tags
         flow_run = await gateway.create_flow_run(
             deployment_id,
             idempotency_key=idempotency_key(uid, fof.metadata.generation, 0),

@@ -7,6 +7,7 @@ from typing import Any
 
 from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.flow import LumeFlow
+from lume_operator.api.flowofflows import FlowOfFlows
 from lume_operator.backends import get_backend, tags, work_queue
 from lume_operator.prefect.gateway import DeploymentSpec
 
@@ -99,3 +100,36 @@ def flow_deployment(
         schedules=schedules,
     )
     return FlowDeployment(spec, notes)
+
+
+def composition_deployment(
+    fof: FlowOfFlows,
+    backend: SchedulingBackend,
+    *,
+    backend_type: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> DeploymentSpec:
+    """The deployment `FlowOfFlows/<namespace>.<name>` of a composition's parent flow.
+
+    It runs on the composition's backend, in the queue of its first label; `extra_env` adds to
+    its environment (the local runner's result store, which the parent reads `db` mappings from).
+    """
+    from lume_operator.flows.composition import ENTRYPOINT, FLOW_NAME
+
+    variables = job_variables(backend, None, backend_type or backend.spec.type, [])
+    variables["env"].update(extra_env or {})
+    return DeploymentSpec(
+        flow_name=FLOW_NAME,
+        name=f"{fof.metadata.namespace}.{fof.metadata.name}",
+        entrypoint=ENTRYPOINT,
+        work_pool_name=backend.work_pool_name,
+        work_queue_name=fof.spec.labels[0] if fof.spec.labels else "default",
+        job_variables=variables,
+        parameters={},
+        tags=[
+            *(fof.spec.labels or []),
+            f"lume.dev/flowofflows={fof.metadata.name}",
+            f"lume.dev/backend={backend.metadata.name}",
+        ],
+        description=f"FlowOfFlows {fof.key}, managed by lume-operator.",
+    )
