@@ -32,17 +32,16 @@ from lume_operator.prefect.gateway import PrefectError, PrefectGateway
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.deploy import flow_deployment
 from lume_operator.reconcile.flowrun import (
-    ResultError,
+    FINAL_STATES,
     idempotency_key,
     phase_of,
-    result_statuses,
+    run_outcome,
     run_status,
 )
 
 VERSION = "v1alpha1"
 BACKENDS, FLOWS, COMPOSITIONS = "schedulingbackends", "lumeflows", "flowofflows"
 RUN_REQUEST = f"{GROUP}/run-request"
-FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 FOLLOW_INTERVAL = float(os.environ.get("LUME_OPERATOR_FOLLOW_INTERVAL", "5"))
 MAX_BACKOFF = 60.0
 # Retry delay after an unexpected error (a bug, a refused Kubernetes call): short, not kopf's 60 s.
@@ -534,30 +533,16 @@ async def flow_follow(
                     )
                 return
             failpoints.hit("flow-follow-final")
-            if state_type == "COMPLETED":
-                try:
-                    value = await gateway.result_of(flow_run)
-                    results = result_statuses(
-                        value, flow.spec.results, gateway.result_key(flow_run)
-                    )
-                    values["results"] = [r.to_wire() for r in results]
-                    new = conditions.ready(
-                        "FlowRunCompleted", f"flow run {flow_run.name} completed"
-                    )
-                    kopf.event(
-                        body,
-                        type="Normal",
-                        reason="FlowRunCompleted",
-                        message=f"flow run {flow_run.name} completed",
-                    )
-                except (PrefectError, ResultError) as error:
-                    values["phase"] = "Failed"
-                    new = conditions.failed("ResultsInvalid", str(error))
-                    kopf.event(body, type="Warning", reason="ResultsInvalid", message=str(error))
+            outcome = await run_outcome(gateway, flow_run, flow.spec.results)
+            values["phase"] = outcome.phase
+            if outcome.error is None:
+                values["results"] = [r.to_wire() for r in outcome.results or []]
+                message = f"flow run {flow_run.name} completed"
+                new = conditions.ready(outcome.reason, message)
+                kopf.event(body, type="Normal", reason=outcome.reason, message=message)
             else:
-                message = reference.message or f"flow run ended {reference.state}"
-                new = conditions.failed("FlowRunFailed", message)
-                kopf.event(body, type="Warning", reason="FlowRunFailed", message=message)
+                new = conditions.failed(outcome.reason, outcome.error)
+                kopf.event(body, type="Warning", reason=outcome.reason, message=outcome.error)
             _status_patch(patch, status, values, new)
     except Exception as error:
         if not _is_outage(error) and not isinstance(error, PrefectError):

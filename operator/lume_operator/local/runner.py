@@ -39,17 +39,14 @@ from lume_operator.local.checks import (
 from lume_operator.reconcile.composition import StepObservation, observe_composition
 from lume_operator.reconcile.deploy import composition_deployment, flow_deployment
 from lume_operator.reconcile.flowrun import (
-    ResultError,
+    FINAL_STATES,
     idempotency_key,
-    phase_of,
-    result_statuses,
+    run_outcome,
     run_status,
 )
-from lume_operator.results.store import STORE_URL_ENV
 
 # Overlapping polls per worker; each may be starting a run's process.
 MAX_POLLS_IN_FLIGHT = 8
-FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @dataclass
@@ -250,6 +247,8 @@ class LocalRunner:
         self._pools_ready: set[str] = set()
         self._deployed: dict[str, _Deployed] = {}
         # DB results of local runs: a SQLite file beside the file results, unless configured.
+        from lume_operator.results.store import STORE_URL_ENV
+
         self.store_env = {
             STORE_URL_ENV: os.environ.get(STORE_URL_ENV)
             or f"sqlite:///{self.results_root / 'results.sqlite'}"
@@ -458,30 +457,6 @@ class LocalRunner:
                     watch.broken(f"{type(error).__name__}: {error}")
             await anyio.sleep(0.3)
 
-    async def finish_flow(
-        self,
-        gateway: Any,
-        who: str,
-        flow: LumeFlow,
-        flow_run: Any,
-        status: LumeFlowStatus | StepStatus,
-    ) -> str | None:
-        """Phase and result locations of a finished run; returns its error, if any."""
-        from lume_operator.prefect.gateway import PrefectError
-
-        state_type = flow_run.state.type.value
-        status.phase = phase_of(state_type)
-        if state_type != "COMPLETED":
-            return flow_run.state.message or f"flow run ended {flow_run.state.name}"
-        try:
-            value = await gateway.result_of(flow_run)
-            status.results = result_statuses(value, flow.spec.results, gateway.result_key(flow_run))
-        except (PrefectError, ResultError) as error:
-            status.phase = "Failed"
-            self.say(who, str(error), "red")
-            return str(error)
-        return None
-
 
 class _Watch:
     """One run being followed to its end."""
@@ -512,18 +487,15 @@ class _FlowWatch(_Watch):
         item.status.last_run = run_status(flow_run, 0, gateway.ui_url(flow_run.id))
         if not (state and state.type.value in FINAL_STATES):
             return False
-        item.error = await self.runner.finish_flow(
-            gateway, item.flow.key, item.flow, flow_run, item.status
-        )
-        if item.error is None:
-            item.status.conditions = [_ready(True, "FlowRunCompleted", "")]
+        outcome = await run_outcome(gateway, flow_run, item.flow.spec.results)
+        item.status.phase, item.status.results = outcome.phase, outcome.results
+        item.error = outcome.error
+        if outcome.error is None:
+            item.status.conditions = [_ready(True, outcome.reason, "")]
         else:
-            reason = (
-                "FlowRunFailed"
-                if item.status.last_run.state_type != "COMPLETED"
-                else "ResultsInvalid"
-            )
-            item.status.conditions = [_ready(False, reason, item.error)]
+            if outcome.reason == "ResultsInvalid":
+                self.runner.say(item.flow.key, outcome.error, "red")
+            item.status.conditions = [_ready(False, outcome.reason, outcome.error)]
         return True
 
     def timed_out(self, message: str) -> None:

@@ -9,10 +9,7 @@ from uuid import UUID
 
 from lume_operator.api.flow import FlowRunStatus, LumeFlow, ResultStatus
 from lume_operator.flows.composition import OUTCOME_DESCRIPTION, step_of
-from lume_operator.prefect.gateway import PrefectError
-from lume_operator.reconcile.flowrun import ResultError, phase_of, result_statuses, run_status
-
-FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+from lume_operator.reconcile.flowrun import FINAL_STATES, phase_of, run_outcome, run_status
 
 
 @dataclass
@@ -84,18 +81,9 @@ async def observe_composition(
         state_type = step.run.state_type
         if state_type not in FINAL_STATES:
             step.phase = "Running"
-        elif state_type == "COMPLETED":
-            try:
-                value = await gateway.result_of(child)
-                step.results = result_statuses(
-                    value, flows[name].spec.results, gateway.result_key(child)
-                )
-                step.phase = "Completed"
-            except (PrefectError, ResultError) as error:
-                step.phase, step.error = "Failed", str(error)
         else:
-            step.phase = "Failed"
-            step.error = step.run.message or f"flow run ended {step.run.state}"
+            outcome = await run_outcome(gateway, child, flows[name].spec.results)
+            step.phase, step.results, step.error = outcome.phase, outcome.results, outcome.error
     observation = CompositionObservation(parent, steps)
     if observation.final:
         rows = await gateway.table_artifact(parent.id, OUTCOME_DESCRIPTION) or []

@@ -8,6 +8,9 @@ from typing import Any
 
 from lume_operator.api.flow import FlowRunStatus, ResultSpec, ResultStatus
 
+# Prefect state types after which a run changes no more.
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+
 # uuid5 namespace of lume-operator's deterministic ids.
 _NAMESPACE = uuid.UUID("5d1f1c8e-3b0b-4c55-9a55-6c756d652d6f")
 
@@ -86,14 +89,6 @@ def _lookup(value: Any, path: str) -> Any:
     return current
 
 
-def _is_description(value: Any) -> bool:
-    return isinstance(value, dict) and set(value) == {
-        "filename",
-        "filesystem_identifier",
-        "file_type_string",
-    }
-
-
 def result_statuses(
     return_value: Any, declared: list[ResultSpec] | None, result_key: str | None
 ) -> list[ResultStatus]:
@@ -106,6 +101,7 @@ def result_statuses(
         FileDescriptionError,
         FilesystemError,
         find_file_descriptions,
+        is_file_description,
         load_file,
     )
     from lume_operator.results.store import find_db_locations, is_db_location
@@ -119,7 +115,7 @@ def result_statuses(
         expected = {}
     statuses = []
     for item in found:
-        if _is_description(item.value):
+        if is_file_description(item.value):
             try:
                 file = load_file(item.value)
                 exists = file.exists()
@@ -168,3 +164,29 @@ def result_statuses(
                 )
             )
     return statuses
+
+
+@dataclass
+class RunOutcome:
+    """How a final run ended, for status: phase, result locations, or the error and its reason."""
+
+    phase: str
+    results: list[ResultStatus] | None = None
+    error: str | None = None
+    reason: str = "FlowRunCompleted"
+
+
+async def run_outcome(gateway: Any, flow_run: Any, declared: list[ResultSpec] | None) -> RunOutcome:
+    """The outcome of a run in a final state; a completed run's results are read and checked."""
+    from lume_operator.prefect.gateway import PrefectError
+
+    state = flow_run.state
+    if state.type.value != "COMPLETED":
+        message = state.message or f"flow run ended {state.name}"
+        return RunOutcome(phase_of(state.type.value), error=message, reason="FlowRunFailed")
+    try:
+        value = await gateway.result_of(flow_run)
+        results = result_statuses(value, declared, gateway.result_key(flow_run))
+    except (PrefectError, ResultError) as error:
+        return RunOutcome("Failed", error=str(error), reason="ResultsInvalid")
+    return RunOutcome("Completed", results=results)

@@ -348,18 +348,9 @@ def find_db_locations(value: Any, prefix: str = "") -> list[tuple[str, dict[str,
     Key paths follow `find_file_descriptions` ('return' for a bare location), so status can list
     DB results next to files: type DBResult, location = store and id.
     """
-    if is_db_location(value):
-        return [(prefix or "return", value)]
-    if isinstance(value, dict):
-        items: Any = value.items()
-    elif isinstance(value, list | tuple):
-        items = enumerate(value)
-    else:
-        return []
-    found: list[tuple[str, dict[str, str]]] = []
-    for key, item in items:
-        found.extend(find_db_locations(item, f"{prefix}.{key}" if prefix else str(key)))
-    return found
+    from lume_operator.results.discover import find_values
+
+    return find_values(value, is_db_location, prefix)
 
 
 # --- the store ----------------------------------------------------------------------------------
