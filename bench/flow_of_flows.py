@@ -203,8 +203,8 @@ def fan_out_report(results: Path) -> None:
         wall, composition = run_composition(fan_out(8, 2.0), results)
         children = anyio.run(child_runs, composition.status.run.id)
         created = [run.created for run in children]
-        started = [run.start_time for run in children]
-        ended = [run.end_time for run in children]
+        started = [datetime.fromisoformat(run.start_time) for run in children]
+        ended = [datetime.fromisoformat(run.end_time) for run in children]
         running = sum((e - s).total_seconds() for s, e in zip(started, ended, strict=True))
         print(
             f"(b) 8 independent steps of 2 s: {wall:.1f} s wall; a sequential run of the sleeps "
@@ -221,7 +221,7 @@ async def child_runs(parent_id: str) -> list:
     from lume_operator.prefect.gateway import PrefectGateway
 
     async with PrefectGateway.connect() as gateway:
-        return await gateway.child_runs(uuid.UUID(parent_id))
+        return await gateway.child_runs(parent_id)
 
 
 def spread(times: list[datetime]) -> float:

@@ -6,9 +6,10 @@ import pytest
 import yaml
 
 from lume_operator.api.common import quantity_to_bytes, quantity_to_cpus
-from lume_operator.api.manifests import load, parse_resource
+from lume_operator.api.manifests import parse_resource
 from lume_operator.api.runconfig import RunConfig
 from lume_operator.backends import get_backend
+from lume_operator.flows.convert import load_manifests as load
 
 
 def problems_of(text: str) -> list[str]:

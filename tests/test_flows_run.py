@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from lume_operator.api.flowofflows import FlowOfFlows
-from lume_operator.api.manifests import load
 from lume_operator.flows.composition import MappingError, index_into
+from lume_operator.flows.convert import load_manifests as load
 from lume_operator.flows.plan import plan_steps, step_flows, steps_with_mapped_tasks
 from lume_operator.results import load_file
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lume_operator.api.manifests import load
+from lume_operator.flows.convert import load_manifests as load
 from lume_operator.flows.validation import find_cycle
 from lume_operator.local.checks import composition_problems_local
 

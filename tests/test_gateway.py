@@ -1,21 +1,30 @@
-"""The Prefect gateway against the real server: idempotent pools, deployments and runs."""
+"""The Prefect port: the real gateway on the real server, and the in-memory fake held to the
+same contract (idempotent pools, deployments and runs; writes only when something changes);
+every failure as one error family."""
 
 from __future__ import annotations
 
+import socket
+
 import anyio
+import httpx
 import pytest
 
 from lume_operator.backends import get_backend
-from lume_operator.prefect.gateway import DeploymentSpec, PrefectError, PrefectGateway
+from lume_operator.prefect.deployment import DeploymentSpec
+from lume_operator.prefect.fake import FakePrefect
+from lume_operator.prefect.gateway import PrefectGateway, translate
+from lume_operator.prefect.port import (
+    PrefectError,
+    PrefectRejected,
+    PrefectUnreachable,
+    idempotency_key,
+)
 from lume_operator.prefect.server import prefect_api
-from lume_operator.reconcile.flowrun import idempotency_key
 
 
-@pytest.mark.prefect
-def test_gateway_writes_only_what_changes(prefect_home):
-    backend = get_backend("process")
-    template = backend.base_job_template()
-    spec = DeploymentSpec(
+def _spec() -> DeploymentSpec:
+    return DeploymentSpec(
         flow_name="beam-stats",
         name="default",
         entrypoint="flows/beam.py:beam_stats",
@@ -26,46 +35,128 @@ def test_gateway_writes_only_what_changes(prefect_home):
         tags=["cpu"],
     )
 
+
+async def contract(port) -> None:
+    """What every implementation of the port must do, asserted through the port alone."""
+    template = get_backend("process").base_job_template()
+    spec = _spec()
+    pool_id = await port.ensure_work_pool("pool", "process", template, queues=["cpu"])
+    after_pool = port.writes
+    assert after_pool >= 1
+    assert await port.ensure_work_pool("pool", "process", template, queues=["cpu"]) == pool_id
+    assert port.writes == after_pool  # nothing changed, nothing written
+    with pytest.raises(
+        PrefectRejected, match="work pool 'pool' exists with type 'process', not 'docker'"
+    ):
+        await port.ensure_work_pool("pool", "docker", template)
+    with pytest.raises(PrefectRejected, match="work pool 'elsewhere' to adopt does not exist"):
+        await port.ensure_work_pool("elsewhere", "process", template, adopt=True)
+
+    first = await port.ensure_deployment(spec)
+    writes = port.writes
+    assert await port.ensure_deployment(spec) == first
+    assert port.writes == writes  # an unchanged deployment is not updated
+    spec.parameters = {"n": 2}
+    assert await port.ensure_deployment(spec) == first
+    assert port.writes == writes + 1
+
+    key = idempotency_key("uid-1", 3, 0)
+    run_a = await port.create_flow_run(first, idempotency_key=key, tags=["cpu"])
+    run_b = await port.create_flow_run(first, idempotency_key=key)
+    assert run_a.id == run_b.id  # the same key never makes a second run
+    other = await port.create_flow_run(first, idempotency_key=idempotency_key("uid-1", 4, 0))
+    assert other.id != run_a.id
+    read = await port.read_flow_run(run_a.id)
+    assert (read.id, read.state.type, read.final) == (run_a.id, "SCHEDULED", False)
+    assert "cpu" in read.tags
+    assert port.ui_url(run_a.id).endswith(f"/runs/flow-run/{run_a.id}")
+
+    await port.cancel_flow_run(run_a.id)
+    assert (await port.read_flow_run(run_a.id)).state.type in ("CANCELLING", "CANCELLED")
+    assert await port.child_runs(run_a.id) == []
+    assert await port.table_artifact(run_a.id, "nothing") is None
+
+    await port.delete_deployment("beam-stats", "default")
+    await port.delete_deployment("beam-stats", "default")  # already gone counts as done
+    with pytest.raises(PrefectRejected) as refused:
+        await port.create_flow_run(first, idempotency_key=idempotency_key("uid-1", 5, 0))
+    assert refused.value.status_code in (404, 409, 422)
+    await port.delete_work_pool("pool")
+    await port.delete_work_pool("pool")
+
+
+@pytest.mark.prefect
+def test_the_gateway_keeps_the_port_contract_on_the_real_server(prefect_home):
     async def scenario() -> None:
         async with PrefectGateway.connect(timeout=30) as gateway:
-            pool_id = await gateway.ensure_work_pool("pool", "process", template, queues=["cpu"])
-            assert gateway.writes == 2  # the pool and its queue
-            assert (
-                await gateway.ensure_work_pool("pool", "process", template, queues=["cpu"])
-                == pool_id
-            )
-            assert gateway.writes == 2  # nothing changed, nothing written
-            with pytest.raises(
-                PrefectError, match="work pool 'pool' exists with type 'process', not 'docker'"
-            ):
-                await gateway.ensure_work_pool("pool", "docker", template)
-            with pytest.raises(PrefectError, match="work pool 'elsewhere' to adopt does not exist"):
-                await gateway.ensure_work_pool("elsewhere", "process", template, adopt=True)
-
-            first = await gateway.ensure_deployment(spec)
-            writes = gateway.writes
-            assert await gateway.ensure_deployment(spec) == first
-            assert gateway.writes == writes  # an unchanged deployment is not updated
-            spec.parameters = {"n": 2}
-            assert await gateway.ensure_deployment(spec) == first
-            assert gateway.writes == writes + 1
-            current = await gateway.client.read_deployment(first)
-            assert current.parameters == {"n": 2}
-
-            key = idempotency_key("uid-1", 3, 0)
-            run_a = await gateway.create_flow_run(first, idempotency_key=key)
-            run_b = await gateway.create_flow_run(first, idempotency_key=key)
-            assert run_a.id == run_b.id  # the same key never makes a second run
-            other = await gateway.create_flow_run(
-                first, idempotency_key=idempotency_key("uid-1", 4, 0)
-            )
-            assert other.id != run_a.id
+            await contract(gateway)
+            current = await gateway.read_deployment("beam-stats", "default")
+            assert current is None
 
     with prefect_api() as (_, embedded):
         assert embedded
         anyio.run(scenario)
 
 
+@pytest.mark.unit
+def test_the_fake_keeps_the_same_contract():
+    anyio.run(contract, FakePrefect())
+
+
+@pytest.mark.unit
+def test_a_closed_port_is_unreachable_not_rejected():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+
+    async def scenario() -> None:
+        url = f"http://127.0.0.1:{port}/api"
+        async with PrefectGateway.connect(timeout=5, api_url=url) as gateway:
+            await gateway.ensure_work_pool("pool", "process", {})
+
+    with pytest.raises(PrefectUnreachable, match="work pool 'pool': Prefect API failed"):
+        anyio.run(scenario)
+
+
+def _status_error(code: int, body: object) -> httpx.HTTPStatusError:
+    request = httpx.Request("POST", "http://prefect.test/api/deployments/")
+    response = httpx.Response(code, json=body, request=request)
+    return httpx.HTTPStatusError("error", request=request, response=response)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("code", "family"),
+    [
+        (401, PrefectRejected),
+        (403, PrefectRejected),
+        (404, PrefectRejected),
+        (422, PrefectRejected),
+        (408, PrefectUnreachable),
+        (429, PrefectUnreachable),
+        (500, PrefectUnreachable),
+        (503, PrefectUnreachable),
+    ],
+)
+def test_status_codes_are_told_apart(code, family):
+    error = translate(_status_error(code, {"detail": "nope"}), "deployment x/y")
+    assert type(error) is family
+    assert error.status_code == code
+    assert str(error) == f"deployment x/y: Prefect answered {code}: nope"
+
+
+@pytest.mark.unit
+def test_transport_errors_and_timeouts_are_outages():
+    assert isinstance(translate(httpx.ConnectError("refused"), "x"), PrefectUnreachable)
+    assert isinstance(translate(httpx.ReadTimeout("slow"), "x"), PrefectUnreachable)
+    assert "timed out" in str(translate(TimeoutError(), "x"))
+    assert isinstance(translate(ValueError("odd"), "x"), PrefectRejected)
+    already = PrefectRejected("as is", 400)
+    assert translate(already, "x") is already
+    assert issubclass(PrefectUnreachable, PrefectError)
+
+
+@pytest.mark.unit
 def test_idempotency_keys_are_deterministic():
     assert idempotency_key("u", 1, 0) == idempotency_key("u", 1, 0)
     assert (

@@ -39,7 +39,8 @@ def main() -> None:
 @FILES
 def validate(paths: tuple[str, ...]) -> None:
     """Check manifests: every problem, with its field path; exit 1 if any."""
-    from lume_operator.api.manifests import ManifestError, load
+    from lume_operator.api.manifests import ManifestError
+    from lume_operator.flows.convert import load_manifests as load
 
     console = _console()
     try:
@@ -148,7 +149,7 @@ def convert(path: Path, namespace: str) -> None:
 )
 def graph(paths: tuple[str, ...], output: Path | None) -> None:
     """Draw each FlowOfFlows in the manifests as a Graphviz DAG."""
-    from lume_operator.api.manifests import load
+    from lume_operator.flows.convert import load_manifests as load
     from lume_operator.flows.graph import GraphvizNotFound, render, to_dot
 
     console = _console()

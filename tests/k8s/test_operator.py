@@ -139,13 +139,7 @@ def test_deleting_the_backend_first_still_removes_the_flows_deployment(
 
     async def deployment_exists() -> bool:
         async with PrefectGateway.connect(api_url=prefect_server.api_url) as gateway:
-            from prefect.exceptions import ObjectNotFound
-
-            try:
-                await gateway.client.read_deployment_by_name("beam-stats/default")
-            except ObjectNotFound:
-                return False
-            return True
+            return await gateway.read_deployment("beam-stats", "default") is not None
 
     assert anyio.run(deployment_exists)
     kubectl("delete", "sb", "local", "--timeout=30s")

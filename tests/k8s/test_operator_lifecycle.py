@@ -30,8 +30,8 @@ from prefect.client.schemas.objects import Deployment, FlowRun, WorkPool
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Failed, Running
 
-from lume_operator.handlers.failpoints import ENV as FAILPOINT_ENV
-from lume_operator.reconcile.flowrun import idempotency_key
+from lume_operator.failpoints import ENV as FAILPOINT_ENV
+from lume_operator.prefect.port import idempotency_key
 from tests.k8s.conftest import KopfOperator, Kubectl
 from tests.k8s.emulator import EmulatorServer, wait_until
 from tests.k8s.prefect_server import PrefectServer

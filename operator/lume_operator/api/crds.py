@@ -245,3 +245,9 @@ def write_chart_crds(chart_dir: Path) -> list[Path]:
             path.write_text(text)
         written.append(path)
     return written
+
+
+# Plural resource names by kind, for the operator's handlers and the results CLI.
+PLURALS: dict[str, str] = {
+    kind["model"].model_fields["kind"].default: kind["plural"] for kind in KINDS
+}

@@ -70,7 +70,7 @@ class Manifests:
     origins: dict[str, Document] = field(default_factory=dict)
 
     def origin(self, resource: Resource) -> Document | None:
-        return self.origins.get(_identity(resource))
+        return self.origins.get(identity(resource))
 
     def backend(self, namespace: str, name: str) -> SchedulingBackend | None:
         for backend in self.backends:
@@ -79,7 +79,7 @@ class Manifests:
         return None
 
 
-def _identity(resource: Resource) -> str:
+def identity(resource: Resource) -> str:
     return f"{resource.metadata.namespace}/{type(resource).__name__}/{resource.metadata.name}"
 
 
@@ -196,41 +196,3 @@ def parse_resource(body: Any, source: str) -> tuple[Resource | None, list[Proble
         return None, problems_from(error, source)
     problems = semantic_problems(resource, source)
     return (None if problems else resource), problems
-
-
-def _parse_document(document: Document) -> tuple[Resource | None, list[Problem]]:
-    """A manifest, or an original lume-services flow-of-flows file converted to one."""
-    from lume_operator.flows.convert import LegacyFormatError, convert, is_legacy
-
-    if not is_legacy(document.body):
-        return parse_resource(document.body, document.source)
-    source = f"{document.source} (lume-services flow-of-flows)"
-    try:
-        manifest = convert(document.body)
-    except LegacyFormatError as error:
-        return None, [Problem(source, path, message) for path, message in error.problems]
-    return parse_resource(manifest, document.source)
-
-
-def load(paths: Iterable[str | Path]) -> Manifests:
-    """Parse every manifest under `paths`; problems are collected, not raised."""
-    documents, problems = read_documents(paths)
-    manifests = Manifests(problems=problems)
-    for document in documents:
-        resource, found = _parse_document(document)
-        manifests.problems.extend(found)
-        if resource is None:
-            if not found:
-                body = document.body
-                manifests.skipped.append(
-                    f"{document.source} ({body.get('kind')} {body.get('apiVersion')})"
-                )
-            continue
-        manifests.origins[_identity(resource)] = document
-        if isinstance(resource, SchedulingBackend):
-            manifests.backends.append(resource)
-        elif isinstance(resource, LumeFlow):
-            manifests.flows.append(resource)
-        elif isinstance(resource, FlowOfFlows):
-            manifests.compositions.append(resource)
-    return manifests

@@ -8,15 +8,28 @@ paths of a manifest they never saw.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lume_operator import API_VERSION
-from lume_operator.api.common import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN
+from lume_operator.api.backend import SchedulingBackend
+from lume_operator.api.common import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, Resource
+from lume_operator.api.flow import LumeFlow
 from lume_operator.api.flowofflows import FlowOfFlows
-from lume_operator.api.manifests import format_location, problems_from
+from lume_operator.api.manifests import (
+    Document,
+    Manifests,
+    Problem,
+    format_location,
+    identity,
+    parse_resource,
+    problems_from,
+    read_documents,
+)
 from lume_operator.flows.graph import parents
 from lume_operator.flows.validation import find_cycle
 
@@ -233,3 +246,40 @@ def _legacy_path(path: str) -> str:
         rest[0] = rest[0].replace("steps", "composing_flows", 1)
         rest = rest[:2] if len(rest) > 1 and rest[1] == "flowRef" else rest
     return format_location(_LEGACY_FIELDS.get(part, part) for part in rest) if rest else path
+
+
+def _parse_document(document: Document) -> tuple[Resource | None, list[Problem]]:
+    """A manifest, or an original lume-services flow-of-flows file converted to one."""
+    if not is_legacy(document.body):
+        return parse_resource(document.body, document.source)
+    source = f"{document.source} (lume-services flow-of-flows)"
+    try:
+        manifest = convert(document.body)
+    except LegacyFormatError as error:
+        return None, [Problem(source, path, message) for path, message in error.problems]
+    return parse_resource(manifest, document.source)
+
+
+def load_manifests(paths: Iterable[str | Path]) -> Manifests:
+    """Parse every manifest under `paths`, original-format flow-of-flows files converted;
+    problems are collected, not raised."""
+    documents, problems = read_documents(paths)
+    manifests = Manifests(problems=problems)
+    for document in documents:
+        resource, found = _parse_document(document)
+        manifests.problems.extend(found)
+        if resource is None:
+            if not found:
+                body = document.body
+                manifests.skipped.append(
+                    f"{document.source} ({body.get('kind')} {body.get('apiVersion')})"
+                )
+            continue
+        manifests.origins[identity(resource)] = document
+        if isinstance(resource, SchedulingBackend):
+            manifests.backends.append(resource)
+        elif isinstance(resource, LumeFlow):
+            manifests.flows.append(resource)
+        elif isinstance(resource, FlowOfFlows):
+            manifests.compositions.append(resource)
+    return manifests

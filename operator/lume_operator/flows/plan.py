@@ -6,7 +6,7 @@ from typing import Any
 
 from lume_operator.api.flow import LumeFlow
 from lume_operator.api.flowofflows import FlowOfFlows
-from lume_operator.reconcile.flowrun import idempotency_key
+from lume_operator.prefect.port import idempotency_key
 
 
 def step_flows(fof: FlowOfFlows, flows: dict[str, LumeFlow]) -> dict[str, LumeFlow]:

@@ -14,6 +14,8 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from lume_operator import GROUP, VERSION
+
 
 class SecretMissing(Exception):
     """A Secret (or its key) that a spec refers to does not exist."""
@@ -37,6 +39,12 @@ class Kube:
         self.apps = client.AppsV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+
+    @classmethod
+    def configured(cls, kubeconfig: str | None = None) -> Kube:
+        """A client configured afresh (in-cluster, or a kubeconfig) for this operator run."""
+        load_config(kubeconfig)
+        return cls()
 
     def _methods(self, kind: str) -> tuple[Any, Any]:
         return {
@@ -102,8 +110,8 @@ class Kube:
         """Merge-patch the status of one of our objects now, not when the handler returns."""
         await asyncio.to_thread(
             self.custom.patch_namespaced_custom_object_status,
-            "lume.dev",
-            "v1alpha1",
+            GROUP,
+            VERSION,
             namespace,
             plural,
             name,

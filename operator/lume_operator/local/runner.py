@@ -17,16 +17,17 @@ from typing import Any
 
 import anyio
 import yaml
+from prefect.workers.process import ProcessWorker
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
 from lume_operator.api.backend import SchedulingBackend
-from lume_operator.api.common import Condition
 from lume_operator.api.flow import LumeFlow, LumeFlowStatus
 from lume_operator.api.flowofflows import FlowOfFlows, FlowOfFlowsStatus, StepStatus
-from lume_operator.api.manifests import Manifests, Problem, load
+from lume_operator.api.manifests import Manifests, Problem
 from lume_operator.backends import get_backend, tags
+from lume_operator.flows.convert import load_manifests
 from lume_operator.flows.plan import plan_steps, step_flows, steps_with_mapped_tasks
 from lume_operator.local.checks import (
     CodeProblem,
@@ -36,14 +37,20 @@ from lume_operator.local.checks import (
     locate,
     parameter_schema,
 )
-from lume_operator.reconcile.composition import StepObservation, observe_composition
+from lume_operator.prefect.gateway import PrefectGateway
+from lume_operator.prefect.port import FINAL_STATES, PrefectError, idempotency_key
+from lume_operator.prefect.server import prefect_api
+from lume_operator.reconcile import conditions
 from lume_operator.reconcile.deploy import composition_deployment, flow_deployment
-from lume_operator.reconcile.flowrun import (
-    FINAL_STATES,
-    idempotency_key,
-    run_outcome,
-    run_status,
+from lume_operator.reconcile.flowofflows import (
+    StepObservation,
+    apply_observation,
+    observe_composition,
 )
+from lume_operator.reconcile.flowrun import run_status
+from lume_operator.reconcile.lumeflow import follow_run, run_started
+from lume_operator.reconcile.outcome import set_conditions
+from lume_operator.results.store import STORE_URL_ENV
 
 # Overlapping polls per worker; each may be starting a run's process.
 MAX_POLLS_IN_FLIGHT = 8
@@ -76,9 +83,6 @@ class PlannedComposition:
         self.status.steps = [
             StepStatus(name=step.name, phase="Pending") for step in self.fof.spec.steps
         ]
-
-    def step_status(self, name: str) -> StepStatus:
-        return next(step for step in self.status.steps or [] if step.name == name)
 
 
 def _plan_flow(
@@ -247,8 +251,6 @@ class LocalRunner:
         self._pools_ready: set[str] = set()
         self._deployed: dict[str, _Deployed] = {}
         # DB results of local runs: a SQLite file beside the file results, unless configured.
-        from lume_operator.results.store import STORE_URL_ENV
-
         self.store_env = {
             STORE_URL_ENV: os.environ.get(STORE_URL_ENV)
             or f"sqlite:///{self.results_root / 'results.sqlite'}"
@@ -262,10 +264,6 @@ class LocalRunner:
     async def run(
         self, planned: list[PlannedFlow], compositions: list[PlannedComposition] | None = None
     ) -> None:
-        from prefect.workers.process import ProcessWorker
-
-        from lume_operator.prefect.gateway import PrefectError, PrefectGateway
-
         async with PrefectGateway.connect() as gateway:
             watches: list[_Watch] = []
             for item in planned:
@@ -373,8 +371,7 @@ class LocalRunner:
                 "env": {**deployed.env, **self.store_env, "LUME_RESULTS_DIR": str(run_dir)}
             },
         )
-        item.status.phase = "Running"
-        item.status.last_run = run_status(flow_run, 0, gateway.ui_url(flow_run.id))
+        run_started(item.status, flow_run, run_status(flow_run, 0, gateway.ui_url(flow_run.id)))
         self.say(flow.key, f"flow run {flow_run.name!r} created ({gateway.ui_url(flow_run.id)})")
         self.say(flow.key, f"results directory {run_dir}")
         return flow_run
@@ -479,35 +476,30 @@ class _FlowWatch(_Watch):
 
     async def poll(self, gateway: Any) -> bool:
         item = self.item
-        flow_run = await gateway.read_flow_run(self.flow_run_id)
-        state = flow_run.state
-        if state and self.last_state != state.name:
-            self.last_state = state.name
-            self.runner.say(item.flow.key, f"flow run {flow_run.name!r} is {state.name}")
-        item.status.last_run = run_status(flow_run, 0, gateway.ui_url(flow_run.id))
-        if not (state and state.type.value in FINAL_STATES):
+        await follow_run(item.flow, item.status, gateway, schedule=False)
+        run = item.status.last_run
+        if run and run.state and self.last_state != run.state:
+            self.last_state = run.state
+            self.runner.say(item.flow.key, f"flow run {run.name!r} is {run.state}")
+        if not (run and run.state_type in FINAL_STATES):
             return False
-        outcome = await run_outcome(gateway, flow_run, item.flow.spec.results)
-        item.status.phase, item.status.results = outcome.phase, outcome.results
-        item.error = outcome.error
-        if outcome.error is None:
-            item.status.conditions = [_ready(True, outcome.reason, "")]
-        else:
-            if outcome.reason == "ResultsInvalid":
-                self.runner.say(item.flow.key, outcome.error, "red")
-            item.status.conditions = [_ready(False, outcome.reason, outcome.error)]
+        ready = next(c for c in item.status.conditions or [] if c.type == "Ready")
+        if item.status.phase != "Completed":
+            item.error = ready.message
+            if ready.reason == "ResultsInvalid":
+                self.runner.say(item.flow.key, ready.message, "red")
         return True
 
     def timed_out(self, message: str) -> None:
         self.item.error = message
         self.item.status.phase = "Failed"
-        self.item.status.conditions = [_ready(False, "Timeout", message)]
+        set_conditions(self.item.status, conditions.failed("Timeout", message))
         self.runner.say(self.item.flow.key, message, "red")
 
     def broken(self, message: str) -> None:
         self.item.error = message
         self.item.status.phase = "Failed"
-        self.item.status.conditions = [_ready(False, "InternalError", message)]
+        set_conditions(self.item.status, conditions.failed("InternalError", message))
 
 
 class _CompositionWatch(_Watch):
@@ -534,7 +526,6 @@ class _CompositionWatch(_Watch):
         parent = seen.parent
         if parent.state:
             self._say(fof.key, f"flow run {parent.name!r} is {parent.state.name}")
-        composition.status.run = run_status(parent, 0, gateway.ui_url(parent.id))
         for name, step in seen.steps.items():
             who = f"{fof.key}/{name}"
             if step.run and step.run.state:
@@ -544,38 +535,23 @@ class _CompositionWatch(_Watch):
                 self._say(who, step.note or "skipped", "yellow")
             elif step.error and not step.run:
                 self._say(who, step.error, "red")
-            status = composition.step_status(name)
-            status.phase, status.run, status.results = step.phase, step.run, step.results
+        apply_observation(fof, composition.status, seen, gateway.ui_url(parent.id))
         if not seen.final:
             return False
-        composition.status.phase = seen.phase
-        if seen.phase == "Completed":
-            composition.status.conditions = [_ready(True, "FlowRunCompleted", "")]
-        else:
+        if seen.phase != "Completed":
             composition.error = seen.message or f"ended {parent.state.name}"
-            composition.status.conditions = [_ready(False, "StepFailed", composition.error)]
         return True
 
     def timed_out(self, message: str) -> None:
         self.composition.error = message
         self.composition.status.phase = "Failed"
-        self.composition.status.conditions = [_ready(False, "Timeout", message)]
+        set_conditions(self.composition.status, conditions.failed("Timeout", message))
         self.runner.say(self.composition.fof.key, message, "red")
 
     def broken(self, message: str) -> None:
         self.composition.error = message
         self.composition.status.phase = "Failed"
-        self.composition.status.conditions = [_ready(False, "InternalError", message)]
-
-
-def _ready(ok: bool, reason: str, message: str) -> Condition:
-    return Condition(
-        type="Ready",
-        status="True" if ok else "False",
-        reason=reason,
-        message=message,
-        last_transition_time=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
+        set_conditions(self.composition.status, conditions.failed("InternalError", message))
 
 
 def _document(resource: Any, status: Any) -> dict[str, Any]:
@@ -647,7 +623,7 @@ def run_local(
     timeout: float = 3600.0,
 ) -> int:
     """Validate, run and report; the exit code is 0 only when everything completed."""
-    manifests = load(paths)
+    manifests = load_manifests(paths)
     problems = list(manifests.problems)
     planned, compositions, plan_problems = plan(manifests)
     problems.extend(plan_problems)
@@ -668,8 +644,6 @@ def run_local(
     if not planned and not compositions:
         console.print("[red]error[/red] no LumeFlow in the manifests given; nothing to run.")
         return 1
-    from lume_operator.prefect.server import prefect_api
-
     with prefect_api() as (api_url, embedded):
         console.print(
             f"Prefect API: {api_url}" + (" (embedded server)" if embedded else ""), highlight=False

@@ -1,19 +1,20 @@
-"""Idempotent Prefect operations: work pools, deployments, flow runs and their results.
+"""The Prefect port on Prefect's own client: the only module that speaks HTTP to Prefect.
 
-Everything here takes plain values (names, templates, job variables) so the reconcile logic
-stays free of Prefect's client, and every call has a timeout so an outage never hangs a caller.
+Every call has a timeout, so an outage never hangs a caller, and every failure leaves here as
+one of the port's errors: `PrefectUnreachable` (transport errors, timeouts, 5xx, 408, 429) or
+`PrefectRejected` (any other answer that says no), each with its status code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 from uuid import UUID
 
 import anyio
+import httpx
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import (
     DeploymentScheduleCreate,
@@ -32,64 +33,98 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.states import Cancelling
+
+from lume_operator.prefect.deployment import DeploymentSpec, DeploymentView
+from lume_operator.prefect.port import (
+    FlowRunView,
+    PrefectError,
+    PrefectRejected,
+    PrefectUnreachable,
+    RunState,
+    is_outage_status,
+)
+
+T = TypeVar("T")
 
 
-class PrefectError(Exception):
-    """A Prefect operation that cannot succeed as asked; the message says why."""
+def _time(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
-@dataclass
-class DeploymentSpec:
-    """Everything that defines a deployment; compared field by field before any write."""
+def run_view(flow_run: FlowRun) -> FlowRunView:
+    """Prefect's flow run as the port's view."""
+    state = flow_run.state
+    data = getattr(state, "data", None)
+    metadata = getattr(data, "metadata", data)
+    return FlowRunView(
+        id=str(flow_run.id),
+        name=flow_run.name,
+        state=RunState(state.name, state.type.value, state.message or None) if state else None,
+        start_time=_time(flow_run.start_time),
+        end_time=_time(flow_run.end_time),
+        tags=list(flow_run.tags or []),
+        deployment_id=str(flow_run.deployment_id) if flow_run.deployment_id else None,
+        result_key=getattr(metadata, "storage_key", None),
+        handle=state,
+    )
 
-    flow_name: str
-    name: str
-    entrypoint: str
-    work_pool_name: str
-    work_queue_name: str
-    job_variables: dict[str, Any]
-    parameters: dict[str, Any]
-    tags: list[str]
-    pull_steps: list[dict[str, Any]] = field(default_factory=list)
-    parameter_openapi_schema: dict[str, Any] | None = None
-    # Never None: Prefect stores a missing description as the text "None".
-    description: str = "Managed by lume-operator."
-    # Cron schedules as {"cron": ..., "timezone": ...}; None: no schedule.
-    schedules: list[dict[str, str]] | None = None
 
-    def differs_from(self, current: Any) -> list[str]:
-        """Names of the fields whose current value in Prefect is not what we want."""
-        wanted = {
-            "entrypoint": self.entrypoint,
-            "work_pool_name": self.work_pool_name,
-            "work_queue_name": self.work_queue_name,
-            "job_variables": self.job_variables,
-            "parameters": self.parameters,
-            "tags": sorted(self.tags),
-            "pull_steps": self.pull_steps or None,
-            "description": self.description,
-        }
-        actual = {name: getattr(current, name, None) for name in wanted}
-        actual["tags"] = sorted(actual["tags"] or [])
-        actual["pull_steps"] = actual["pull_steps"] or None
-        actual["job_variables"] = actual["job_variables"] or {}
-        actual["parameters"] = actual["parameters"] or {}
-        changed = [name for name in wanted if wanted[name] != actual[name]]
-        current_schedules = [
+def deployment_view(deployment: DeploymentResponse, flow_name: str) -> DeploymentView:
+    return DeploymentView(
+        id=str(deployment.id),
+        flow_name=flow_name,
+        name=deployment.name,
+        entrypoint=deployment.entrypoint,
+        work_pool_name=deployment.work_pool_name,
+        work_queue_name=deployment.work_queue_name,
+        job_variables=dict(deployment.job_variables or {}),
+        parameters=dict(deployment.parameters or {}),
+        tags=list(deployment.tags or []),
+        pull_steps=deployment.pull_steps or None,
+        description=deployment.description,
+        schedules=[
             {"cron": item.schedule.cron, "timezone": item.schedule.timezone or "UTC"}
-            for item in (getattr(current, "schedules", None) or [])
+            for item in deployment.schedules or []
             if getattr(item.schedule, "cron", None)
-        ]
-        if (self.schedules or []) != current_schedules:
-            changed.append("schedules")
-        if self.parameter_openapi_schema is not None and (
-            self.parameter_openapi_schema != current.parameter_openapi_schema
-        ):
-            changed.append("parameter_openapi_schema")
-        return changed
+        ],
+        parameter_openapi_schema=deployment.parameter_openapi_schema,
+    )
+
+
+def translate(error: BaseException, what: str) -> PrefectError:
+    """Any failure of a Prefect call as the port's error family."""
+    if isinstance(error, PrefectError):
+        return error
+    if isinstance(error, ObjectNotFound):
+        return PrefectRejected(f"{what}: not found in Prefect", 404)
+    if isinstance(error, ObjectAlreadyExists):
+        return PrefectRejected(f"{what}: already exists in Prefect", 409)
+    if isinstance(error, httpx.HTTPStatusError):
+        code = error.response.status_code
+        detail = _detail(error.response)
+        message = f"{what}: Prefect answered {code}" + (f": {detail}" if detail else "")
+        if is_outage_status(code):
+            return PrefectUnreachable(message, code)
+        return PrefectRejected(message, code)
+    if isinstance(error, httpx.TransportError | OSError | TimeoutError):
+        kind = "timed out" if isinstance(error, TimeoutError | httpx.TimeoutException) else "failed"
+        return PrefectUnreachable(f"{what}: Prefect API {kind}: {type(error).__name__}: {error}")
+    return PrefectRejected(f"{what}: {type(error).__name__}: {error}")
+
+
+def _detail(response: httpx.Response) -> str:
+    """Prefect's own explanation, short: its `detail` field, never a whole body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return str(detail)[:300] if detail else ""
 
 
 class PrefectGateway:
@@ -106,51 +141,26 @@ class PrefectGateway:
         cls, timeout: float = 30.0, *, api_url: str | None = None, api_key: str | None = None
     ) -> AsyncIterator[PrefectGateway]:
         """A gateway on the given Prefect API, or the one the current settings point to."""
-        if api_url is None:
-            async with get_client() as client:
-                yield cls(client, timeout)
-            return
-        settings = {"timeout": timeout}
-        async with PrefectClient(api=api_url, api_key=api_key, httpx_settings=settings) as client:
-            yield cls(client, timeout)
-
-    async def health(self) -> None:
-        """Raise PrefectError unless the API answers."""
-        error = await self._call(self.client.api_healthcheck())
-        if error is not None:
-            raise PrefectError(f"Prefect API {self.api_url} is not healthy: {error}")
-
-    async def delete_deployment(self, flow_name: str, name: str) -> None:
-        """Delete a deployment by name; one that is already gone counts as deleted."""
-        try:
-            current = await self._call(self.client.read_deployment_by_name(f"{flow_name}/{name}"))
-        except ObjectNotFound:
-            return
-        with contextlib.suppress(ObjectNotFound):
-            await self._call(self.client.delete_deployment(current.id))
-            self.writes += 1
-
-    async def latest_run(self, deployment_id: UUID) -> FlowRun | None:
-        """The deployment's most recently started or scheduled run (a cron schedule's)."""
-        runs = await self._call(
-            self.client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(
-                        type=FlowRunFilterStateType(
-                            any_=[t for t in StateType if t != StateType.SCHEDULED]
-                        )
-                    )
-                ),
-                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-                limit=1,
-            )
+        client = (
+            get_client()
+            if api_url is None
+            else PrefectClient(api=api_url, api_key=api_key, httpx_settings={"timeout": timeout})
         )
-        return runs[0] if runs else None
+        try:
+            async with client:
+                yield cls(client, timeout)
+        except (httpx.HTTPError, OSError) as error:  # opening or closing the connection
+            raise translate(error, f"Prefect API {api_url or 'from settings'}") from error
 
-    async def _call(self, coroutine: Any) -> Any:
-        with anyio.fail_after(self.timeout):
-            return await coroutine
+    async def _call(self, call: Awaitable[T], what: str, *, quiet: tuple[type, ...] = ()) -> T:
+        """Await one Prefect call with a deadline; `quiet` errors pass through untranslated."""
+        try:
+            with anyio.fail_after(self.timeout):
+                return await call
+        except quiet:
+            raise
+        except Exception as error:
+            raise translate(error, what) from error
 
     @property
     def api_url(self) -> str:
@@ -161,6 +171,11 @@ class PrefectGateway:
         base = self.api_url.removesuffix("/api")
         return f"{base}/runs/flow-run/{flow_run_id}"
 
+    async def health(self) -> None:
+        error = await self._call(self.client.api_healthcheck(), "health check")
+        if error is not None:
+            raise translate(error, f"Prefect API {self.api_url} is not healthy")
+
     async def ensure_work_pool(
         self,
         name: str,
@@ -170,15 +185,15 @@ class PrefectGateway:
         adopt: bool = False,
         concurrency_limit: int | None = None,
         queues: list[str] | None = None,
-    ) -> UUID:
-        """Create the pool, bring it in line, or (adopt) use it untouched; returns its id."""
+    ) -> str:
+        what = f"work pool {name!r}"
         try:
-            pool = await self._call(self.client.read_work_pool(name))
+            pool = await self._call(self.client.read_work_pool(name), what, quiet=(ObjectNotFound,))
         except ObjectNotFound:
             pool = None
         if pool is None:
             if adopt:
-                raise PrefectError(f"work pool {name!r} to adopt does not exist")
+                raise PrefectRejected(f"work pool {name!r} to adopt does not exist", 404)
             try:
                 pool = await self._call(
                     self.client.create_work_pool(
@@ -188,13 +203,15 @@ class PrefectGateway:
                             base_job_template=base_job_template,
                             concurrency_limit=concurrency_limit,
                         )
-                    )
+                    ),
+                    what,
+                    quiet=(ObjectAlreadyExists,),
                 )
                 self.writes += 1
             except ObjectAlreadyExists:
-                pool = await self._call(self.client.read_work_pool(name))
+                pool = await self._call(self.client.read_work_pool(name), what)
         if pool.type != pool_type:
-            raise PrefectError(
+            raise PrefectRejected(
                 f"work pool {name!r} exists with type {pool.type!r}, not {pool_type!r}"
             )
         if not adopt and (
@@ -207,42 +224,51 @@ class PrefectGateway:
                     WorkPoolUpdate(
                         base_job_template=base_job_template, concurrency_limit=concurrency_limit
                     ),
-                )
+                ),
+                what,
             )
             self.writes += 1
         if queues:
-            existing = {q.name for q in await self._call(self.client.read_work_queues(name))}
+            existing = {q.name for q in await self._call(self.client.read_work_queues(name), what)}
             for queue in queues:
                 if queue in existing:
                     continue
-                try:
-                    await self._call(self.client.create_work_queue(queue, work_pool_name=name))
+                with contextlib.suppress(ObjectAlreadyExists):
+                    await self._call(
+                        self.client.create_work_queue(queue, work_pool_name=name),
+                        f"work queue {queue!r} of {what}",
+                        quiet=(ObjectAlreadyExists,),
+                    )
                     self.writes += 1
-                except ObjectAlreadyExists:
-                    pass
-        return pool.id
+        return str(pool.id)
 
     async def delete_work_pool(self, name: str) -> None:
-        """Delete a pool; one that is already gone counts as deleted."""
         with contextlib.suppress(ObjectNotFound):
-            await self._call(self.client.delete_work_pool(name))
+            await self._call(
+                self.client.delete_work_pool(name), f"work pool {name!r}", quiet=(ObjectNotFound,)
+            )
             self.writes += 1
 
-    async def ensure_deployment(self, spec: DeploymentSpec) -> UUID:
-        """Upsert the deployment, skipping the write when nothing would change.
-
-        Each deployment update deletes its future scheduled runs, so an update that changes
-        nothing is not harmless.
-        """
+    async def _read_deployment(self, flow_name: str, name: str) -> DeploymentResponse | None:
         try:
-            current = await self._call(
-                self.client.read_deployment_by_name(f"{spec.flow_name}/{spec.name}")
+            return await self._call(
+                self.client.read_deployment_by_name(f"{flow_name}/{name}"),
+                f"deployment {flow_name}/{name}",
+                quiet=(ObjectNotFound,),
             )
         except ObjectNotFound:
-            current = None
+            return None
+
+    async def read_deployment(self, flow_name: str, name: str) -> DeploymentView | None:
+        current = await self._read_deployment(flow_name, name)
+        return deployment_view(current, flow_name) if current else None
+
+    async def ensure_deployment(self, spec: DeploymentSpec) -> str:
+        what = f"deployment {spec.flow_name}/{spec.name}"
+        current = await self.read_deployment(spec.flow_name, spec.name)
         if current is not None and not spec.differs_from(current):
             return current.id
-        flow_id = await self._call(self.client.create_flow_from_name(spec.flow_name))
+        flow_id = await self._call(self.client.create_flow_from_name(spec.flow_name), what)
         deployment_id = await self._call(
             self.client.create_deployment(
                 flow_id=flow_id,
@@ -264,53 +290,100 @@ class PrefectGateway:
                     )
                     for item in spec.schedules or []
                 ],
-            )
+            ),
+            what,
         )
         self.writes += 1
-        return deployment_id
+        return str(deployment_id)
+
+    async def delete_deployment(self, flow_name: str, name: str) -> None:
+        current = await self._read_deployment(flow_name, name)
+        if current is None:
+            return
+        with contextlib.suppress(ObjectNotFound):
+            await self._call(
+                self.client.delete_deployment(current.id),
+                f"deployment {flow_name}/{name}",
+                quiet=(ObjectNotFound,),
+            )
+            self.writes += 1
 
     async def create_flow_run(
         self,
-        deployment_id: UUID,
+        deployment_id: str,
         *,
         idempotency_key: str,
         parameters: dict[str, Any] | None = None,
         tags: list[str] | None = None,
         job_variables: dict[str, Any] | None = None,
-    ) -> FlowRun:
-        """A flow run of the deployment; the same key returns the same run, never a second."""
+    ) -> FlowRunView:
         flow_run = await self._call(
             self.client.create_flow_run_from_deployment(
-                deployment_id,
+                UUID(deployment_id),
                 parameters=parameters,
                 tags=tags,
                 idempotency_key=idempotency_key,
                 job_variables=job_variables,
-            )
+            ),
+            f"flow run of deployment {deployment_id}",
         )
         self.writes += 1
-        return flow_run
+        return run_view(flow_run)
 
-    async def read_flow_run(self, flow_run_id: UUID) -> FlowRun:
-        return await self._call(self.client.read_flow_run(flow_run_id))
+    async def read_flow_run(self, flow_run_id: str) -> FlowRunView:
+        flow_run = await self._call(
+            self.client.read_flow_run(UUID(flow_run_id)), f"flow run {flow_run_id}"
+        )
+        return run_view(flow_run)
 
-    async def child_runs(self, parent_id: UUID) -> list[FlowRun]:
-        """The flow runs started from inside a run (a composition's steps)."""
-        return await self._call(
+    async def latest_run(self, deployment_id: str) -> FlowRunView | None:
+        runs = await self._call(
+            self.client.read_flow_runs(
+                deployment_filter=DeploymentFilter(
+                    id=DeploymentFilterId(any_=[UUID(deployment_id)])
+                ),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(
+                            any_=[t for t in StateType if t != StateType.SCHEDULED]
+                        )
+                    )
+                ),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                limit=1,
+            ),
+            f"runs of deployment {deployment_id}",
+        )
+        return run_view(runs[0]) if runs else None
+
+    async def child_runs(self, parent_id: str) -> list[FlowRunView]:
+        runs = await self._call(
             self.client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(
-                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(parent_id)])
                 )
-            )
+            ),
+            f"child runs of flow run {parent_id}",
         )
+        return [run_view(run) for run in runs]
 
-    async def table_artifact(self, flow_run_id: UUID, description: str) -> list[dict] | None:
-        """The rows of the run's table artifact with that description, if it made one."""
+    async def cancel_flow_run(self, flow_run_id: str) -> None:
+        current = await self.read_flow_run(flow_run_id)
+        if current.final or (current.state and current.state.type == "CANCELLING"):
+            return
+        await self._call(
+            self.client.set_flow_run_state(UUID(flow_run_id), Cancelling(), force=True),
+            f"cancel flow run {flow_run_id}",
+        )
+        self.writes += 1
+
+    async def table_artifact(self, flow_run_id: str, description: str) -> list[dict] | None:
         artifacts = await self._call(
             self.client.read_artifacts(
                 artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["table"])),
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            )
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])),
+            ),
+            f"artifacts of flow run {flow_run_id}",
         )
         for artifact in artifacts:
             if artifact.description == description:
@@ -319,20 +392,14 @@ class PrefectGateway:
                 return rows if isinstance(rows, list) else None
         return None
 
-    async def result_of(self, flow_run: FlowRun) -> Any:
-        """The persisted return value of a completed run."""
-        if flow_run.state is None:
-            raise PrefectError(f"flow run {flow_run.id} has no state")
+    async def result_of(self, flow_run: FlowRunView) -> Any:
+        state = flow_run.handle
+        if state is None:
+            raise PrefectRejected(f"flow run {flow_run.id} has no state")
         try:
-            return await self._call(flow_run.state.aresult(raise_on_failure=False))
+            with anyio.fail_after(self.timeout):
+                return await state.aresult(raise_on_failure=False)
         except Exception as error:  # storage missing, serializer unknown, ...
-            raise PrefectError(
+            raise PrefectRejected(
                 f"cannot read the result of flow run {flow_run.id}: {error}"
             ) from error
-
-    @staticmethod
-    def result_key(flow_run: FlowRun) -> str | None:
-        """Where the run's return value is persisted (a storage key), when it is."""
-        data = getattr(flow_run.state, "data", None)
-        metadata = getattr(data, "metadata", data)
-        return getattr(metadata, "storage_key", None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from lume_operator.api.common import Condition
+
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -69,3 +71,17 @@ def failed(reason: str, message: str) -> list[dict[str, Any]]:
         condition("Reconciling", False, reason),
         condition("Stalled", False, reason),
     ]
+
+
+def apply(existing: list[Condition] | None, updates: list[dict[str, Any]]) -> list[Condition]:
+    """Typed conditions with `updates` merged in (see `merge`)."""
+    merged = merge([c.to_wire() for c in existing or []], *updates)
+    return [Condition.model_validate(c) for c in merged]
+
+
+def is_true(existing: list[Condition] | None, type_: str) -> bool:
+    return any(c.type == type_ and c.status == "True" for c in existing or [])
+
+
+def reason_of(existing: list[Condition] | None, type_: str = "Ready") -> str | None:
+    return next((c.reason for c in existing or [] if c.type == type_), None)

@@ -1,62 +1,56 @@
-"""From a Prefect flow run to status: phases, run references and result locations."""
+"""From a flow run (the port's view) to status: phases, run references and result locations."""
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from lume_operator.api.flow import FlowRunStatus, ResultSpec, ResultStatus
+from lume_operator.prefect.port import FlowRunView, PrefectError, PrefectPort
+from lume_operator.results import (
+    FileDescriptionError,
+    FilesystemError,
+    find_file_descriptions,
+    is_file_description,
+    load_file,
+)
+from lume_operator.results.store import find_db_locations, is_db_location
 
-# Prefect state types after which a run changes no more.
-FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
-
-# uuid5 namespace of lume-operator's deterministic ids.
-_NAMESPACE = uuid.UUID("5d1f1c8e-3b0b-4c55-9a55-6c756d652d6f")
-
-
-def idempotency_key(uid: str, generation: int | None, index: int, step: str | None = None) -> str:
-    """The same (resource uid, generation, run index[, step]) always gives the same key, so a
-    restarted operator or a retried request never starts a second run."""
-    parts = [uid, str(generation or 0), str(index)] + ([step] if step else [])
-    return f"lume-{uuid.uuid5(_NAMESPACE, '/'.join(parts))}"
+# The phase of a LumeFlow (or a step) while its run is in each Prefect state type.
+PHASES = {
+    "SCHEDULED": "Running",
+    "PENDING": "Running",
+    "RUNNING": "Running",
+    "PAUSED": "Running",
+    "CANCELLING": "Running",
+    "COMPLETED": "Completed",
+    "FAILED": "Failed",
+    "CRASHED": "Failed",
+    "CANCELLED": "Failed",
+}
 
 
 def phase_of(state_type: str | None) -> str:
     """The LumeFlow phase of a Prefect state type."""
-    return {
-        "SCHEDULED": "Running",
-        "PENDING": "Running",
-        "RUNNING": "Running",
-        "PAUSED": "Running",
-        "CANCELLING": "Running",
-        "COMPLETED": "Completed",
-        "FAILED": "Failed",
-        "CRASHED": "Failed",
-        "CANCELLED": "Failed",
-    }.get(state_type or "", "Pending")
-
-
-def _time(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
+    return PHASES.get(state_type or "", "Pending")
 
 
 def run_status(
-    flow_run: Any, index: int, url: str | None, generation: int | None = None
+    flow_run: FlowRunView, index: int, url: str | None, generation: int | None = None
 ) -> FlowRunStatus:
-    """A status reference to a Prefect flow run (no payloads)."""
+    """A status reference to a flow run (no payloads)."""
     state = flow_run.state
     return FlowRunStatus(
-        id=str(flow_run.id),
+        id=flow_run.id,
         name=flow_run.name,
         index=index,
         generation=generation,
         state=state.name if state else None,
-        state_type=state.type.value if state else None,
-        start_time=_time(flow_run.start_time),
-        end_time=_time(flow_run.end_time),
+        state_type=state.type if state else None,
+        start_time=flow_run.start_time,
+        end_time=flow_run.end_time,
         url=url,
-        message=(state.message or None) if state and state.type.value != "COMPLETED" else None,
+        message=(state.message or None) if state and state.type != "COMPLETED" else None,
     )
 
 
@@ -97,15 +91,6 @@ def result_statuses(
     Declared results are looked up by key path; undeclared, every File description in the
     return value is recorded. Plain values are recorded by their Prefect result key.
     """
-    from lume_operator.results import (
-        FileDescriptionError,
-        FilesystemError,
-        find_file_descriptions,
-        is_file_description,
-        load_file,
-    )
-    from lume_operator.results.store import find_db_locations, is_db_location
-
     if declared:
         found = [_Found(spec.name, _lookup(return_value, spec.name)) for spec in declared]
         expected = {spec.name: spec.type for spec in declared}
@@ -176,17 +161,18 @@ class RunOutcome:
     reason: str = "FlowRunCompleted"
 
 
-async def run_outcome(gateway: Any, flow_run: Any, declared: list[ResultSpec] | None) -> RunOutcome:
+async def run_outcome(
+    prefect: PrefectPort, flow_run: FlowRunView, declared: list[ResultSpec] | None
+) -> RunOutcome:
     """The outcome of a run in a final state; a completed run's results are read and checked."""
-    from lume_operator.prefect.gateway import PrefectError
-
     state = flow_run.state
-    if state.type.value != "COMPLETED":
+    assert state is not None, "only a run in a final state has an outcome"
+    if state.type != "COMPLETED":
         message = state.message or f"flow run ended {state.name}"
-        return RunOutcome(phase_of(state.type.value), error=message, reason="FlowRunFailed")
+        return RunOutcome(phase_of(state.type), error=message, reason="FlowRunFailed")
     try:
-        value = await gateway.result_of(flow_run)
-        results = result_statuses(value, declared, gateway.result_key(flow_run))
+        value = await prefect.result_of(flow_run)
+        results = result_statuses(value, declared, flow_run.result_key)
     except (PrefectError, ResultError) as error:
         return RunOutcome("Failed", error=str(error), reason="ResultsInvalid")
     return RunOutcome("Completed", results=results)

@@ -1,0 +1,125 @@
+"""What the kopf handlers share: the operator's state (memo), the Prefect connector, and how an
+`Outcome` is written back (status patch, events, retry)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from lume_operator.api.backend import SchedulingBackend
+from lume_operator.api.common import Model
+from lume_operator.handlers.kube import Kube, SecretMissing
+from lume_operator.prefect.gateway import PrefectGateway
+from lume_operator.prefect.port import PrefectNotConfigured, PrefectPort
+from lume_operator.reconcile.backend import api_url_of
+from lume_operator.reconcile.flowofflows import StepObservation
+from lume_operator.reconcile.outcome import Found, Outcome
+from lume_operator.settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class State:
+    """One operator run's settings and clients, kept in kopf's memo."""
+
+    settings: OperatorSettings
+    kube: Kube
+    slots: asyncio.Semaphore
+    # Steps of composition runs already seen final (see follow_composition).
+    observed: dict[str, dict[str, StepObservation]] = field(default_factory=dict)
+
+    @contextlib.asynccontextmanager
+    async def connect(self, backend: SchedulingBackend) -> AsyncIterator[PrefectPort]:
+        """The Prefect API of a backend, its key read from the Secret it names (never logged).
+
+        A slot is taken before the call's timeout starts: an apply of hundreds of objects
+        queues here instead of flooding Prefect until calls time out and retry.
+        """
+        api_url = api_url_of(backend, self.settings)
+        if not api_url:
+            raise PrefectNotConfigured(
+                "NoPrefectAPI",
+                "no Prefect API: set spec.prefect.apiUrl or the operator's PREFECT_API_URL",
+            )
+        api_key = None
+        ref = backend.spec.prefect.api_key_secret_ref if backend.spec.prefect else None
+        if ref:
+            try:
+                api_key = await self.kube.secret_value(
+                    backend.metadata.namespace, ref.name, ref.key
+                )
+            except SecretMissing as error:
+                raise PrefectNotConfigured("SecretNotFound", str(error)) from None
+        async with (
+            self.slots,
+            PrefectGateway.connect(
+                api_url=api_url, api_key=api_key, timeout=self.settings.prefect_timeout
+            ) as gateway,
+        ):
+            yield gateway
+
+
+def state_of(memo: kopf.Memo) -> State:
+    return memo["lume"]
+
+
+def manifest(body: kopf.Body) -> dict[str, Any]:
+    """The object as a plain dict, without its status (ours, not the user's)."""
+    return {key: value for key, value in dict(body).items() if key != "status"}
+
+
+def found(index: kopf.Index, key: tuple[str, str]) -> Found | None:
+    """The first entry of an index key, as plain data."""
+    entry = next(iter(index.get(key, [])), None)
+    return Found(entry["body"], entry["status"]) if entry else None
+
+
+def in_namespace(index: kopf.Index, namespace: str) -> dict[str, Found]:
+    """Every object of a namespace in an index, by name."""
+    return {
+        name: Found(entry["body"], entry["status"])
+        for (ns, name), entries in index.items()
+        if ns == namespace
+        for entry in entries
+    }
+
+
+def status_patch(old: dict[str, Any], new: Model) -> dict[str, Any]:
+    """A merge patch from `old` to `new`: changed keys, and None for the model's keys removed."""
+    wire = new.to_wire()
+    patch = {key: value for key, value in wire.items() if old.get(key) != value}
+    for name, info in type(new).model_fields.items():
+        key = info.alias or name
+        if key in old and key not in wire:
+            patch[key] = None
+    return patch
+
+
+def apply_outcome(
+    outcome: Outcome[Any] | None, body: kopf.Body, status: dict[str, Any], patch: kopf.Patch
+) -> None:
+    """Write the outcome: status changes into kopf's patch, events, then a retry if asked."""
+    if outcome is None:
+        return
+    for key, value in status_patch(status, outcome.status).items():
+        patch.status[key] = value
+    for event in outcome.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    if outcome.retry_in is not None:
+        raise kopf.TemporaryError(outcome.retry_message, delay=outcome.retry_in)
+
+
+async def publish(state: State, plural: str, body: kopf.Body, status: Model) -> None:
+    """Write a status now, not when the handler returns (a first `Deploying`)."""
+    meta = body.metadata
+    try:
+        await state.kube.patch_own_status(plural, meta.namespace, meta.name, status.to_wire())
+    except Exception as error:  # only a courtesy: the handler's own patch follows anyway
+        logger.warning("could not write the first status: %s", error)

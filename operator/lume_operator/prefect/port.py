@@ -1,0 +1,181 @@
+"""The Prefect port: what lume-operator asks of Prefect, in lume-owned types.
+
+The decision layer (`reconcile`) talks to Prefect only through `PrefectPort`; the real
+`PrefectGateway` and the in-memory `FakePrefect` both implement it. Views are plain data, so a
+decision never depends on Prefect's client classes, and errors come as one family: an outage
+(`PrefectUnreachable`, retried with backoff) or a refusal (`PrefectRejected`, needs a change).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lume_operator.prefect.deployment import DeploymentSpec
+
+# Prefect state types after which a run changes no more.
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+
+# uuid5 namespace of lume-operator's deterministic ids.
+_NAMESPACE = uuid.UUID("5d1f1c8e-3b0b-4c55-9a55-6c756d652d6f")
+
+
+def idempotency_key(uid: str, generation: int | None, index: int, step: str | None = None) -> str:
+    """The same (resource uid, generation, run index[, step]) always gives the same key, so a
+    restarted operator or a retried request never starts a second run."""
+    parts = [uid, str(generation or 0), str(index)] + ([step] if step else [])
+    return f"lume-{uuid.uuid5(_NAMESPACE, '/'.join(parts))}"
+
+
+class PrefectError(Exception):
+    """Root of every failure of a Prefect call; `status_code` when Prefect answered."""
+
+    reason = "PrefectError"
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class PrefectUnreachable(PrefectError):
+    """Prefect did not answer usefully: transport error, timeout, 5xx, 408 or 429. Transient."""
+
+    reason = "PrefectUnreachable"
+
+
+class PrefectRejected(PrefectError):
+    """Prefect answered and refused (another 4xx), or the request cannot succeed as asked."""
+
+    reason = "PrefectRejected"
+
+
+class PrefectNotConfigured(PrefectError):
+    """No Prefect API can be reached for this backend yet: no URL, or its API key's Secret is
+    missing. `reason` is the condition reason users see (NoPrefectAPI, SecretNotFound)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def is_outage_status(status_code: int) -> bool:
+    """HTTP statuses that say "try again later" rather than "no"."""
+    return status_code >= 500 or status_code in (408, 429)
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A flow run's state: name (e.g. Completed), type (e.g. COMPLETED) and message."""
+
+    name: str
+    type: str
+    message: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.type in FINAL_STATES
+
+
+@dataclass
+class FlowRunView:
+    """What lume-operator reads of a flow run; times are RFC 3339 strings."""
+
+    id: str
+    name: str
+    state: RunState | None = None
+    start_time: str | None = None
+    end_time: str | None = None
+    tags: list[str] = field(default_factory=list)
+    deployment_id: str | None = None
+    # Where its return value is persisted (a storage key), when it is.
+    result_key: str | None = None
+    # The implementation's own handle (the gateway's Prefect state); never compared.
+    handle: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def final(self) -> bool:
+        return bool(self.state and self.state.final)
+
+
+@dataclass
+class WorkPoolView:
+    id: str
+    name: str
+    type: str
+    base_job_template: dict[str, Any]
+    concurrency_limit: int | None = None
+    queues: list[str] = field(default_factory=list)
+
+
+class PrefectPort(Protocol):
+    """The Prefect operations lume-operator needs; every one idempotent where it can be."""
+
+    api_url: str
+
+    def ui_url(self, flow_run_id: str) -> str:
+        """Where users see a run."""
+        ...
+
+    async def health(self) -> None:
+        """Return when the API answers; raise PrefectUnreachable otherwise."""
+        ...
+
+    async def ensure_work_pool(
+        self,
+        name: str,
+        pool_type: str,
+        base_job_template: dict[str, Any],
+        *,
+        adopt: bool = False,
+        concurrency_limit: int | None = None,
+        queues: list[str] | None = None,
+    ) -> str:
+        """Create the pool, bring it in line, or (adopt) use it untouched; its id."""
+        ...
+
+    async def delete_work_pool(self, name: str) -> None:
+        """Delete a pool; one already gone counts as deleted."""
+        ...
+
+    async def ensure_deployment(self, spec: DeploymentSpec) -> str:
+        """Upsert a deployment, with no write when nothing would change; its id."""
+        ...
+
+    async def delete_deployment(self, flow_name: str, name: str) -> None:
+        """Delete a deployment by name; one already gone counts as deleted."""
+        ...
+
+    async def create_flow_run(
+        self,
+        deployment_id: str,
+        *,
+        idempotency_key: str,
+        parameters: dict[str, Any] | None = None,
+        tags: list[str] | None = None,
+        job_variables: dict[str, Any] | None = None,
+    ) -> FlowRunView:
+        """A run of the deployment; the same key returns the same run, never a second."""
+        ...
+
+    async def read_flow_run(self, flow_run_id: str) -> FlowRunView: ...
+
+    async def latest_run(self, deployment_id: str) -> FlowRunView | None:
+        """The deployment's most recently started run (not merely scheduled)."""
+        ...
+
+    async def child_runs(self, parent_id: str) -> list[FlowRunView]:
+        """Runs started from inside a run (a composition's steps)."""
+        ...
+
+    async def cancel_flow_run(self, flow_run_id: str) -> None:
+        """Ask for a run to be cancelled; a run already final is left as it is."""
+        ...
+
+    async def table_artifact(self, flow_run_id: str, description: str) -> list[dict] | None:
+        """Rows of the run's table artifact with that description, if it made one."""
+        ...
+
+    async def result_of(self, flow_run: FlowRunView) -> Any:
+        """The persisted return value of a completed run (PrefectRejected if unreadable)."""
+        ...

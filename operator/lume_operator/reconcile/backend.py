@@ -1,0 +1,181 @@
+"""SchedulingBackend decisions: the work pool, the agent, readiness, deletion."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from lume_operator import failpoints
+from lume_operator.api.backend import SchedulingBackend, SchedulingBackendStatus
+from lume_operator.backends import get_backend
+from lume_operator.backends.agent import agent_name, agent_objects
+from lume_operator.prefect.port import PrefectError, PrefectNotConfigured
+from lume_operator.reconcile import conditions
+from lume_operator.reconcile.outcome import (
+    Cluster,
+    Connect,
+    Event,
+    Outcome,
+    invalid,
+    parse_object,
+    prefect_trouble,
+    set_conditions,
+)
+from lume_operator.settings import OperatorSettings
+
+BackendOutcome = Outcome[SchedulingBackendStatus]
+
+
+def owned(obj: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
+    """`obj` with `owner` as its controller, so Kubernetes deletes it with the owner."""
+    meta = owner["metadata"]
+    reference = {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": meta["name"],
+        "uid": meta.get("uid"),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    obj = copy.deepcopy(obj)
+    obj["metadata"].setdefault("namespace", meta.get("namespace"))
+    obj["metadata"]["ownerReferences"] = [reference]
+    return obj
+
+
+def api_url_of(backend: SchedulingBackend, settings: OperatorSettings) -> str | None:
+    prefect = backend.spec.prefect
+    return (prefect.api_url if prefect else None) or settings.default_api_url
+
+
+def _agent_conditions(
+    status: SchedulingBackendStatus, ready: int, wanted: int
+) -> list[dict[str, Any]]:
+    agent_ok = ready >= wanted
+    overall = (
+        conditions.ready("Reconciled")
+        if agent_ok
+        else conditions.progressing("AgentNotReady", f"{ready} of {wanted} agent replicas ready")
+    )
+    agent = conditions.condition(
+        "AgentReady",
+        agent_ok,
+        "AgentReady" if agent_ok else "AgentNotReady",
+        f"{ready}/{wanted} replicas ready",
+    )
+    return [*overall, agent]
+
+
+def wanted_replicas(backend: SchedulingBackend) -> int:
+    return backend.spec.agent.replicas if backend.spec.agent else 1
+
+
+async def reconcile_backend(
+    body: dict[str, Any],
+    status: SchedulingBackendStatus,
+    *,
+    connect: Connect,
+    cluster: Cluster,
+    settings: OperatorSettings,
+    retry: int = 0,
+) -> BackendOutcome:
+    """Work pool in Prefect, agent objects in the cluster, then how ready both are."""
+    generation = body["metadata"].get("generation")
+    backend, problem = parse_object(body)
+    if problem:
+        return invalid(status, problem, generation)
+    pool = backend.work_pool_name
+    status.observed_generation, status.work_pool_name = generation, pool
+    runner = get_backend(backend.spec.type)
+    work_pool = backend.spec.work_pool
+    first_time = not status.work_pool_id
+    try:
+        async with connect(backend) as prefect:
+            pool_id = await prefect.ensure_work_pool(
+                pool,
+                runner.work_pool_type,
+                runner.base_job_template(),
+                adopt=bool(work_pool and work_pool.adopt),
+                concurrency_limit=work_pool.concurrency_limit if work_pool else None,
+                queues=backend.spec.labels or [],
+            )
+    except PrefectError as error:
+        return prefect_trouble(status, error, retry_in=settings.backoff(retry))
+    failpoints.hit("backend-pool-ensured")
+    for obj in agent_objects(backend, api_url_of(backend, settings)):
+        await cluster.apply(owned(obj, body))
+    failpoints.hit("backend-agent-applied")
+    name = agent_name(backend)
+    ready = await cluster.ready_replicas(backend.metadata.namespace, name) or 0
+    status.work_pool_id, status.agent_deployment, status.agent_ready_replicas = pool_id, name, ready
+    set_conditions(
+        status,
+        [
+            *_agent_conditions(status, ready, wanted_replicas(backend)),
+            conditions.condition("WorkPoolReady", True, "WorkPoolReady", f"work pool {pool!r}"),
+        ],
+    )
+    events = [Event("Normal", "WorkPoolReady", f"work pool {pool!r} ready")] if first_time else []
+    return Outcome(status, events)
+
+
+async def check_backend(
+    body: dict[str, Any],
+    status: SchedulingBackendStatus,
+    *,
+    connect: Connect,
+    cluster: Cluster,
+) -> BackendOutcome | None:
+    """Agent readiness and Prefect reachability, so `Ready` follows both without a spec
+    change; None when nothing changed."""
+    backend, problem = parse_object(body)
+    if problem or not status.work_pool_id:
+        return None
+    was_ready = conditions.is_true(status.conditions, "Ready")
+    try:
+        async with connect(backend) as prefect:
+            await prefect.health()
+    except PrefectNotConfigured as error:
+        return prefect_trouble(status, error, retry_in=None)
+    except PrefectError as error:
+        if not was_ready and conditions.reason_of(status.conditions) == error.reason:
+            return None
+        outcome = prefect_trouble(status, error, retry_in=None)
+        outcome.events.append(Event("Warning", error.reason, outcome.retry_message))
+        return outcome
+    ready = await cluster.ready_replicas(backend.metadata.namespace, agent_name(backend)) or 0
+    agent_ok = ready >= wanted_replicas(backend)
+    if status.agent_ready_replicas == ready and was_ready == agent_ok:
+        return None
+    status.agent_ready_replicas = ready
+    set_conditions(status, _agent_conditions(status, ready, wanted_replicas(backend)))
+    events = (
+        [Event("Normal", "Ready", "work pool and agent ready")]
+        if agent_ok and not was_ready
+        else []
+    )
+    return Outcome(status, events)
+
+
+async def delete_backend(
+    body: dict[str, Any],
+    status: SchedulingBackendStatus,
+    *,
+    connect: Connect,
+    settings: OperatorSettings,
+    retry: int = 0,
+) -> BackendOutcome:
+    """Remove the work pool we created (never an adopted one); the agent goes by ownership.
+    The finalizer holds (a retry) until Prefect confirms."""
+    backend, problem = parse_object(body)
+    if problem or (backend.spec.work_pool and backend.spec.work_pool.adopt):
+        return Outcome(status)
+    try:
+        async with connect(backend) as prefect:
+            await prefect.delete_work_pool(backend.work_pool_name)
+    except PrefectNotConfigured:
+        return Outcome(status)  # no Prefect API was ever configured: nothing was created
+    except PrefectError as error:
+        message = f"waiting for Prefect to delete work pool {backend.work_pool_name!r}: {error}"
+        return Outcome(status, retry_in=settings.backoff(retry), retry_message=message)
+    return Outcome(status)

@@ -1,0 +1,313 @@
+"""FlowOfFlows decisions: deploy the parent flow, start it once per generation, and read it
+step by step into status.
+
+The DAG itself is driven by the parent flow in the backend's runtime (see docs/architecture.md);
+the operator only creates the parent run (idempotently) and reads what happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lume_operator import failpoints
+from lume_operator.api.flow import FlowRunStatus, LumeFlow, ResultStatus
+from lume_operator.api.flowofflows import FlowOfFlows, FlowOfFlowsStatus, StepStatus
+from lume_operator.api.manifests import parse_resource
+from lume_operator.flows.composition import OUTCOME_DESCRIPTION, step_of
+from lume_operator.flows.plan import plan_steps, step_flows
+from lume_operator.flows.validation import composition_problems
+from lume_operator.prefect.port import (
+    FlowRunView,
+    PrefectError,
+    PrefectPort,
+    idempotency_key,
+)
+from lume_operator.reconcile import conditions
+from lume_operator.reconcile.deploy import composition_deployment, flow_deployment
+from lume_operator.reconcile.flowrun import phase_of, run_outcome, run_status
+from lume_operator.reconcile.lumeflow import find_backend
+from lume_operator.reconcile.outcome import (
+    Connect,
+    Event,
+    Found,
+    Outcome,
+    Waiting,
+    invalid,
+    parse_object,
+    prefect_trouble,
+    set_conditions,
+)
+from lume_operator.settings import OperatorSettings
+
+CompositionOutcome = Outcome[FlowOfFlowsStatus]
+
+
+@dataclass
+class StepObservation:
+    """How one step stands: its phase, its run, its results or its error."""
+
+    name: str
+    phase: str = "Pending"
+    run: FlowRunStatus | None = None
+    results: list[ResultStatus] | None = None
+    error: str | None = None
+    note: str | None = None  # why a step was skipped
+
+    @property
+    def final(self) -> bool:
+        return self.phase in ("Completed", "Failed", "Skipped")
+
+
+@dataclass
+class CompositionObservation:
+    parent: FlowRunView
+    steps: dict[str, StepObservation]
+
+    @property
+    def final(self) -> bool:
+        return self.parent.final
+
+    @property
+    def phase(self) -> str:
+        if not self.final:
+            return "Running"
+        state = self.parent.state
+        if state and phase_of(state.type) == "Completed" and not self.errors:
+            return "Completed"
+        return "Failed"
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return {name: step.error for name, step in self.steps.items() if step.error}
+
+    @property
+    def message(self) -> str:
+        failed = "; ".join(f"step {name!r}: {error}" for name, error in self.errors.items())
+        state = self.parent.state
+        return failed or (state.message if state and state.message else "")
+
+
+async def observe_composition(
+    prefect: PrefectPort,
+    parent_id: str,
+    flows: dict[str, LumeFlow],
+    known: dict[str, StepObservation] | None = None,
+) -> CompositionObservation:
+    """Read the parent run and its children; steps already final in `known` are not re-read.
+
+    A completed step's result locations are read (and checked) once, when it completes.
+    Steps that never got a run are told apart by the parent's outcome table: skipped because
+    a parent step failed, or failed before starting (a mapping that did not resolve).
+    """
+    known = dict(known or {})
+    steps = {name: known.get(name) or StepObservation(name) for name in flows}
+    parent = await prefect.read_flow_run(parent_id)
+    for child in await prefect.child_runs(parent.id):
+        name = step_of(child.tags)
+        if name not in steps or (steps[name].final and steps[name].run):
+            continue
+        step = steps[name]
+        step.run = run_status(child, 0, prefect.ui_url(child.id))
+        if not child.final:
+            step.phase = "Running"
+        else:
+            outcome = await run_outcome(prefect, child, flows[name].spec.results)
+            step.phase, step.results, step.error = outcome.phase, outcome.results, outcome.error
+    observation = CompositionObservation(parent, steps)
+    if observation.final:
+        rows = await prefect.table_artifact(parent.id, OUTCOME_DESCRIPTION) or []
+        outcome_rows = {row.get("step"): row for row in rows}
+        for name, step in steps.items():
+            if step.final:
+                continue
+            row = outcome_rows.get(name, {})
+            if row.get("state") == "SKIPPED":
+                step.phase, step.note = "Skipped", row.get("message") or "skipped"
+            else:
+                step.phase = "Failed"
+                step.error = row.get("message") or "the composition ended before this step ran"
+    return observation
+
+
+def step_statuses(fof: FlowOfFlows, seen: CompositionObservation) -> list[StepStatus]:
+    """One status entry per step, in the order the spec lists them."""
+    statuses = []
+    for step in fof.spec.steps:
+        observed = seen.steps[step.name]
+        statuses.append(
+            StepStatus(
+                name=step.name,
+                phase=observed.phase,
+                run=observed.run,
+                results=observed.results or None,
+            )
+        )
+    return statuses
+
+
+def apply_observation(
+    fof: FlowOfFlows, status: FlowOfFlowsStatus, seen: CompositionObservation, url: str
+) -> CompositionOutcome | None:
+    """Status from what was read: per-step phases, the parent's state, and at the end the
+    composition's phase and why. None while nothing changed."""
+    run = status.run
+    reference = run_status(seen.parent, 0, url, run.generation if run else None)
+    steps = step_statuses(fof, seen)
+    changed = steps != (status.steps or []) or reference.state != (run.state if run else None)
+    status.run, status.steps, status.phase = reference, steps, seen.phase
+    if not seen.final:
+        if not changed:
+            return None
+        set_conditions(status, conditions.progressing("FlowRunning", "steps running"))
+        return Outcome(status)
+    if seen.phase == "Completed":
+        message = "every step completed"
+        set_conditions(status, conditions.ready("FlowRunCompleted", message))
+        return Outcome(status, [Event("Normal", "FlowRunCompleted", message)])
+    message = seen.message or f"ended {seen.parent.state.name if seen.parent.state else ''}"
+    set_conditions(status, conditions.failed("StepFailed", message))
+    return Outcome(status, [Event("Warning", "StepFailed", message)])
+
+
+def _flows(flows: dict[str, Found], namespace: str) -> dict[str, tuple[LumeFlow, dict[str, Any]]]:
+    """Valid LumeFlows of the namespace by name, with their status."""
+    found: dict[str, tuple[LumeFlow, dict[str, Any]]] = {}
+    for name, entry in flows.items():
+        flow, _problems = parse_resource(entry.body, f"LumeFlow {namespace}/{name}")
+        if flow is not None:
+            found[name] = (flow, entry.status)
+    return found
+
+
+def _backend_name(fof: FlowOfFlows, by_step: dict[str, LumeFlow]) -> str | None:
+    if fof.spec.backend_ref:
+        return fof.spec.backend_ref.name
+    first = by_step.get(fof.spec.steps[0].name)
+    return first.spec.backend_ref.name if first else None
+
+
+async def reconcile_composition(
+    body: dict[str, Any],
+    status: FlowOfFlowsStatus,
+    *,
+    flows: dict[str, Found],
+    backends: dict[str, Found],
+    connect: Connect,
+    settings: OperatorSettings,
+    retry: int = 0,
+) -> CompositionOutcome:
+    """Deploy inline steps and the parent flow, then start the parent run once per generation.
+
+    `flows` and `backends` are the LumeFlows and SchedulingBackends of the composition's
+    namespace, by name.
+    """
+    generation = body["metadata"].get("generation")
+    fof, problem = parse_object(body)
+    if not problem:
+        known = _flows(flows, fof.metadata.namespace)
+        problems = [
+            (path, message)
+            for path, message in composition_problems(fof, {n: f for n, (f, _) in known.items()})
+            if not path.endswith(".flowRef.name")  # a LumeFlow not applied yet: waited for
+        ]
+        problem = "; ".join(f"{path}: {message}" for path, message in problems) or None
+    if problem:
+        return invalid(status, problem, generation, phase="Failed")
+    status.observed_generation = generation
+    namespace = fof.metadata.namespace
+    try:
+        for step in fof.spec.steps:
+            if step.flow_ref is None:
+                continue
+            entry = known.get(step.flow_ref.name)
+            if entry is None:
+                raise Waiting(
+                    "FlowNotFound", f"LumeFlow {step.flow_ref.name!r} not found; waiting for it"
+                )
+            if not entry[1].get("deploymentId"):
+                raise Waiting(
+                    "FlowNotDeployed", f"LumeFlow {step.flow_ref.name!r} is not deployed yet"
+                )
+        by_step = step_flows(fof, {name: flow for name, (flow, _) in known.items()})
+        backend_name = _backend_name(fof, by_step) or ""
+        backend = find_backend(backends.get(backend_name), namespace, backend_name)
+        async with connect(backend) as prefect:
+            for step in fof.spec.steps:
+                if step.flow is None:
+                    continue  # LumeFlows deploy themselves
+                inline = by_step[step.name]
+                name = inline.spec.backend_ref.name
+                made = flow_deployment(
+                    inline,
+                    find_backend(backends.get(name), namespace, name),
+                    working_dir=inline.spec.source.path if inline.spec.source else None,
+                )
+                await prefect.ensure_deployment(made.spec)
+            spec = composition_deployment(fof, backend)
+            deployment_id = await prefect.ensure_deployment(spec)
+            flow_run = None
+            if not (status.run and status.run.generation == generation and status.run.id):
+                uid = fof.metadata.uid or ""
+                flow_run = await prefect.create_flow_run(
+                    deployment_id,
+                    idempotency_key=idempotency_key(uid, generation, 0),
+                    parameters={
+                        "steps": plan_steps(fof, by_step, uid),
+                        "poll_interval": settings.step_poll_interval,
+                    },
+                    tags=spec.tags,
+                )
+                failpoints.hit("composition-run-created")
+                reference = run_status(flow_run, 0, prefect.ui_url(flow_run.id), generation)
+    except (PrefectError, Waiting) as error:
+        return prefect_trouble(status, error, retry_in=settings.backoff(retry))
+    status.deployment_id = deployment_id
+    if flow_run is None:
+        return Outcome(status)
+    status.phase, status.run = "Running", reference
+    status.steps = [StepStatus(name=step.name, phase="Pending") for step in fof.spec.steps]
+    set_conditions(status, conditions.progressing("FlowRunning", f"flow run {flow_run.name}"))
+    return Outcome(status, [Event("Normal", "FlowRunCreated", f"flow run {flow_run.name}")])
+
+
+async def follow_composition(
+    body: dict[str, Any],
+    status: FlowOfFlowsStatus,
+    *,
+    flows: dict[str, Found],
+    backends: dict[str, Found],
+    connect: Connect,
+    memory: dict[str, dict[str, StepObservation]],
+) -> CompositionOutcome | None:
+    """Per-step phases, runs and results until the parent run ends; None when unchanged.
+
+    `memory` keeps the steps already seen final per parent run, so their results are read
+    from Prefect once; an entry is dropped when its run ends.
+    """
+    fof, problem = parse_object(body)
+    run = status.run
+    if problem or not (run and run.id) or status.phase in ("Completed", "Failed"):
+        return None
+    namespace = fof.metadata.namespace
+    known = _flows(flows, namespace)
+    by_step = step_flows(fof, {name: flow for name, (flow, _) in known.items()})
+    backend_name = _backend_name(fof, by_step)
+    if backend_name is None:
+        return None
+    key = f"{body['metadata'].get('uid')}/{run.id}"
+    try:
+        backend = find_backend(backends.get(backend_name), namespace, backend_name)
+        async with connect(backend) as prefect:
+            seen = await observe_composition(prefect, run.id, by_step, memory.get(key))
+            url = prefect.ui_url(seen.parent.id)
+    except Waiting:
+        return None
+    except PrefectError as error:
+        if conditions.reason_of(status.conditions) == error.reason:
+            return None
+        return prefect_trouble(status, error, retry_in=None)
+    memory[key] = seen.steps
+    if seen.final:
+        memory.pop(key, None)
+    return apply_observation(fof, status, seen, url)

@@ -1,0 +1,120 @@
+"""What a decision returns: the whole status to write, the events to post, when to retry.
+
+Adapters apply an `Outcome` and decide nothing themselves; `prefect_trouble` is the one place
+a failed Prefect call becomes a condition.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+from lume_operator.api.common import Model
+from lume_operator.api.manifests import parse_resource
+from lume_operator.prefect.port import PrefectError, PrefectPort, PrefectUnreachable
+from lume_operator.reconcile import conditions
+
+StatusT = TypeVar("StatusT", bound=Model)
+
+# Opens the Prefect API of a backend (its URL, its key from a Secret); raises
+# PrefectNotConfigured when there is none to open.
+Connect = Callable[[Any], AbstractAsyncContextManager[PrefectPort]]
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes event about the object: what happened, for `kubectl describe`."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Outcome(Generic[StatusT]):
+    """The status to write (whole), events to post, and whether to run again and when."""
+
+    status: StatusT
+    events: list[Event] = field(default_factory=list)
+    retry_in: float | None = None
+    retry_message: str = ""
+
+
+@dataclass
+class Found:
+    """An object as the operator's index holds it: manifest (no status) and status."""
+
+    body: dict[str, Any]
+    status: dict[str, Any]
+
+
+class Cluster(Protocol):
+    """The Kubernetes calls a decision needs, besides writing its own status at the end."""
+
+    async def apply(self, body: dict[str, Any]) -> None:
+        """Create or patch an object the operator owns."""
+        ...
+
+    async def ready_replicas(self, namespace: str, name: str) -> int | None:
+        """Ready replicas of a Deployment; None when it does not exist."""
+        ...
+
+
+class Waiting(Exception):
+    """Something the object needs is not there yet: retried, not an error of its spec."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def set_conditions(status: StatusT, updates: list[dict[str, Any]]) -> StatusT:
+    status.conditions = conditions.apply(status.conditions, updates)  # type: ignore[attr-defined]
+    return status
+
+
+def prefect_trouble(
+    status: StatusT, error: PrefectError | Waiting, *, retry_in: float | None
+) -> Outcome[StatusT]:
+    """Prefect down, refusing, not configured, or something awaited: Ready False with the
+    error's stable reason; retried after `retry_in` (None: the caller runs again anyway)."""
+    reason = error.reason
+    message = str(error)
+    if isinstance(error, PrefectUnreachable) and not message.startswith("Prefect"):
+        message = f"Prefect API unreachable: {message}"
+    set_conditions(status, conditions.progressing(reason, message))
+    return Outcome(status, retry_in=retry_in, retry_message=message)
+
+
+def status_of(model: type[StatusT], raw: dict[str, Any] | None) -> StatusT:
+    """The observed status as its model; what does not parse (written by hand, or by an older
+    version) is dropped rather than blocking every decision."""
+    known = {name for field_ in model.model_fields.values() for name in [field_.alias]}
+    try:
+        return model.model_validate({k: v for k, v in (raw or {}).items() if k in known})
+    except ValueError:
+        return model()
+
+
+def parse_object(body: dict[str, Any]) -> tuple[Any, str | None]:
+    """An object (status left out: it is ours) as its model, or one message naming every bad
+    field."""
+    raw = {key: value for key, value in body.items() if key != "status"}
+    meta = raw.get("metadata") or {}
+    source = f"{raw.get('kind')} {meta.get('namespace')}/{meta.get('name')}"
+    resource, problems = parse_resource(copy.deepcopy(raw), source)
+    if problems:
+        return None, "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in problems)
+    return resource, None
+
+
+def invalid(status: Any, message: str, generation: int | None, **values: Any) -> Outcome[Any]:
+    """A spec that can never work: Stalled with zero Prefect calls, until the spec changes."""
+    status.observed_generation = generation
+    for key, value in values.items():
+        setattr(status, key, value)
+    set_conditions(status, conditions.stalled("InvalidSpec", message))
+    return Outcome(status, [Event("Warning", "InvalidSpec", message)])

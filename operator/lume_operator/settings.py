@@ -1,0 +1,65 @@
+"""The operator's settings, from the environment (`LUME_OPERATOR_*`), loaded once at start-up.
+
+Every field is described and bounded, so a bad value stops the operator at start with the
+variable's name instead of misbehaving later.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    """How the operator paces itself and where it finds Prefect when a backend does not say."""
+
+    model_config = SettingsConfigDict(env_prefix="LUME_OPERATOR_", extra="ignore")
+
+    follow_interval: float = Field(
+        default=5.0,
+        ge=0.2,
+        le=3600,
+        description="Seconds between reads of runs in flight and of backend health.",
+    )
+    prefect_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Prefect calls in flight at once across all objects (a mass apply queues).",
+    )
+    prefect_timeout: float = Field(
+        default=10.0, ge=0.5, le=300, description="Seconds before one Prefect call gives up."
+    )
+    max_backoff: float = Field(
+        default=60.0, ge=1, le=3600, description="Longest wait between retries of one object."
+    )
+    error_backoff: float = Field(
+        default=10.0,
+        ge=0.5,
+        le=3600,
+        description="Retry delay after an unexpected error (a refused Kubernetes call).",
+    )
+    step_poll_interval: float = Field(
+        default=2.0,
+        ge=0.1,
+        le=600,
+        description="Seconds between a FlowOfFlows parent run's reads of a running step.",
+    )
+    default_api_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("LUME_PREFECT_API_URL", "PREFECT_API_URL"),
+        description="Prefect API of backends that name none (LUME_PREFECT_API_URL, "
+        "else PREFECT_API_URL).",
+    )
+
+    def backoff(self, retry: int) -> float:
+        """1, 2, 4, ... seconds, at most `max_backoff`."""
+        return min(self.max_backoff, 2.0 ** min(retry, 16))
+
+
+@lru_cache(maxsize=1)
+def load() -> OperatorSettings:
+    """The settings of this process, read from the environment once."""
+    return OperatorSettings()
