@@ -1,4 +1,4 @@
-"""The `lume-operator` command: run and validate manifests locally, generate CRDs."""
+"""The `lume-operator` command: run and validate manifests locally, generate CRDs and API docs."""
 
 from __future__ import annotations
 
@@ -200,6 +200,28 @@ def crds(output: Path, chart: Path | None) -> None:
     if chart is not None:
         for path in write_chart_crds(chart):
             click.echo(str(path))
+
+
+@main.command("api-docs")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the Markdown to this file (e.g. docs/api.md). Default: print it.",
+)
+def api_docs(output: Path | None) -> None:
+    """Generate the API reference (Markdown) from the API models."""
+    from lume_operator.api.reference import render_reference
+
+    text = render_reference()
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not output.exists() or output.read_text() != text:
+        output.write_text(text)
+    click.echo(str(output))
 
 
 @main.command("operator")

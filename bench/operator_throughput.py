@@ -23,19 +23,11 @@ O(requests served) per request, and the emulator, not the operator, would be mea
 Both operators run as `python -m kopf run --standalone --all-namespaces` subprocesses without
 --verbose; the emulator and the bench's polling share this process.
 
-    python bench/operator.py [--n 100] [--n 1000] [--timeout 900]
+    python bench/operator_throughput.py [--n 100] [--n 1000] [--timeout 900]
 """
 
-# ruff: noqa: E402  (the imports follow the sys.path fix below)
+# ruff: noqa: E402  (the tests' imports follow the sys.path fix below)
 from __future__ import annotations
-
-import os
-import sys
-
-# Run as a script, this file's directory comes first on sys.path, and this file's name would
-# then shadow the standard library's `operator` (which `collections` imports): drop it.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse
 import asyncio
@@ -43,9 +35,11 @@ import collections
 import concurrent.futures
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
