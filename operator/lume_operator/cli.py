@@ -12,6 +12,9 @@ from rich.markup import escape
 
 from lume_operator import __version__
 
+# Each command imports what it needs when it runs, not here: Prefect, kopf and lume-base take
+# seconds to import, and `--help`, `crds` or `validate` of a bad file should not wait for them.
+
 FILES = click.option(
     "-f",
     "--filename",

@@ -26,8 +26,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-API_GROUP = "lume.dev"
-API_VERSION = "v1alpha1"
+from lume_operator import GROUP, VERSION
+from lume_operator.api.crds import PLURALS as ALL_PLURALS
+
+# Commands import Prefect, lume-base and the Kubernetes client only when they need them:
+# listing a status file should not wait seconds for imports it never uses.
+
 KIND_ALIASES = {
     "lf": "LumeFlow",
     "lumeflow": "LumeFlow",
@@ -36,7 +40,8 @@ KIND_ALIASES = {
     "flowofflow": "FlowOfFlows",
     "flowofflows": "FlowOfFlows",
 }
-PLURALS = {"LumeFlow": "lumeflows", "FlowOfFlows": "flowofflows"}
+# The kinds whose status has results.
+PLURALS = {kind: ALL_PLURALS[kind] for kind in ("LumeFlow", "FlowOfFlows")}
 DEFAULT_STATUS_FILE = Path("lume-results/status.yaml")
 RUN_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 # The file types whose content `get` checks by loading it; others are only copied.
@@ -250,7 +255,7 @@ def read_cluster(source: Source, kind: str | None, name: str) -> tuple[list[dict
         if kind is not None:
             documents = [
                 api.get_namespaced_custom_object(
-                    API_GROUP, API_VERSION, namespace, PLURALS[kind], name, _request_timeout=30
+                    GROUP, VERSION, namespace, PLURALS[kind], name, _request_timeout=30
                 )
             ]
         else:
@@ -258,7 +263,7 @@ def read_cluster(source: Source, kind: str | None, name: str) -> tuple[list[dict
                 item
                 for plural in PLURALS.values()
                 for item in api.list_namespaced_custom_object(
-                    API_GROUP, API_VERSION, namespace, plural, _request_timeout=30
+                    GROUP, VERSION, namespace, plural, _request_timeout=30
                 ).get("items", [])
             ]
     except ApiException as error:

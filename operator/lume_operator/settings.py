@@ -1,12 +1,10 @@
-"""The operator's settings, from the environment (`LUME_OPERATOR_*`), loaded once at start-up.
+"""The operator's settings, from the environment (`LUME_OPERATOR_*`), read at each start.
 
 Every field is described and bounded, so a bad value stops the operator at start with the
 variable's name instead of misbehaving later.
 """
 
 from __future__ import annotations
-
-from functools import lru_cache
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,9 +55,3 @@ class OperatorSettings(BaseSettings):
     def backoff(self, retry: int) -> float:
         """1, 2, 4, ... seconds, at most `max_backoff`."""
         return min(self.max_backoff, 2.0 ** min(retry, 16))
-
-
-@lru_cache(maxsize=1)
-def load() -> OperatorSettings:
-    """The settings of this process, read from the environment once."""
-    return OperatorSettings()

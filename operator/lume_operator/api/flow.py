@@ -69,6 +69,7 @@ class RunPolicy(Model):
         if self.policy == "Schedule" and not self.cron:
             raise ValueError("cron is required when policy is Schedule")
         if self.cron is not None:
+            # Prefect's own cron check, loaded only for a cron: the API models stay light.
             from prefect.client.schemas.schedules import CronSchedule
 
             try:

@@ -19,6 +19,7 @@ HERE = Path(__file__).parent / "worker_templates"
 
 def worker_default_template(worker_type: str) -> dict[str, Any]:
     """The installed Prefect worker's default base job template (imports the worker)."""
+    # The docker and kubernetes workers are test/dev extras, never needed at run time.
     if worker_type == "process":
         from prefect.workers.process import ProcessWorker as Worker
     elif worker_type == "docker":

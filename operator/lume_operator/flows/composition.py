@@ -168,6 +168,8 @@ class _Composition:
     def _db_value(self, output: Any, index: list[Any] | None, parent: str, where: str) -> Any:
         """The parent's DB result document (its location is in the output), indexed into its
         outputs by `index`."""
+        # Only db mappings need the store (and lume-base, 1.3 s to import): every composition
+        # run loads this module, most never map a db result.
         from lume_operator.results.db_tasks import store_for_location
         from lume_operator.results.store import ResultStoreError, find_db_locations, resolve
 

@@ -20,6 +20,8 @@ def run_operator(
     With a peering name, only one operator replica acts at a time (kopf peering); without, the
     operator runs standalone.
     """
+    # Imported here, not at the top: every other CLI command starts without kopf and the
+    # handlers (which load Prefect), and the handlers register themselves when imported.
     import kopf
 
     from lume_operator.handlers import operator  # noqa: F401  (registers the handlers)

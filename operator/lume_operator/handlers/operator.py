@@ -1,8 +1,10 @@
 """The kopf adapter: one handler per event of each kind, each gathering its inputs, calling
 one `reconcile` function and applying its outcome (`handlers/apply.py`).
 
-`kopf run -m lume_operator.handlers.operator` loads these; settings are read once, here, since
-kopf fixes timer intervals when handlers are registered.
+`kopf run -m lume_operator.handlers.operator` loads these. Settings are read at each operator
+start (`startup`, into kopf's memo); only the timers' interval and the retry delay of
+unexpected errors come from the environment at import, since kopf fixes them when handlers are
+registered.
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ from lume_operator.reconcile import backend as backends
 from lume_operator.reconcile import flowofflows as compositions
 from lume_operator.reconcile import lumeflow as flows
 from lume_operator.reconcile.outcome import status_of
-from lume_operator.settings import load
+from lume_operator.settings import OperatorSettings
 
-SETTINGS = load()
+PACE = OperatorSettings()
 BACKENDS, FLOWS, COMPOSITIONS = (
     PLURALS[k] for k in ("SchedulingBackend", "LumeFlow", "FlowOfFlows")
 )
-EVERY = {"interval": SETTINGS.follow_interval, "initial_delay": SETTINGS.follow_interval}
-ON_CHANGE = {"backoff": SETTINGS.error_backoff}
+EVERY = {"interval": PACE.follow_interval, "initial_delay": PACE.follow_interval}
+ON_CHANGE = {"backoff": PACE.error_backoff}
 
 
 def _index_entry(namespace: str, name: str, body: kopf.Body) -> dict[Any, Any]:
@@ -274,8 +276,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # On deletion kopf waits for our timers to stop; one caught mid-call (a health check) is
     # re-checked after this many seconds, which would otherwise hold the finalizer for 60 s.
     settings.background.cancellation_polling = 1.0
+    lume = OperatorSettings()
     memo["lume"] = State(
-        settings=SETTINGS,
-        kube=Kube.configured(),
-        slots=asyncio.Semaphore(SETTINGS.prefect_concurrency),
+        settings=lume, kube=Kube.configured(), slots=asyncio.Semaphore(lume.prefect_concurrency)
     )

@@ -16,6 +16,7 @@ import jsonschema
 from lume_operator.api.flow import LumeFlow, LumeFlowSpec
 from lume_operator.api.flowofflows import FlowOfFlows
 from lume_operator.api.manifests import Manifests, Problem
+from lume_operator.flows.validation import composition_problems
 
 
 @dataclass
@@ -87,6 +88,7 @@ def locate(flow: LumeFlow, manifest_dir: Path) -> LocalFlowCode:
 
 def parameter_schema(code: LocalFlowCode) -> dict[str, Any]:
     """The flow's parameter schema (OpenAPI), from its signature and docstring."""
+    # Prefect's import costs seconds; `validate` of a manifest without code never needs it.
     from prefect.utilities.callables import parameter_schema_from_entrypoint
 
     schema = parameter_schema_from_entrypoint(f"{code.source_file}:{code.function}")
@@ -155,8 +157,6 @@ def local_parameter_schema(spec: LumeFlowSpec, manifest_dir: Path) -> dict[str, 
 
 def composition_problems_local(manifests: Manifests) -> list[Problem]:
     """Every FlowOfFlows problem, with step flows and their code looked up in the manifests."""
-    from lume_operator.flows.validation import composition_problems
-
     problems = []
     for fof in manifests.compositions:
         origin = manifests.origin(fof)

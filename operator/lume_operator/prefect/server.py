@@ -20,6 +20,7 @@ def prefect_api(startup_timeout: int = 120) -> Iterator[tuple[str, bool]]:
     if configured:
         yield configured, False
         return
+    # Prefect's server package takes seconds to import; only an embedded run needs it.
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()

@@ -9,7 +9,8 @@ from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.flow import LumeFlow
 from lume_operator.api.flowofflows import FlowOfFlows
 from lume_operator.backends import get_backend, tags, work_queue
-from lume_operator.prefect.gateway import DeploymentSpec
+from lume_operator.flows.composition import ENTRYPOINT, FLOW_NAME
+from lume_operator.prefect.deployment import DeploymentSpec
 
 # What every flow run gets: its return value persisted as JSON, so status can list results.
 RESULT_ENV = {
@@ -114,8 +115,6 @@ def composition_deployment(
     It runs on the composition's backend, in the queue of its first label; `extra_env` adds to
     its environment (the local runner's result store, which the parent reads `db` mappings from).
     """
-    from lume_operator.flows.composition import ENTRYPOINT, FLOW_NAME
-
     variables = job_variables(backend, None, backend_type or backend.spec.type, [])
     variables["env"].update(extra_env or {})
     return DeploymentSpec(

@@ -72,6 +72,7 @@ def store_for_location(location: dict[str, Any], store_url: str | None = None) -
 
 def _run_context() -> dict[str, Any]:
     """Flow name, parameters, run id and resource of the current flow run, if in one."""
+    # Only inside a flow run: prefect.runtime reads that run's context when imported.
     from prefect.runtime import flow_run
 
     if not flow_run.id:

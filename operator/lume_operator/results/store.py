@@ -26,6 +26,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -59,6 +64,9 @@ from sqlalchemy.exc import (
     OperationalError,
     SQLAlchemyError,
 )
+
+from lume_operator.results.discover import find_values
+from lume_operator.results.files import results_dir
 
 from .discover import find_file_descriptions, is_file_description
 
@@ -124,8 +132,6 @@ def default_store_url() -> str:
     configured = os.environ.get(STORE_URL_ENV)
     if configured:
         return configured
-    from .files import results_dir
-
     return f"sqlite:///{results_dir() / DEFAULT_DB_NAME}"
 
 
@@ -348,8 +354,6 @@ def find_db_locations(value: Any, prefix: str = "") -> list[tuple[str, dict[str,
     Key paths follow `find_file_descriptions` ('return' for a bare location), so status can list
     DB results next to files: type DBResult, location = store and id.
     """
-    from lume_operator.results.discover import find_values
-
     return find_values(value, is_db_location, prefix)
 
 
@@ -693,7 +697,6 @@ def alembic_config(connection: Connection | None = None, url: str | URL | None =
 
     Pass a connection to migrate on it, or a URL for Alembic commands that open their own.
     """
-    from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -713,8 +716,6 @@ def upgrade(target: Engine | str | URL, revision: str = "head") -> None:
     Runs at every `open_store`; a no-op when the schema is current. On PostgreSQL an advisory
     lock serialises processes that open a new database at the same time.
     """
-    from alembic import command
-    from alembic.util.exc import CommandError
 
     engine = target if isinstance(target, Engine) else _create_engine(parse_store_url(target), {})
     url = engine.url
@@ -751,7 +752,6 @@ def upgrade(target: Engine | str | URL, revision: str = "head") -> None:
 
 
 def _current_revision(connection: Connection) -> str | None:
-    from alembic.runtime.migration import MigrationContext
 
     context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
     revision = context.get_current_revision()
@@ -765,8 +765,6 @@ _head: str | None = None
 def _head_revision() -> str | None:
     global _head
     if _head is None:
-        from alembic.script import ScriptDirectory
-
         _head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     return _head
 
