@@ -28,6 +28,7 @@ from rich.table import Table
 
 from lume_operator import GROUP, VERSION
 from lume_operator.api.crds import PLURALS as ALL_PLURALS
+from lume_operator.api.keypath import KeyPathError, split, walk
 
 # Commands import Prefect, lume-base and the Kubernetes client only when they need them:
 # listing a status file should not wait seconds for imports it never uses.
@@ -455,15 +456,12 @@ def read_value(result: Result) -> Any:
             f"result {result.key!r}: cannot read Prefect result {storage_key!r}: "
             f"{_first_line(error)}"
         ) from None
-    for part in key_path.split(".") if key_path and key_path != "return" else []:
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            raise ResultsCLIError(
-                f"result {result.key!r}: {part!r} is not in the value stored at {storage_key!r}"
-            )
+    try:
+        value = walk(value, split(key_path))
+    except KeyPathError as error:
+        raise ResultsCLIError(
+            f"result {result.key!r}: not in the value stored at {storage_key!r}: {error}"
+        ) from None
     return value
 
 

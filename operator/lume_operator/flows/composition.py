@@ -20,6 +20,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments.flow_runs import arun_deployment
 
+from lume_operator.api.keypath import KeyPathError, walk
+
 FLOW_NAME = "FlowOfFlows"
 ENTRYPOINT = f"{__name__}:run_flow_of_flows"
 STEP_TAG = "lume.dev/step="
@@ -47,34 +49,10 @@ def step_of(tags: list[str] | None) -> str | None:
 
 def index_into(value: Any, index: list[str | int] | None, where: str) -> Any:
     """`value[k1][k2]...`; a key that does not resolve is named with what was there instead."""
-    for depth, key in enumerate(index or []):
-        path = "".join(f"[{k!r}]" for k in (index or [])[: depth + 1])
-        if isinstance(value, dict):
-            if key not in value and str(key) in value:
-                key = str(key)
-            if key not in value:
-                have = ", ".join(repr(k) for k in list(value)[:10]) or "no keys"
-                raise MappingError(f"{where}: attributeIndex {path}: no key {key!r} (has {have})")
-            value = value[key]
-        elif isinstance(value, list | tuple):
-            if not isinstance(key, int) and not (
-                isinstance(key, str) and key.lstrip("-").isdigit()
-            ):
-                raise MappingError(
-                    f"{where}: attributeIndex {path}: {key!r} indexes a list, which needs a number"
-                )
-            position = int(key)
-            if not -len(value) <= position < len(value):
-                raise MappingError(
-                    f"{where}: attributeIndex {path}: index {position} is out of range "
-                    f"(the list has {len(value)} items)"
-                )
-            value = value[position]
-        else:
-            raise MappingError(
-                f"{where}: attributeIndex {path}: cannot index a {type(value).__name__}"
-            )
-    return value
+    try:
+        return walk(value, index)
+    except KeyPathError as error:
+        raise MappingError(f"{where}: attributeIndex {error}") from None
 
 
 def _is_description(value: Any) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lume_operator.api.flow import FlowRunStatus, ResultSpec, ResultStatus
+from lume_operator.api.keypath import KeyPathError, split, walk
 from lume_operator.prefect.port import FlowRunView, PrefectError, PrefectPort
 from lume_operator.results import (
     FileDescriptionError,
@@ -65,22 +66,10 @@ class _Found:
 
 
 def _lookup(value: Any, path: str) -> Any:
-    current = value
-    for part in path.split("."):
-        if isinstance(current, dict) and part in current:
-            current = current[part]
-        elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
-            current = current[int(part)]
-        else:
-            keys = (
-                ", ".join(map(str, current))
-                if isinstance(current, dict)
-                else type(current).__name__
-            )
-            raise ResultError(
-                f"result {path!r} is not in the flow's return value (at {part!r}; found: {keys})"
-            )
-    return current
+    try:
+        return walk(value, split(path))
+    except KeyPathError as error:
+        raise ResultError(f"result {path!r} is not in the flow's return value: {error}") from None
 
 
 def result_statuses(

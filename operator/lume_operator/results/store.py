@@ -65,6 +65,7 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 
+from lume_operator.api.keypath import KeyPathError, walk
 from lume_operator.results.discover import find_values
 from lume_operator.results.files import results_dir
 
@@ -289,44 +290,11 @@ def resolve(document: ResultDocument | Any, attribute_index: Sequence[str | int]
     """
     is_document = isinstance(document, ResultDocument)
     value = document.outputs if is_document else document
-    root = "outputs" if is_document else "value"
     whose = f" of result document {document.id!r}" if is_document else ""
-    path = root
-    for key in attribute_index or []:
-        if isinstance(value, Mapping):
-            found = key if key in value else str(key)
-            if found not in value:
-                keys = ", ".join(repr(name) for name in list(value)[:20]) or "none"
-                raise AttributeIndexError(
-                    f"attributeIndex {list(attribute_index or [])!r}{whose}: key {key!r} "
-                    f"not found at {path} (keys there: {keys})"
-                )
-            value = value[found]
-        elif isinstance(value, list):
-            index = _list_index(key)
-            if index is None or not -len(value) <= index < len(value):
-                raise AttributeIndexError(
-                    f"attributeIndex {list(attribute_index or [])!r}{whose}: index {key!r} "
-                    f"out of range at {path} (a list of {len(value)})"
-                )
-            value = value[index]
-        else:
-            raise AttributeIndexError(
-                f"attributeIndex {list(attribute_index or [])!r}{whose}: cannot index "
-                f"{type(value).__name__} at {path} with {key!r}"
-            )
-        path = f"{path}.{key}"
-    return value
-
-
-def _list_index(key: str | int) -> int | None:
-    if isinstance(key, bool):
-        return None
-    if isinstance(key, int):
-        return key
-    if re.fullmatch(r"-?\d+", key):
-        return int(key)
-    return None
+    try:
+        return walk(value, attribute_index)
+    except KeyPathError as error:
+        raise AttributeIndexError(f"attributeIndex{whose}: {error}") from None
 
 
 # --- locations ----------------------------------------------------------------------------------
