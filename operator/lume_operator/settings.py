@@ -13,7 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class OperatorSettings(BaseSettings):
     """How the operator paces itself and where it finds Prefect when a backend does not say."""
 
-    model_config = SettingsConfigDict(env_prefix="LUME_OPERATOR_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="LUME_OPERATOR_", extra="ignore", populate_by_name=True
+    )
 
     follow_interval: float = Field(
         default=5.0,

@@ -345,11 +345,5 @@ def test_default_api_url_by_its_variable():
     assert OperatorSettings(PREFECT_API_URL="http://q/api").default_api_url == "http://q/api"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG?: OperatorSettings(default_api_url=...) is silently ignored (settings.py:48: "
-    "validation_alias without populate_by_name, extra='ignore'), so code and tests that "
-    "construct settings by field name get no default API",
-)
 def test_default_api_url_by_field_name():
     assert OperatorSettings(default_api_url="http://p/api").default_api_url == "http://p/api"

@@ -351,17 +351,10 @@ async def test_check_not_configured(fake, connect, cluster, settings):
     assert outcome is not None
     assert cond(outcome.status) == ("False", "SecretNotFound")
     assert outcome.events == [] and outcome.retry_in is None
-    # Not deduplicated like an outage: the same trouble is returned on every check.
-    again = await check(backend_manifest(), outcome.status, connect, cluster)
-    assert again is not None and cond(again.status) == ("False", "SecretNotFound")
+    # Recorded once, like an outage: the same trouble again writes nothing.
+    assert await check(backend_manifest(), outcome.status, connect, cluster) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: check_backend (reconcile/backend.py:148) returns None after Prefect comes back "
-    "when the agent was and is not ready: Ready keeps reason PrefectUnreachable forever "
-    "instead of AgentNotReady",
-)
 @pytest.mark.asyncio
 async def test_check_clears_an_outage_while_the_agent_is_not_ready(fake, connect, settings):
     cluster = FakeCluster(ready=0)

@@ -44,14 +44,6 @@ FLOW_OF_STEP = {
 }
 PARENT_TAGS = ["cpu", "lume.dev/flowofflows=beam-study", "lume.dev/backend=local"]
 
-MISSING_FIELD = (
-    "BUG: reconcile_composition sets status.deployment_id (reconcile/flowofflows.py:265) but "
-    "FlowOfFlowsStatus (api/flowofflows.py:111) has no such field: every successful "
-    "reconcile raises ValueError after the parent run was created, so no FlowOfFlows status "
-    "ever reaches Running"
-)
-bug_missing_field = pytest.mark.xfail(strict=True, raises=ValueError, reason=MISSING_FIELD)
-
 
 def deployed_flows(**status: dict[str, Any]) -> dict[str, Found]:
     """The pipeline's LumeFlows, each deployed unless `status` says otherwise."""
@@ -211,8 +203,7 @@ async def test_parent_deployment_and_one_run_in_prefect(fake, connect):
     """What reaches Prefect; the status written after it is test_..._starts_one_run's."""
     settings = make_settings(step_poll_interval=0.5)
     body = composition_manifest(generation=2)
-    with suppress(ValueError):  # MISSING_FIELD, raised after every Prefect call
-        await reconcile(body, FlowOfFlowsStatus(), connect, settings)
+    await reconcile(body, FlowOfFlowsStatus(), connect, settings)
 
     spec = fake.deployment(FLOW_NAME, "default.beam-study")
     assert spec is not None
@@ -248,7 +239,6 @@ async def test_parent_deployment_and_one_run_in_prefect(fake, connect):
     assert len(fake.runs) == 1
 
 
-@bug_missing_field
 @pytest.mark.asyncio
 async def test_deploys_the_parent_and_starts_one_run(fake, connect):
     settings = make_settings(step_poll_interval=0.5)
@@ -273,7 +263,6 @@ async def test_deploys_the_parent_and_starts_one_run(fake, connect):
     assert outcome.retry_in is None
 
 
-@bug_missing_field
 @pytest.mark.asyncio
 async def test_one_parent_run_per_generation(fake, connect, settings):
     first = await reconcile(composition_manifest(), FlowOfFlowsStatus(), connect, settings)
@@ -306,14 +295,13 @@ async def test_inline_steps_are_deployed_on_their_backend(fake, connect, setting
     gpu = backend_manifest(uid="uid-gpu")
     gpu["metadata"]["name"] = "gpu"
     body = composition_manifest(steps=steps)
-    with suppress(ValueError):  # MISSING_FIELD
-        await reconcile(
-            body,
-            FlowOfFlowsStatus(),
-            connect,
-            settings,
-            backends_={"local": ready_backend(), "gpu": ready_backend(gpu)},
-        )
+    await reconcile(
+        body,
+        FlowOfFlowsStatus(),
+        connect,
+        settings,
+        backends_={"local": ready_backend(), "gpu": ready_backend(gpu)},
+    )
     spec = fake.deployment("beam-study-extra", "default")
     assert spec is not None
     assert spec.work_pool_name == "default-gpu"
@@ -338,14 +326,13 @@ async def test_backend_ref_of_the_composition_wins(fake, connect, settings):
     other = backend_manifest(uid="uid-other")
     other["metadata"]["name"] = "other"
     body = composition_manifest(backendRef={"name": "other"})
-    with suppress(ValueError):  # MISSING_FIELD
-        await reconcile(
-            body,
-            FlowOfFlowsStatus(),
-            connect,
-            settings,
-            backends_={"local": ready_backend(), "other": ready_backend(other)},
-        )
+    await reconcile(
+        body,
+        FlowOfFlowsStatus(),
+        connect,
+        settings,
+        backends_={"local": ready_backend(), "other": ready_backend(other)},
+    )
     assert len(fake.runs) == 1
     assert [b.metadata.name for b in connect.backends] == ["other"]
     spec = fake.deployment(FLOW_NAME, "default.beam-study")
@@ -425,7 +412,7 @@ def txt(path: Path) -> dict[str, str]:
 @pytest_asyncio.fixture
 async def pipeline(fake) -> Pipeline:
     """The parent deployment and run in Prefect and the status reconcile_composition means to
-    write (built by hand: see MISSING_FIELD)."""
+    write."""
     fof = FlowOfFlows.model_validate(composition_manifest())
     backend = SchedulingBackend.model_validate(backend_manifest())
     deployment_id = await fake.ensure_deployment(composition_deployment(fof, backend))
@@ -676,12 +663,6 @@ async def test_follow_outage_recorded_once(fake, connect, pipeline):
     assert cond(back.status) == ("False", "FlowRunning")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: follow_composition/apply_observation (reconcile/flowofflows.py:157-161) return "
-    "None after an outage ends when no step changed, so Ready keeps reason "
-    "PrefectUnreachable until a step moves (LumeFlow's follow_run clears it: lumeflow.py:216)",
-)
 @pytest.mark.asyncio
 async def test_follow_clears_an_outage_when_nothing_else_changed(fake, connect, pipeline):
     fake.failure = PrefectUnreachable("down")

@@ -210,8 +210,14 @@ async def test_deploys_and_starts_a_run(fake, connect, settings):
         "Stalled": ("False", "FlowRunning"),
     }
     assert status.conditions[0].message == "flow run run-1"
-    assert events(outcome) == [("Normal", "FlowRunCreated")]
-    assert outcome.events[0].message == f"flow run run-1 ({run.view.id})"
+    # The first reconcile also says the deployment was made, and what did not apply here.
+    assert events(outcome) == [
+        ("Normal", "Deployed"),
+        ("Normal", "Note"),
+        ("Normal", "FlowRunCreated"),
+    ]
+    assert outcome.events[1].message == "run-config fields that do not apply here: memoryLimit"
+    assert outcome.events[-1].message == f"flow run run-1 ({run.view.id})"
     assert outcome.retry_in is None
 
 
@@ -259,13 +265,13 @@ async def test_new_generation_starts_a_new_run(fake, connect, settings):
 
 
 @pytest.mark.asyncio
-async def test_on_change_first_reconcile_posts_no_deployed_event(fake, connect, settings):
-    """Pinned as it is (see report): docs/operator.md lists `Deployed` for the first creation,
-    but a first reconcile that also starts a run posts only FlowRunCreated, and later ones see
-    the deployment id already set."""
+async def test_on_change_first_reconcile_posts_deployed_once(fake, connect, settings):
+    """`Deployed` (and the deployment's notes) once, when the deployment is first made, also
+    when the same reconcile starts a run; later ones see the deployment id already set."""
     first = await reconcile(lumeflow_manifest(), LumeFlowStatus(), connect, settings)
     second = await reconcile(lumeflow_manifest(), first.status, connect, settings)
-    assert events(first) == [("Normal", "FlowRunCreated")] and second.events == []
+    assert [reason for _, reason in events(first)] == ["Deployed", "Note", "FlowRunCreated"]
+    assert second.events == []
 
 
 @pytest.mark.asyncio
@@ -279,7 +285,7 @@ async def test_on_request_without_a_request_is_ready(fake, connect, settings):
         "Stalled": ("False", "Deployed"),
     }
     assert status.conditions[0].message == f"deployment {status.deployment_id}"
-    assert events(outcome) == [("Normal", "Deployed")]
+    assert events(outcome) == [("Normal", "Deployed"), ("Normal", "Note")]
     assert outcome.events[0].message == f"Prefect deployment {status.deployment_id}"
     assert status.last_run is None and not fake.runs
     assert fake.calls == {"ensure_deployment": 1}
@@ -303,7 +309,7 @@ async def test_a_published_deploying_status_moves_on_without_publishing_again(
     assert published == []
     assert outcome.status.phase == "Ready"
     assert cond(outcome.status) == ("True", "Deployed")
-    assert events(outcome) == [("Normal", "Deployed")]
+    assert events(outcome) == [("Normal", "Deployed"), ("Normal", "Note")]
 
 
 @pytest.mark.asyncio
@@ -361,12 +367,6 @@ async def test_invalid_spec_is_failed_and_stalled(fake, connect, settings):
     assert not fake.calls and published == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: reconcile_flow (reconcile/lumeflow.py:157-165) keeps phase Failed left by "
-    "`invalid` once the spec/annotation is fixed and no run is wanted: Ready False "
-    "FlowRunFailed with an empty message instead of phase Ready / Deployed",
-)
 @pytest.mark.asyncio
 async def test_fixed_on_request_annotation_without_a_run_is_ready(fake, connect, settings):
     bad = await reconcile(on_request("soon"), LumeFlowStatus(), connect, settings)
@@ -710,12 +710,6 @@ async def test_follow_not_configured_recorded_once(fake, connect, settings):
     assert await follow(lumeflow_manifest(), lost.status, connect) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: run_outcome (reconcile/flowrun.py:165) turns any PrefectError of result_of, "
-    "an outage included, into phase Failed / ResultsInvalid for good (needs_following stops) "
-    "instead of a transient PrefectUnreachable",
-)
 @pytest.mark.asyncio
 async def test_follow_outage_while_reading_results_is_transient(settings, tmp_path):
     class ResultOutage(FakePrefect):
@@ -801,12 +795,6 @@ async def test_follow_schedule_reads_the_latest_run(fake, connect, settings, tmp
     assert again.status.results is None or again.status.results == done.status.results
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG?: follow_run (reconcile/lumeflow.py:215) compares only state names, so under a "
-    "Schedule a newer run in the same state as the recorded one (both Running) is not "
-    "recorded: lastRun keeps the old run id and the older run's end is never written",
-)
 @pytest.mark.asyncio
 async def test_follow_schedule_notices_a_newer_run_in_the_same_state(fake, connect, settings):
     body = lumeflow_manifest(run=SCHEDULE)
@@ -874,15 +862,15 @@ async def test_delete_with_its_backend_gone(fake, connect, settings, backend):
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("error", "what"),
+    "error",
     [
-        (PrefectUnreachable("down"), "delete"),
-        (PrefectRejected("forbidden", 403), "delete"),
-        (PrefectNotConfigured("SecretNotFound", "Secret k not found"), "reach Prefect"),
+        PrefectUnreachable("down"),
+        PrefectRejected("forbidden", 403),
+        PrefectNotConfigured("SecretNotFound", "Secret k not found"),
     ],
     ids=["unreachable", "rejected", "not-configured"],
 )
-async def test_delete_holds_the_finalizer_while_prefect_fails(fake, connect, settings, error, what):
+async def test_delete_holds_the_finalizer_while_prefect_fails(fake, connect, settings, error):
     status = await started(fake, connect, settings)
     if isinstance(error, PrefectNotConfigured):
         connect.error = error
@@ -890,8 +878,10 @@ async def test_delete_holds_the_finalizer_while_prefect_fails(fake, connect, set
         fake.failure = error
     outcome = await delete(lumeflow_manifest(), status, connect, settings, retry=4)
     assert outcome.retry_in == 16.0
-    assert outcome.retry_message == (
-        f"waiting to {what} the deployment of default/beam-stats: {error}"
-    )
+    message = f"waiting to delete the Prefect deployment of default/beam-stats: {error}"
+    assert outcome.retry_message == message
+    # Status says why the finalizer holds.
+    assert cond(outcome.status) == ("False", error.reason)
+    assert outcome.status.conditions[0].message == message
     fake.failure = connect.error = None
     assert fake.deployment(*DEPLOYMENT) is not None

@@ -106,6 +106,7 @@ class StepStatus(Model):
     results: list[ResultStatus] | None = Field(
         default=None, description="The step's result locations."
     )
+    message: str | None = Field(default=None, description="Why the step failed or was skipped.")
 
 
 class FlowOfFlowsStatus(Model):
@@ -117,6 +118,9 @@ class FlowOfFlowsStatus(Model):
     )
     conditions: list[Condition] | None = Field(
         default=None, description="Ready, Reconciling, Stalled."
+    )
+    deployment_id: str | None = Field(
+        default=None, description="The Prefect deployment of the composition's parent flow."
     )
     run: FlowRunStatus | None = Field(
         default=None, description="The composition's parent flow run."

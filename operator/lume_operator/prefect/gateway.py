@@ -399,6 +399,13 @@ class PrefectGateway:
         try:
             with anyio.fail_after(self.timeout):
                 return await state.aresult(raise_on_failure=False)
+        except (httpx.HTTPError, TimeoutError) as error:  # result storage behind an API
+            raised = translate(error, f"the result of flow run {flow_run.id}")
+            if isinstance(raised, PrefectUnreachable):
+                raise raised from error
+            raise PrefectRejected(
+                f"cannot read the result of flow run {flow_run.id}: {error}"
+            ) from error
         except Exception as error:  # storage missing, serializer unknown, ...
             raise PrefectRejected(
                 f"cannot read the result of flow run {flow_run.id}: {error}"

@@ -12,6 +12,7 @@ from lume_operator.backends.agent import agent_name, agent_objects
 from lume_operator.prefect.port import PrefectError, PrefectNotConfigured
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.outcome import (
+    TROUBLE,
     Cluster,
     Connect,
     Event,
@@ -135,17 +136,18 @@ async def check_backend(
     try:
         async with connect(backend) as prefect:
             await prefect.health()
-    except PrefectNotConfigured as error:
-        return prefect_trouble(status, error, retry_in=None)
     except PrefectError as error:
         if not was_ready and conditions.reason_of(status.conditions) == error.reason:
             return None
+        if isinstance(error, PrefectNotConfigured):
+            return prefect_trouble(status, error, retry_in=None)
         outcome = prefect_trouble(status, error, retry_in=None)
         outcome.events.append(Event("Warning", error.reason, outcome.retry_message))
         return outcome
     ready = await cluster.ready_replicas(backend.metadata.namespace, agent_name(backend)) or 0
     agent_ok = ready >= wanted_replicas(backend)
-    if status.agent_ready_replicas == ready and was_ready == agent_ok:
+    was_trouble = conditions.reason_of(status.conditions) in TROUBLE
+    if status.agent_ready_replicas == ready and was_ready == agent_ok and not was_trouble:
         return None
     status.agent_ready_replicas = ready
     set_conditions(status, _agent_conditions(status, ready, wanted_replicas(backend)))

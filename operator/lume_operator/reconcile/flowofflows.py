@@ -28,6 +28,7 @@ from lume_operator.reconcile.deploy import composition_deployment, flow_deployme
 from lume_operator.reconcile.flowrun import phase_of, run_outcome, run_status
 from lume_operator.reconcile.lumeflow import find_backend
 from lume_operator.reconcile.outcome import (
+    TROUBLE,
     Connect,
     Event,
     Found,
@@ -141,6 +142,7 @@ def step_statuses(fof: FlowOfFlows, seen: CompositionObservation) -> list[StepSt
                 phase=observed.phase,
                 run=observed.run,
                 results=observed.results or None,
+                message=observed.error or observed.note,
             )
         )
     return statuses
@@ -154,7 +156,11 @@ def apply_observation(
     run = status.run
     reference = run_status(seen.parent, 0, url, run.generation if run else None)
     steps = step_statuses(fof, seen)
-    changed = steps != (status.steps or []) or reference.state != (run.state if run else None)
+    changed = (
+        steps != (status.steps or [])
+        or reference.state != (run.state if run else None)
+        or conditions.reason_of(status.conditions) in TROUBLE
+    )
     status.run, status.steps, status.phase = reference, steps, seen.phase
     if not seen.final:
         if not changed:
@@ -264,6 +270,8 @@ async def reconcile_composition(
         return prefect_trouble(status, error, retry_in=settings.backoff(retry))
     status.deployment_id = deployment_id
     if flow_run is None:
+        if conditions.reason_of(status.conditions) in TROUBLE and status.phase == "Running":
+            set_conditions(status, conditions.progressing("FlowRunning", "steps running"))
         return Outcome(status)
     status.phase, status.run = "Running", reference
     status.steps = [StepStatus(name=step.name, phase="Pending") for step in fof.spec.steps]

@@ -7,7 +7,7 @@ from typing import Any
 
 from lume_operator.api.flow import FlowRunStatus, ResultSpec, ResultStatus
 from lume_operator.api.keypath import KeyPathError, split, walk
-from lume_operator.prefect.port import FlowRunView, PrefectError, PrefectPort
+from lume_operator.prefect.port import FlowRunView, PrefectError, PrefectPort, PrefectUnreachable
 from lume_operator.results import (
     FileDescriptionError,
     FilesystemError,
@@ -162,6 +162,8 @@ async def run_outcome(
     try:
         value = await prefect.result_of(flow_run)
         results = result_statuses(value, declared, flow_run.result_key)
+    except PrefectUnreachable:
+        raise  # read again once Prefect is back: an outage says nothing of the results
     except (PrefectError, ResultError) as error:
         return RunOutcome("Failed", error=str(error), reason="ResultsInvalid")
     return RunOutcome("Completed", results=results)

@@ -13,7 +13,6 @@ from lume_operator.prefect.port import (
     FINAL_STATES,
     FlowRunView,
     PrefectError,
-    PrefectNotConfigured,
     PrefectPort,
     idempotency_key,
 )
@@ -21,6 +20,7 @@ from lume_operator.reconcile import conditions
 from lume_operator.reconcile.deploy import flow_deployment
 from lume_operator.reconcile.flowrun import phase_of, run_outcome, run_status
 from lume_operator.reconcile.outcome import (
+    TROUBLE,
     Connect,
     Event,
     Found,
@@ -118,6 +118,8 @@ async def reconcile_flow(
     if problem:
         return invalid(status, problem, generation, phase="Failed")
     status.observed_generation = generation
+    if conditions.reason_of(status.conditions) == "InvalidSpec":
+        status.phase = None  # fixed: start over as a new object would (no run is repeated)
     if not status.phase:
         if publish is not None:
             first = status.model_copy(deep=True)
@@ -151,9 +153,13 @@ async def reconcile_flow(
         return prefect_trouble(status, error, retry_in=settings.backoff(retry))
     status.deployment_id = deployment_id
     status.work_pool_name = backend.status.get("workPoolName") if backend else None
+    events = []
+    if first_deploy:
+        events.append(Event("Normal", "Deployed", f"Prefect deployment {deployment_id}"))
+        events.extend(Event("Normal", "Note", note) for note in made.notes)
     if flow_run is not None:
         status, event = run_started(status, flow_run, reference)
-        return Outcome(status, [event])
+        return Outcome(status, [*events, event])
     if status.phase in ("Pending", "Deploying"):
         status.phase = "Ready"
     if status.phase in ("Ready", "Completed"):
@@ -164,9 +170,6 @@ async def reconcile_flow(
         message = (status.last_run.message if status.last_run else None) or ""
         updates = conditions.failed("FlowRunFailed", message)
     set_conditions(status, updates)
-    events = (
-        [Event("Normal", "Deployed", f"Prefect deployment {deployment_id}")] if first_deploy else []
-    )
     return Outcome(status, events)
 
 
@@ -212,8 +215,8 @@ async def follow_run(
         prefect.ui_url(flow_run.id),
         last.generation if last else None,
     )
-    changed = last is None or last.state != reference.state
-    was_trouble = conditions.reason_of(status.conditions) in _TROUBLE
+    changed = last is None or last.id != reference.id or last.state != reference.state
+    was_trouble = conditions.reason_of(status.conditions) in TROUBLE
     status.last_run, status.phase = reference, phase_of(reference.state_type)
     if not flow_run.final:
         if not changed and not was_trouble:
@@ -231,10 +234,6 @@ async def follow_run(
         return Outcome(status, [Event("Normal", outcome.reason, message)])
     set_conditions(status, conditions.failed(outcome.reason, outcome.error))
     return Outcome(status, [Event("Warning", outcome.reason, outcome.error)])
-
-
-# Ready reasons that a successful read of Prefect clears.
-_TROUBLE = frozenset({"PrefectUnreachable", "PrefectRejected", "NoPrefectAPI", "SecretNotFound"})
 
 
 async def follow_flow(
@@ -296,7 +295,8 @@ async def delete_flow(
         async with connect(found) as prefect:
             await prefect.delete_deployment(flow.metadata.name, flow.metadata.namespace)
     except PrefectError as error:
-        what = "reach Prefect" if isinstance(error, PrefectNotConfigured) else "delete"
-        message = f"waiting to {what} the deployment of {flow.key}: {error}"
+        # The finalizer holds, and status says why (a missing Secret, an outage).
+        message = f"waiting to delete the Prefect deployment of {flow.key}: {error}"
+        set_conditions(status, conditions.progressing(error.reason, message))
         return Outcome(status, retry_in=settings.backoff(retry), retry_message=message)
     return Outcome(status)

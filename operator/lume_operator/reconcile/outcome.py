@@ -63,6 +63,23 @@ class Cluster(Protocol):
         ...
 
 
+# Ready reasons that say Prefect (or something awaited) was in the way; a successful call
+# clears them.
+TROUBLE = frozenset(
+    {
+        "PrefectUnreachable",
+        "PrefectRejected",
+        "NoPrefectAPI",
+        "SecretNotFound",
+        "BackendNotFound",
+        "BackendInvalid",
+        "BackendNotReady",
+        "FlowNotFound",
+        "FlowNotDeployed",
+    }
+)
+
+
 class Waiting(Exception):
     """Something the object needs is not there yet: retried, not an error of its spec."""
 
