@@ -47,6 +47,13 @@ class OperatorSettings(BaseSettings):
         le=600,
         description="Seconds between a FlowOfFlows parent run's reads of a running step.",
     )
+    cancel_grace: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="Seconds a deletion waits for cancelled runs to stop (their worker ends "
+        "them) before marking them Cancelled in Prefect itself.",
+    )
     default_api_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("LUME_PREFECT_API_URL", "PREFECT_API_URL"),

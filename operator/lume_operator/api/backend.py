@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lume_operator.api.common import (
     DNS_SUBDOMAIN_PATTERN,
@@ -25,12 +25,25 @@ class PrefectAPI(Model):
 
     api_url: str | None = Field(
         default=None,
-        description="Prefect API URL, e.g. http://prefect-server:4200/api. Default: the operator's.",
-        pattern=r"^https?://",
+        description="Prefect API URL, e.g. http://prefect-server:4200/api. Default: the operator's. "
+        "No user or password in it: the key goes in apiKeySecretRef.",
+        pattern=r"^https?://[^/@]+(/.*)?$",
     )
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret holding the Prefect API key; never given inline."
     )
+
+    @field_validator("api_url", mode="before")
+    @classmethod
+    def _no_credentials(cls, value: object) -> object:
+        # Before the pattern: its generic message would not say why, and the value (with its
+        # password) is never repeated back.
+        if isinstance(value, str) and "@" in value.partition("://")[2].partition("/")[0]:
+            raise ValueError(
+                "must not carry a user or password (user:password@...): put the API key in a "
+                "Secret and name it in apiKeySecretRef"
+            )
+        return value
 
 
 class WorkPool(Model):
@@ -119,6 +132,11 @@ class SchedulingBackendSpec(Model):
         default=None,
         description="The DB result store of flows on this backend. Default: a SQLite file in each "
         "run's results directory.",
+    )
+    deletion_policy: Literal["Delete", "Orphan"] = Field(
+        default="Delete",
+        description="On deletion: Delete removes the work pool it created (the finalizer holds "
+        "until Prefect confirms); Orphan leaves it.",
     )
 
 

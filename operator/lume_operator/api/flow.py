@@ -63,6 +63,34 @@ class RunPolicy(Model):
         default=None, description="Cron expression (5 fields), required for policy Schedule."
     )
     timezone: str = Field(default="UTC", description="IANA time zone of the cron schedule.")
+    concurrency_policy: Literal["Allow", "Forbid", "Replace"] | None = Field(
+        default=None,
+        description="A new run while one is in flight (CronJob semantics): Allow runs both, "
+        "Forbid skips the new one, Replace cancels the old one first. Default: Replace for "
+        "OnChange (a new spec supersedes the old), Allow for Schedule and OnRequest.",
+    )
+    timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description="Deadline of each run from its start: past it the run is cancelled and ends "
+        "Failed with reason DeadlineExceeded (not retried).",
+    )
+    retries: int = Field(
+        default=0, ge=0, le=100, description="New runs after a run ends Failed or Crashed."
+    )
+    retry_delay_seconds: int = Field(
+        default=0, ge=0, le=86400, description="Seconds before each retry starts."
+    )
+    history_limit: int = Field(
+        default=10, ge=1, le=100, description="How many runs status.runs keeps, newest first."
+    )
+
+    @property
+    def concurrency(self) -> str:
+        """The concurrency policy in force, the policy's default when unset."""
+        if self.concurrency_policy:
+            return self.concurrency_policy
+        return "Replace" if self.policy == "OnChange" else "Allow"
 
     @model_validator(mode="after")
     def _cron_when_scheduled(self) -> RunPolicy:
@@ -128,12 +156,26 @@ class LumeFlowSpec(Model):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     run: RunPolicy | None = Field(default=None, description="When flow runs are created.")
+    deletion_policy: Literal["Delete", "Orphan"] = Field(
+        default="Delete",
+        description="On deletion: Delete cancels runs in flight and removes the Prefect "
+        "deployment (the finalizer holds until Prefect confirms); Orphan leaves both.",
+    )
 
     @field_validator("results")
     @classmethod
     def _unique_results(cls, items: list | None) -> list | None:
         require_unique("result", [item.name for item in items or []])
         return items
+
+
+class ResultStatus(Model):
+    """Where one result is; never its content."""
+
+    name: str = Field(description="Result name (key path in the return value).")
+    type: str = Field(description="File type (HDF5File, TextFile, ...) or 'value'.")
+    filesystem: str | None = Field(default=None, description="Filesystem identifier of a file.")
+    location: str = Field(description="File name on that filesystem, or the Prefect result key.")
 
 
 class FlowRunStatus(Model):
@@ -151,15 +193,20 @@ class FlowRunStatus(Model):
     end_time: str | None = Field(default=None, description="When the run ended (RFC 3339).")
     url: str | None = Field(default=None, description="The run in the Prefect UI.")
     message: str | None = Field(default=None, description="The state's message, e.g. the error.")
-
-
-class ResultStatus(Model):
-    """Where one result is; never its content."""
-
-    name: str = Field(description="Result name (key path in the return value).")
-    type: str = Field(description="File type (HDF5File, TextFile, ...) or 'value'.")
-    filesystem: str | None = Field(default=None, description="Filesystem identifier of a file.")
-    location: str = Field(description="File name on that filesystem, or the Prefect result key.")
+    created_time: str | None = Field(
+        default=None, description="When the run was created (RFC 3339)."
+    )
+    attempt: int | None = Field(
+        default=None, description="0 for a first run, 1, 2, ... for its retries."
+    )
+    reason: str | None = Field(
+        default=None,
+        description="Why lume-operator ended or skipped it: DeadlineExceeded, Replaced, "
+        "ConcurrencyForbid.",
+    )
+    results: list[ResultStatus] | None = Field(
+        default=None, description="Its result locations, once it completed."
+    )
 
 
 class LumeFlowStatus(Model):
@@ -176,6 +223,14 @@ class LumeFlowStatus(Model):
     )
     work_pool_name: str | None = Field(default=None, description="The Prefect work pool.")
     deployment_id: str | None = Field(default=None, description="The Prefect deployment id.")
+    runs: list[FlowRunStatus] | None = Field(
+        default=None,
+        description="The last spec.run.historyLimit runs, newest first (skipped ones too).",
+    )
+    last_request: int | None = Field(
+        default=None,
+        description="The highest lume.dev/run-request value handled (OnRequest).",
+    )
     last_run: FlowRunStatus | None = Field(
         default=None, description="The last or current flow run."
     )

@@ -65,6 +65,18 @@ class Step(Model):
     mapped_parameters: dict[str, MappedParameter] | None = Field(
         default=None, description="Parameters taken from parent steps' outputs, by parameter name."
     )
+    timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description="Deadline of the step's run. Default: its flow's run.timeoutSeconds, else "
+        "the composition's stepTimeoutSeconds.",
+    )
+    retries: int | None = Field(
+        default=None, ge=0, le=100, description="Retries of the step. Default: its flow's."
+    )
+    retry_delay_seconds: int | None = Field(
+        default=None, ge=0, le=86400, description="Seconds before a retry. Default: its flow's."
+    )
 
     @model_validator(mode="after")
     def _one_flow(self) -> Step:
@@ -87,6 +99,17 @@ class FlowOfFlowsSpec(Model):
         description="Backend of the composition's parent run. Default: the first step's.",
     )
     labels: list[Label] | None = Field(default=None, description="Labels, as on a LumeFlow.")
+    step_timeout_seconds: int = Field(
+        default=86400,
+        ge=1,
+        description="Longest wait for any step whose flow and step set no timeoutSeconds: the "
+        "parent run never waits without bound.",
+    )
+    deletion_policy: Literal["Delete", "Orphan"] = Field(
+        default="Delete",
+        description="On deletion: Delete cancels the parent run and its steps' runs and removes "
+        "the Prefect deployments it made; Orphan leaves them.",
+    )
 
     @field_validator("steps")
     @classmethod

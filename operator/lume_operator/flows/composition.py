@@ -19,6 +19,7 @@ from prefect.artifacts import acreate_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments.flow_runs import arun_deployment
+from prefect.states import Cancelling
 
 from lume_operator.api.keypath import KeyPathError, walk
 
@@ -107,25 +108,46 @@ class _Composition:
             self.outcome[name] = {"state": "FAILED", "message": str(error)}
             self.logger.error("step %r not started: %s", name, error)
             return
-        self.logger.info("step %r starting (%s)", name, step["deployment"])
-        flow_run = await arun_deployment(
-            name=step["deployment"],
-            parameters=parameters,
-            idempotency_key=step["key"],
-            tags=[*step.get("tags", []), f"{STEP_TAG}{name}"],
-            job_variables=step.get("jobVariables"),
-            poll_interval=self.poll_interval,
-            timeout=None,
-            as_subflow=True,
-        )
-        self.runs[name] = flow_run
-        state = flow_run.state
-        self.outcome[name] = {
-            "state": state.type.value if state else "UNKNOWN",
-            "flowRunId": str(flow_run.id),
-            "message": (state.message or "") if state else "",
-        }
-        self.logger.info("step %r ended %s", name, state.name if state else "without a state")
+        retries = int(step.get("retries") or 0)
+        for attempt in range(retries + 1):
+            self.logger.info("step %r starting (%s)", name, step["deployment"])
+            flow_run = await arun_deployment(
+                name=step["deployment"],
+                parameters=parameters,
+                # Each attempt its own run, each as idempotent as the first.
+                idempotency_key=step["key"] if not attempt else f"{step['key']}/{attempt}",
+                tags=[*step.get("tags", []), f"{STEP_TAG}{name}"],
+                job_variables=step.get("jobVariables"),
+                poll_interval=self.poll_interval,
+                timeout=step.get("timeout"),
+                as_subflow=True,
+            )
+            self.runs[name] = flow_run
+            state = flow_run.state
+            if state is None or not state.is_final():
+                # Past its deadline: stopped (its worker ends it), and not retried.
+                await client.set_flow_run_state(flow_run.id, Cancelling())
+                self.outcome[name] = {
+                    "state": "FAILED",
+                    "flowRunId": str(flow_run.id),
+                    "message": f"DeadlineExceeded: no end within {step.get('timeout')} s; "
+                    "cancelled",
+                }
+                self.logger.error("step %r: %s", name, self.outcome[name]["message"])
+                return
+            self.outcome[name] = {
+                "state": state.type.value,
+                "flowRunId": str(flow_run.id),
+                "message": state.message or "",
+            }
+            self.logger.info("step %r ended %s", name, state.name)
+            if state.type.value not in ("FAILED", "CRASHED") or attempt == retries:
+                return
+            delay = float(step.get("retryDelay") or 0)
+            self.logger.warning(
+                "step %r: retry %d of %d in %g s", name, attempt + 1, retries, delay
+            )
+            await anyio.sleep(delay)
 
     async def _mapped_value(
         self, client: Any, step: str, param: str, mapping: dict[str, Any]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lume_operator.api.flow import LumeFlow
-from lume_operator.api.flowofflows import FlowOfFlows
+from lume_operator.api.flowofflows import FlowOfFlows, Step
 from lume_operator.prefect.port import idempotency_key
 
 
@@ -43,6 +43,24 @@ def steps_with_mapped_tasks(fof: FlowOfFlows) -> set[str]:
     }
 
 
+def _run_limits(fof: FlowOfFlows, step: Step, flow: LumeFlow) -> dict[str, Any]:
+    """A step's deadline and retries: its own, else its flow's; the deadline is never unset
+    (the composition's stepTimeoutSeconds), so the parent never waits without bound."""
+    run = flow.spec.run
+    timeout = step.timeout_seconds or (run.timeout_seconds if run else None)
+    retries = step.retries if step.retries is not None else (run.retries if run else 0)
+    delay = (
+        step.retry_delay_seconds
+        if step.retry_delay_seconds is not None
+        else (run.retry_delay_seconds if run else 0)
+    )
+    return {
+        "timeout": timeout or fof.spec.step_timeout_seconds,
+        "retries": retries,
+        "retryDelay": delay,
+    }
+
+
 def plan_steps(
     fof: FlowOfFlows,
     flows: dict[str, LumeFlow],
@@ -75,6 +93,7 @@ def plan_steps(
             },
             "key": idempotency_key(uid, fof.metadata.generation, run_index, step.name),
             "tags": [f"lume.dev/flowofflows={fof.metadata.name}"],
+            **_run_limits(fof, step, flow),
         }
         if job_variables and step.name in job_variables:
             item["jobVariables"] = job_variables[step.name]

@@ -15,6 +15,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from lume_operator import GROUP, VERSION
+from lume_operator.reconcile.outcome import NameTaken
 
 
 class SecretMissing(Exception):
@@ -46,32 +47,52 @@ class Kube:
         load_config(kubeconfig)
         return cls()
 
-    def _methods(self, kind: str) -> tuple[Any, Any]:
+    def _methods(self, kind: str) -> tuple[Any, Any, Any]:
+        """create, read and patch of a kind the agent is made of."""
+        core, rbac, apps = self.core, self.rbac, self.apps
         return {
             "ServiceAccount": (
-                self.core.create_namespaced_service_account,
-                self.core.patch_namespaced_service_account,
+                core.create_namespaced_service_account,
+                core.read_namespaced_service_account,
+                core.patch_namespaced_service_account,
             ),
-            "Role": (self.rbac.create_namespaced_role, self.rbac.patch_namespaced_role),
+            "Role": (
+                rbac.create_namespaced_role,
+                rbac.read_namespaced_role,
+                rbac.patch_namespaced_role,
+            ),
             "RoleBinding": (
-                self.rbac.create_namespaced_role_binding,
-                self.rbac.patch_namespaced_role_binding,
+                rbac.create_namespaced_role_binding,
+                rbac.read_namespaced_role_binding,
+                rbac.patch_namespaced_role_binding,
             ),
             "Deployment": (
-                self.apps.create_namespaced_deployment,
-                self.apps.patch_namespaced_deployment,
+                apps.create_namespaced_deployment,
+                apps.read_namespaced_deployment,
+                apps.patch_namespaced_deployment,
             ),
         }[kind]
 
     def _apply(self, body: dict[str, Any]) -> None:
-        create, patch = self._methods(body["kind"])
+        create, read, patch = self._methods(body["kind"])
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         try:
             create(namespace, body)
+            return
         except ApiException as error:
             if error.status != 409:
                 raise
-            patch(name, namespace, body)
+        existing = read(name, namespace)
+        owners = {ref.uid for ref in existing.metadata.owner_references or []}
+        ours = {ref.get("uid") for ref in body["metadata"].get("ownerReferences") or []}
+        if not owners & ours:
+            raise NameTaken(
+                f"{body['kind']} {namespace}/{name} exists and is not this backend's: rename "
+                "or remove it (it is never adopted)"
+            )
+        # A JSON merge patch replaces lists whole, so env entries or rules the spec no longer
+        # has are removed (a strategic merge would keep them).
+        patch(name, namespace, body, _content_type="application/merge-patch+json")
 
     async def apply(self, body: dict[str, Any]) -> None:
         await asyncio.to_thread(self._apply, body)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
@@ -172,6 +173,7 @@ async def flow_follow(
         status_of(LumeFlowStatus, status),
         backend=_backend_of(body, backend_index),
         connect=state_of(memo).connect,
+        now=datetime.now(UTC),
     )
     apply_outcome(outcome, body, status, patch)
 
@@ -182,11 +184,12 @@ async def flow_delete(
     status: dict[str, Any],
     patch: kopf.Patch,
     retry: int,
+    runtime: timedelta,
     backend_index: kopf.Index,
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    """Remove the Prefect deployment; the finalizer stays until Prefect confirms."""
+    """Cancel runs in flight, remove the deployment; the finalizer holds until Prefect says so."""
     state = state_of(memo)
     outcome = await flows.delete_flow(
         manifest(body),
@@ -195,6 +198,7 @@ async def flow_delete(
         connect=state.connect,
         settings=state.settings,
         retry=retry,
+        waited=runtime.total_seconds(),
     )
     apply_outcome(outcome, body, status, patch)
 
@@ -247,6 +251,33 @@ async def composition_follow(
         backends=in_namespace(backend_index, namespace),
         connect=state.connect,
         memory=state.observed,
+    )
+    apply_outcome(outcome, body, status, patch)
+
+
+@kopf.on.delete(GROUP, VERSION, COMPOSITIONS)
+async def composition_delete(
+    body: kopf.Body,
+    status: dict[str, Any],
+    patch: kopf.Patch,
+    retry: int,
+    runtime: timedelta,
+    backend_index: kopf.Index,
+    flow_index: kopf.Index,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    """Cancel the parent run and its steps, remove the deployments it made."""
+    state, namespace = state_of(memo), body.metadata.namespace
+    outcome = await compositions.delete_composition(
+        manifest(body),
+        status_of(FlowOfFlowsStatus, status),
+        flows=in_namespace(flow_index, namespace),
+        backends=in_namespace(backend_index, namespace),
+        connect=state.connect,
+        settings=state.settings,
+        retry=retry,
+        waited=runtime.total_seconds(),
     )
     apply_outcome(outcome, body, status, patch)
 

@@ -476,7 +476,7 @@ class _FlowWatch(_Watch):
 
     async def poll(self, gateway: Any) -> bool:
         item = self.item
-        await follow_run(item.flow, item.status, gateway, schedule=False)
+        await follow_run(item.flow, item.status, gateway, now=datetime.now(UTC), schedule=False)
         run = item.status.last_run
         if run and run.state and self.last_state != run.state:
             self.last_state = run.state

@@ -15,10 +15,12 @@ from typing import Any
 
 from lume_operator.prefect.deployment import DeploymentSpec, DeploymentView
 from lume_operator.prefect.port import (
+    ACTIVE_STATES,
     FlowRunView,
     PrefectError,
     PrefectRejected,
     RunState,
+    WorkPoolOwnedElsewhere,
     WorkPoolView,
 )
 
@@ -44,6 +46,7 @@ class _Run:
     parent_id: str | None = None
     result: Any = None
     has_result: bool = False
+    start_in: float | None = None
 
 
 @dataclass
@@ -58,6 +61,8 @@ class FakePrefect:
     runs: dict[str, _Run] = field(default_factory=dict)
     artifacts: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)
+    # The time new runs are created at (RFC 3339), for deadline decisions.
+    now: str = "2026-01-01T00:00:00+00:00"
     writes: int = 0
     # Raised by every call while set: an outage (PrefectUnreachable) or a refusal.
     failure: PrefectError | None = None
@@ -118,18 +123,27 @@ class FakePrefect:
         adopt: bool = False,
         concurrency_limit: int | None = None,
         queues: list[str] | None = None,
+        owner: str | None = None,
     ) -> str:
         self._enter("ensure_work_pool")
         pool = self.pools.get(name)
         if pool is None:
             if adopt:
                 raise PrefectRejected(f"work pool {name!r} to adopt does not exist", 404)
-            pool = WorkPoolView(str(uuid.uuid4()), name, pool_type, {}, None, ["default"])
+            description = f"Managed by lume-operator ({owner})." if owner else None
+            pool = WorkPoolView(
+                str(uuid.uuid4()), name, pool_type, {}, None, ["default"], description
+            )
             self.pools[name] = pool
             self.writes += 1
         if pool.type != pool_type:
             raise PrefectRejected(
                 f"work pool {name!r} exists with type {pool.type!r}, not {pool_type!r}"
+            )
+        if not adopt and owner and owner not in (pool.description or ""):
+            raise WorkPoolOwnedElsewhere(
+                f"work pool {name!r} exists and was not created by this backend: set "
+                "workPool.adopt to use it as it is, or name another pool"
             )
         if not adopt and (
             pool.base_job_template != base_job_template
@@ -144,10 +158,13 @@ class FakePrefect:
                 self.writes += 1
         return pool.id
 
-    async def delete_work_pool(self, name: str) -> None:
+    async def delete_work_pool(self, name: str, owner: str | None = None) -> None:
         self._enter("delete_work_pool")
-        if self.pools.pop(name, None) is not None:
-            self.writes += 1
+        pool = self.pools.get(name)
+        if pool is None or (owner and owner not in (pool.description or "")):
+            return
+        del self.pools[name]
+        self.writes += 1
 
     async def ensure_deployment(self, spec: DeploymentSpec) -> str:
         self._enter("ensure_deployment")
@@ -185,6 +202,7 @@ class FakePrefect:
         parameters: dict[str, Any],
         job_variables: dict[str, Any],
         tags: list[str],
+        key: str | None = None,
     ) -> str:
         run_id = str(uuid.uuid4())
         view = FlowRunView(
@@ -193,6 +211,8 @@ class FakePrefect:
             state=RunState("Scheduled", "SCHEDULED"),
             tags=list(tags),
             deployment_id=deployment_id,
+            created_time=self.now,
+            idempotency_key=key,
         )
         self.runs[run_id] = _Run(view, deployment_id, parameters, job_variables)
         self.writes += 1
@@ -206,6 +226,7 @@ class FakePrefect:
         parameters: dict[str, Any] | None = None,
         tags: list[str] | None = None,
         job_variables: dict[str, Any] | None = None,
+        start_in: float | None = None,
     ) -> FlowRunView:
         self._enter("create_flow_run")
         if not any(view.id == deployment_id for _spec, view in self.deployments.values()):
@@ -213,8 +234,13 @@ class FakePrefect:
         key = (deployment_id, idempotency_key)
         if key not in self._keys:
             self._keys[key] = self._new_run(
-                deployment_id, dict(parameters or {}), dict(job_variables or {}), list(tags or [])
+                deployment_id,
+                dict(parameters or {}),
+                dict(job_variables or {}),
+                list(tags or []),
+                idempotency_key,
             )
+            self.runs[self._keys[key]].start_in = start_in
         return copy.copy(self.runs[self._keys[key]].view)
 
     async def read_flow_run(self, flow_run_id: str) -> FlowRunView:
@@ -223,6 +249,18 @@ class FakePrefect:
         if run is None:
             raise PrefectRejected(f"flow run {flow_run_id} not found", 404)
         return copy.copy(run.view)
+
+    async def read_flow_runs(self, flow_run_ids: list[str]) -> list[FlowRunView]:
+        self._enter("read_flow_runs")
+        return [copy.copy(self.runs[i].view) for i in flow_run_ids if i in self.runs]
+
+    async def active_runs(self, deployment_id: str) -> list[FlowRunView]:
+        self._enter("active_runs")
+        return [
+            copy.copy(r.view)
+            for r in self.runs.values()
+            if r.deployment_id == deployment_id and r.view.state.type in ACTIVE_STATES
+        ]
 
     async def latest_run(self, deployment_id: str) -> FlowRunView | None:
         self._enter("latest_run")
@@ -239,12 +277,15 @@ class FakePrefect:
         self._enter("child_runs")
         return [copy.copy(r.view) for r in self.runs.values() if r.parent_id == parent_id]
 
-    async def cancel_flow_run(self, flow_run_id: str) -> None:
+    async def cancel_flow_run(self, flow_run_id: str, *, force: bool = False) -> None:
+        """As Prefect's rules do: a run no worker took is Cancelled at once; a running one is
+        Cancelling until a test plays its worker (`set_state(..., "CANCELLED")`)."""
         self._enter("cancel_flow_run")
         run = self.runs.get(flow_run_id)
         if run is None or run.view.final:
             return
-        self.set_state(flow_run_id, "CANCELLED")
+        taken = run.view.state.type not in ("SCHEDULED", "PENDING")
+        self.set_state(flow_run_id, "CANCELLING" if taken and not force else "CANCELLED")
         self.writes += 1
 
     async def table_artifact(self, flow_run_id: str, description: str) -> list[dict] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -37,15 +38,17 @@ from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.states import Cancelling
+from prefect.states import Cancelled, Cancelling, Scheduled
 
 from lume_operator.prefect.deployment import DeploymentSpec, DeploymentView
 from lume_operator.prefect.port import (
+    ACTIVE_STATES,
     FlowRunView,
     PrefectError,
     PrefectRejected,
     PrefectUnreachable,
     RunState,
+    WorkPoolOwnedElsewhere,
     is_outage_status,
 )
 
@@ -69,6 +72,8 @@ def run_view(flow_run: FlowRun) -> FlowRunView:
         end_time=_time(flow_run.end_time),
         tags=list(flow_run.tags or []),
         deployment_id=str(flow_run.deployment_id) if flow_run.deployment_id else None,
+        created_time=_time(flow_run.created),
+        idempotency_key=flow_run.idempotency_key,
         result_key=getattr(metadata, "storage_key", None),
         handle=state,
     )
@@ -94,6 +99,11 @@ def deployment_view(deployment: DeploymentResponse, flow_name: str) -> Deploymen
         ],
         parameter_openapi_schema=deployment.parameter_openapi_schema,
     )
+
+
+def _pool_description(owner: str | None) -> str:
+    """Never None (Prefect would store the text "None"); carries the owner's mark."""
+    return f"Managed by lume-operator ({owner})." if owner else "Managed by lume-operator."
 
 
 def translate(error: BaseException, what: str) -> PrefectError:
@@ -185,6 +195,7 @@ class PrefectGateway:
         adopt: bool = False,
         concurrency_limit: int | None = None,
         queues: list[str] | None = None,
+        owner: str | None = None,
     ) -> str:
         what = f"work pool {name!r}"
         try:
@@ -199,6 +210,7 @@ class PrefectGateway:
                     self.client.create_work_pool(
                         WorkPoolCreate(
                             name=name,
+                            description=_pool_description(owner),
                             type=pool_type,
                             base_job_template=base_job_template,
                             concurrency_limit=concurrency_limit,
@@ -213,6 +225,11 @@ class PrefectGateway:
         if pool.type != pool_type:
             raise PrefectRejected(
                 f"work pool {name!r} exists with type {pool.type!r}, not {pool_type!r}"
+            )
+        if not adopt and owner and owner not in (pool.description or ""):
+            raise WorkPoolOwnedElsewhere(
+                f"work pool {name!r} exists and was not created by this backend: set "
+                "workPool.adopt to use it as it is, or name another pool"
             )
         if not adopt and (
             pool.base_job_template != base_job_template
@@ -242,7 +259,16 @@ class PrefectGateway:
                     self.writes += 1
         return str(pool.id)
 
-    async def delete_work_pool(self, name: str) -> None:
+    async def delete_work_pool(self, name: str, owner: str | None = None) -> None:
+        if owner:
+            try:
+                pool = await self._call(
+                    self.client.read_work_pool(name), f"work pool {name!r}", quiet=(ObjectNotFound,)
+                )
+            except ObjectNotFound:
+                return
+            if owner not in (pool.description or ""):
+                return  # another's (or adopted): never ours to delete
         with contextlib.suppress(ObjectNotFound):
             await self._call(
                 self.client.delete_work_pool(name), f"work pool {name!r}", quiet=(ObjectNotFound,)
@@ -316,7 +342,11 @@ class PrefectGateway:
         parameters: dict[str, Any] | None = None,
         tags: list[str] | None = None,
         job_variables: dict[str, Any] | None = None,
+        start_in: float | None = None,
     ) -> FlowRunView:
+        state = None
+        if start_in:
+            state = Scheduled(scheduled_time=datetime.now(UTC) + timedelta(seconds=start_in))
         flow_run = await self._call(
             self.client.create_flow_run_from_deployment(
                 UUID(deployment_id),
@@ -324,6 +354,7 @@ class PrefectGateway:
                 tags=tags,
                 idempotency_key=idempotency_key,
                 job_variables=job_variables,
+                state=state,
             ),
             f"flow run of deployment {deployment_id}",
         )
@@ -335,6 +366,36 @@ class PrefectGateway:
             self.client.read_flow_run(UUID(flow_run_id)), f"flow run {flow_run_id}"
         )
         return run_view(flow_run)
+
+    async def read_flow_runs(self, flow_run_ids: list[str]) -> list[FlowRunView]:
+        if not flow_run_ids:
+            return []
+        runs = await self._call(
+            self.client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[UUID(run_id) for run_id in flow_run_ids])
+                ),
+                limit=len(flow_run_ids),
+            ),
+            f"{len(flow_run_ids)} flow runs",
+        )
+        return [run_view(run) for run in runs]
+
+    async def active_runs(self, deployment_id: str) -> list[FlowRunView]:
+        runs = await self._call(
+            self.client.read_flow_runs(
+                deployment_filter=DeploymentFilter(
+                    id=DeploymentFilterId(any_=[UUID(deployment_id)])
+                ),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType(t) for t in ACTIVE_STATES])
+                    )
+                ),
+            ),
+            f"runs in flight of deployment {deployment_id}",
+        )
+        return [run_view(run) for run in runs]
 
     async def latest_run(self, deployment_id: str) -> FlowRunView | None:
         runs = await self._call(
@@ -367,12 +428,17 @@ class PrefectGateway:
         )
         return [run_view(run) for run in runs]
 
-    async def cancel_flow_run(self, flow_run_id: str) -> None:
+    async def cancel_flow_run(self, flow_run_id: str, *, force: bool = False) -> None:
         current = await self.read_flow_run(flow_run_id)
-        if current.final or (current.state and current.state.type == "CANCELLING"):
+        cancelling = bool(current.state and current.state.type == "CANCELLING")
+        if current.final or (cancelling and not force):
             return
         await self._call(
-            self.client.set_flow_run_state(UUID(flow_run_id), Cancelling(), force=True),
+            # Unforced, Prefect's own rules apply: a run no worker has taken yet (scheduled)
+            # goes straight to Cancelled, a running one to Cancelling until its worker stops it.
+            self.client.set_flow_run_state(
+                UUID(flow_run_id), Cancelled() if force else Cancelling(), force=force
+            ),
             f"cancel flow run {flow_run_id}",
         )
         self.writes += 1

@@ -21,11 +21,23 @@ FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 _NAMESPACE = uuid.UUID("5d1f1c8e-3b0b-4c55-9a55-6c756d652d6f")
 
 
-def idempotency_key(uid: str, generation: int | None, index: int, step: str | None = None) -> str:
-    """The same (resource uid, generation, run index[, step]) always gives the same key, so a
-    restarted operator or a retried request never starts a second run."""
+# Prefect state types of a run still in flight.
+ACTIVE_STATES = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"})
+
+
+def idempotency_key(
+    uid: str, generation: int | None, index: int, step: str | None = None, attempt: int = 0
+) -> str:
+    """The same (resource uid, generation, run index[, step][, attempt]) always gives the same
+    key, so a restarted operator or a retried request never starts a second run."""
     parts = [uid, str(generation or 0), str(index)] + ([step] if step else [])
+    parts += [f"attempt-{attempt}"] if attempt else []
     return f"lume-{uuid.uuid5(_NAMESPACE, '/'.join(parts))}"
+
+
+def pool_owner(uid: str) -> str:
+    """The mark a backend leaves in the description of a work pool it created."""
+    return f"lume-operator owner: {uid}"
 
 
 class PrefectError(Exception):
@@ -48,6 +60,13 @@ class PrefectRejected(PrefectError):
     """Prefect answered and refused (another 4xx), or the request cannot succeed as asked."""
 
     reason = "PrefectRejected"
+
+
+class WorkPoolOwnedElsewhere(PrefectRejected):
+    """The work pool exists and was not created by this backend: it is neither changed nor
+    deleted unless adopted (`workPool.adopt`), which never changes it."""
+
+    reason = "WorkPoolOwnedElsewhere"
 
 
 class PrefectNotConfigured(PrefectError):
@@ -88,6 +107,8 @@ class FlowRunView:
     end_time: str | None = None
     tags: list[str] = field(default_factory=list)
     deployment_id: str | None = None
+    created_time: str | None = None
+    idempotency_key: str | None = None
     # Where its return value is persisted (a storage key), when it is.
     result_key: str | None = None
     # The implementation's own handle (the gateway's Prefect state); never compared.
@@ -106,6 +127,7 @@ class WorkPoolView:
     base_job_template: dict[str, Any]
     concurrency_limit: int | None = None
     queues: list[str] = field(default_factory=list)
+    description: str | None = None
 
 
 class PrefectPort(Protocol):
@@ -130,12 +152,15 @@ class PrefectPort(Protocol):
         adopt: bool = False,
         concurrency_limit: int | None = None,
         queues: list[str] | None = None,
+        owner: str | None = None,
     ) -> str:
-        """Create the pool, bring it in line, or (adopt) use it untouched; its id."""
+        """Create the pool marked with `owner`, bring it in line (only a pool with that mark:
+        WorkPoolOwnedElsewhere otherwise), or (adopt) use it untouched; its id."""
         ...
 
-    async def delete_work_pool(self, name: str) -> None:
-        """Delete a pool; one already gone counts as deleted."""
+    async def delete_work_pool(self, name: str, owner: str | None = None) -> None:
+        """Delete a pool (only one marked with `owner`, when given); one already gone counts
+        as deleted."""
         ...
 
     async def ensure_deployment(self, spec: DeploymentSpec) -> str:
@@ -154,11 +179,22 @@ class PrefectPort(Protocol):
         parameters: dict[str, Any] | None = None,
         tags: list[str] | None = None,
         job_variables: dict[str, Any] | None = None,
+        start_in: float | None = None,
     ) -> FlowRunView:
-        """A run of the deployment; the same key returns the same run, never a second."""
+        """A run of the deployment (scheduled `start_in` seconds from now, when given); the
+        same key returns the same run, never a second."""
         ...
 
     async def read_flow_run(self, flow_run_id: str) -> FlowRunView: ...
+
+    async def read_flow_runs(self, flow_run_ids: list[str]) -> list[FlowRunView]:
+        """Several runs in one request; ids Prefect does not know are left out."""
+        ...
+
+    async def active_runs(self, deployment_id: str) -> list[FlowRunView]:
+        """The deployment's runs still in flight (scheduled, pending, running, paused,
+        cancelling)."""
+        ...
 
     async def latest_run(self, deployment_id: str) -> FlowRunView | None:
         """The deployment's most recently started run (not merely scheduled)."""
@@ -168,8 +204,10 @@ class PrefectPort(Protocol):
         """Runs started from inside a run (a composition's steps)."""
         ...
 
-    async def cancel_flow_run(self, flow_run_id: str) -> None:
-        """Ask for a run to be cancelled; a run already final is left as it is."""
+    async def cancel_flow_run(self, flow_run_id: str, *, force: bool = False) -> None:
+        """Ask for a run to be cancelled (Cancelling: its worker stops it, then Cancelled);
+        `force` sets Cancelled at once, for a run no worker will stop. A run already final is
+        left as it is."""
         ...
 
     async def table_artifact(self, flow_run_id: str, description: str) -> list[dict] | None:

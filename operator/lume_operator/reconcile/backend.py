@@ -9,13 +9,14 @@ from lume_operator import failpoints
 from lume_operator.api.backend import SchedulingBackend, SchedulingBackendStatus
 from lume_operator.backends import get_backend
 from lume_operator.backends.agent import agent_name, agent_objects
-from lume_operator.prefect.port import PrefectError, PrefectNotConfigured
+from lume_operator.prefect.port import PrefectError, PrefectNotConfigured, pool_owner
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.outcome import (
     TROUBLE,
     Cluster,
     Connect,
     Event,
+    NameTaken,
     Outcome,
     invalid,
     parse_object,
@@ -99,12 +100,18 @@ async def reconcile_backend(
                 adopt=bool(work_pool and work_pool.adopt),
                 concurrency_limit=work_pool.concurrency_limit if work_pool else None,
                 queues=backend.spec.labels or [],
+                owner=pool_owner(backend.metadata.uid or ""),
             )
     except PrefectError as error:
         return prefect_trouble(status, error, retry_in=settings.backoff(retry))
     failpoints.hit("backend-pool-ensured")
-    for obj in agent_objects(backend, api_url_of(backend, settings)):
-        await cluster.apply(owned(obj, body))
+    try:
+        for obj in agent_objects(backend, api_url_of(backend, settings)):
+            await cluster.apply(owned(obj, body))
+    except NameTaken as taken:
+        message = str(taken)
+        set_conditions(status, conditions.stalled("NameTaken", message))
+        return Outcome(status, [Event("Warning", "NameTaken", message)])
     failpoints.hit("backend-agent-applied")
     name = agent_name(backend)
     ready = await cluster.ready_replicas(backend.metadata.namespace, name) or 0
@@ -172,12 +179,25 @@ async def delete_backend(
     backend, problem = parse_object(body)
     if problem or (backend.spec.work_pool and backend.spec.work_pool.adopt):
         return Outcome(status)
+    if backend.spec.deletion_policy == "Orphan":
+        message = f"work pool {backend.work_pool_name!r} left in Prefect (Orphan)"
+        return Outcome(status, [Event("Normal", "Orphaned", message)])
     try:
         async with connect(backend) as prefect:
-            await prefect.delete_work_pool(backend.work_pool_name)
-    except PrefectNotConfigured:
-        return Outcome(status)  # no Prefect API was ever configured: nothing was created
+            await prefect.delete_work_pool(
+                backend.work_pool_name, owner=pool_owner(backend.metadata.uid or "")
+            )
+    except PrefectNotConfigured as error:
+        if error.reason == "NoPrefectAPI":
+            return Outcome(status)  # no Prefect API was ever configured: nothing was created
+        message = (
+            f"cannot delete work pool {backend.work_pool_name!r}: {error} (restore it, or set "
+            "spec.deletionPolicy: Orphan)"
+        )
+        set_conditions(status, conditions.progressing(error.reason, message))
+        return Outcome(status, retry_in=settings.backoff(retry), retry_message=message)
     except PrefectError as error:
         message = f"waiting for Prefect to delete work pool {backend.work_pool_name!r}: {error}"
+        set_conditions(status, conditions.progressing(error.reason, message))
         return Outcome(status, retry_in=settings.backoff(retry), retry_message=message)
     return Outcome(status)

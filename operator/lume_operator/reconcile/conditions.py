@@ -65,12 +65,9 @@ def stalled(reason: str, message: str) -> list[dict[str, Any]]:
 
 
 def failed(reason: str, message: str) -> list[dict[str, Any]]:
-    """Done, unsuccessfully (a flow run failed): not stalled, nothing to retry."""
-    return [
-        condition("Ready", False, reason, message),
-        condition("Reconciling", False, reason),
-        condition("Stalled", False, reason),
-    ]
+    """Done, unsuccessfully (a run failed, with no retry left): Stalled until the next run
+    starts, so kstatus, Flux and `kubectl wait` see a failure rather than "Current"."""
+    return stalled(reason, message)
 
 
 def apply(existing: list[Condition] | None, updates: list[dict[str, Any]]) -> list[Condition]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lume_operator import failpoints
+from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.flow import FlowRunStatus, LumeFlow, ResultStatus
 from lume_operator.api.flowofflows import FlowOfFlows, FlowOfFlowsStatus, StepStatus
 from lume_operator.api.manifests import parse_resource
@@ -104,11 +105,17 @@ async def observe_composition(
     known = dict(known or {})
     steps = {name: known.get(name) or StepObservation(name) for name in flows}
     parent = await prefect.read_flow_run(parent_id)
+    latest: dict[str, FlowRunView] = {}  # a step's newest attempt
     for child in await prefect.child_runs(parent.id):
         name = step_of(child.tags)
-        if name not in steps or (steps[name].final and steps[name].run):
-            continue
+        if name in steps and (
+            name not in latest or (child.created_time or "") > (latest[name].created_time or "")
+        ):
+            latest[name] = child
+    for name, child in latest.items():
         step = steps[name]
+        if step.final and step.run and step.run.id == child.id:
+            continue
         step.run = run_status(child, 0, prefect.ui_url(child.id))
         if not child.final:
             step.phase = "Running"
@@ -319,3 +326,69 @@ async def follow_composition(
     if seen.final:
         memory.pop(key, None)
     return apply_observation(fof, status, seen, url)
+
+
+async def delete_composition(
+    body: dict[str, Any],
+    status: FlowOfFlowsStatus,
+    *,
+    flows: dict[str, Found],
+    backends: dict[str, Found],
+    connect: Connect,
+    settings: OperatorSettings,
+    retry: int = 0,
+    waited: float = 0.0,
+) -> CompositionOutcome:
+    """Cancel the parent run and its steps' runs, then delete the parent deployment and the
+    inline steps' deployments; the finalizer holds (a retry) until Prefect confirms. Runs
+    their workers have not stopped after `settings.cancel_grace` s are cancelled by force."""
+    fof, problem = parse_object(body)
+    if problem or not status.deployment_id:
+        return Outcome(status)
+    if fof.spec.deletion_policy == "Orphan":
+        message = f"deployment {status.deployment_id} and its runs left in Prefect (Orphan)"
+        return Outcome(status, [Event("Normal", "Orphaned", message)])
+    namespace = fof.metadata.namespace
+    by_step = step_flows(fof, {n: f for n, (f, _) in _flows(flows, namespace).items()})
+    name = _backend_name(fof, by_step) or ""
+    entry = backends.get(name)
+    backend, _problems = (
+        parse_resource(entry.body, f"SchedulingBackend {namespace}/{name}") if entry else (None, [])
+    )
+    if backend is None:
+        if not settings.default_api_url:
+            return Outcome(status)
+        backend = SchedulingBackend.model_validate(
+            {"metadata": {"name": name, "namespace": namespace}, "spec": {"type": "process"}}
+        )
+    force = waited >= settings.cancel_grace
+    try:
+        async with connect(backend) as prefect:
+            parents = await prefect.active_runs(status.deployment_id)
+            if status.run and status.run.id and status.run.id not in {p.id for p in parents}:
+                parents.append(await prefect.read_flow_run(status.run.id))
+            runs = list(parents)
+            for parent in parents:
+                runs += await prefect.child_runs(parent.id)
+            for run in runs:
+                if not run.final:
+                    await prefect.cancel_flow_run(run.id, force=force)
+            failpoints.hit("composition-runs-cancelled")
+            still = [
+                r.name for r in await prefect.read_flow_runs([r.id for r in runs]) if not r.final
+            ]
+            if still:
+                message = f"waiting for {', '.join(still)} to stop before deleting"
+                set_conditions(status, conditions.progressing("CancellingRuns", message))
+                return Outcome(status, retry_in=2.0, retry_message=message)
+            for step in fof.spec.steps:
+                if step.flow is not None:
+                    inline = by_step[step.name]
+                    await prefect.delete_deployment(inline.metadata.name, inline.metadata.namespace)
+            spec = composition_deployment(fof, backend)
+            await prefect.delete_deployment(spec.flow_name, spec.name)
+    except PrefectError as error:
+        message = f"waiting to delete the Prefect deployments of {fof.key}: {error}"
+        set_conditions(status, conditions.progressing(error.reason, message))
+        return Outcome(status, retry_in=settings.backoff(retry), retry_message=message)
+    return Outcome(status)

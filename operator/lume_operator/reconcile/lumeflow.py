@@ -1,14 +1,18 @@
-"""LumeFlow decisions: deploy, start runs (OnChange, OnRequest), follow them, delete."""
+"""LumeFlow decisions: deploy, start runs (OnChange, OnRequest) under a concurrency policy,
+follow them (deadlines, retries, history), cancel and delete."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from lume_operator import GROUP, failpoints
 from lume_operator.api.backend import SchedulingBackend
-from lume_operator.api.flow import LumeFlow, LumeFlowStatus
+from lume_operator.api.flow import FlowRunStatus, LumeFlow, LumeFlowStatus, RunPolicy
 from lume_operator.api.manifests import parse_resource
+from lume_operator.backends import tags
 from lume_operator.prefect.port import (
     FINAL_STATES,
     FlowRunView,
@@ -34,9 +38,20 @@ from lume_operator.reconcile.outcome import (
 from lume_operator.settings import OperatorSettings
 
 RUN_REQUEST = f"{GROUP}/run-request"
+RUN_PARAMETERS = f"{GROUP}/run-parameters"
 
 FlowOutcome = Outcome[LumeFlowStatus]
 Publish = Callable[[LumeFlowStatus], Awaitable[None]]
+# Starts the next attempt of the current run, `delay` seconds from now.
+Retry = Callable[[int, float], Awaitable[FlowRunView]]
+
+# Why a run ended, by Prefect state type, when it did not complete.
+END_REASONS = {
+    "FAILED": "FlowRunFailed",
+    "CRASHED": "FlowRunCrashed",
+    "CANCELLED": "FlowRunCancelled",
+}
+RETRIED_STATES = frozenset({"FAILED", "CRASHED"})
 
 
 def find_backend(found: Found | None, namespace: str, name: str) -> SchedulingBackend:
@@ -55,46 +70,128 @@ def find_backend(found: Found | None, namespace: str, name: str) -> SchedulingBa
     return backend
 
 
+def policy_of(flow: LumeFlow) -> RunPolicy:
+    return flow.spec.run or RunPolicy()
+
+
 def _is_whole_number(text: str) -> bool:
     """0, 1, 2, ... in ASCII digits: str.isdigit() alone also takes '²', which int() refuses."""
     return text.isascii() and text.isdigit()
 
 
-def wanted_run(flow: LumeFlow, status: LumeFlowStatus) -> int | None:
-    """The run index to create now, or None: OnChange once per generation, OnRequest per
-    new value of the `lume.dev/run-request` annotation (an integer users increase); a
-    Schedule's runs come from Prefect's scheduler."""
-    policy = flow.spec.run.policy if flow.spec.run else "OnChange"
+def history(status: LumeFlowStatus) -> list[FlowRunStatus]:
+    """Every run status knows of, newest first (lastRun included, also from older versions
+    that kept only lastRun)."""
+    runs = list(status.runs or [])
     last = status.last_run
+    if last is not None and not any(_same(last, run) for run in runs):
+        runs.insert(0, last)
+    return runs
+
+
+def _same(a: FlowRunStatus, b: FlowRunStatus) -> bool:
+    if a.id or b.id:
+        return a.id == b.id
+    return (a.generation, a.index, a.attempt) == (b.generation, b.index, b.attempt)
+
+
+def record(status: LumeFlowStatus, run: FlowRunStatus, limit: int) -> None:
+    """`run` as the newest entry of the history (and lastRun, unless it was skipped)."""
+    rest = [entry for entry in history(status) if not _same(entry, run)]
+    status.runs = [run, *rest][:limit]
+    if run.id:
+        status.last_run = run
+
+
+def last_request(status: LumeFlowStatus) -> int | None:
+    if status.last_request is not None:
+        return status.last_request
+    last = status.last_run  # written before lastRequest existed
+    return last.index if last is not None and last.index else None
+
+
+def wanted_run(flow: LumeFlow, status: LumeFlowStatus) -> int | None:
+    """The run index to create now, or None.
+
+    OnChange: once per generation (a run, or a skip, recorded for it counts). OnRequest: for
+    each `lume.dev/run-request` value greater than the last one handled; a spec change alone
+    starts none. Schedule: Prefect's scheduler starts the runs.
+    """
+    policy = policy_of(flow).policy
     generation = flow.metadata.generation
-    same_generation = last is not None and last.generation == generation
     if policy == "OnChange":
-        return None if same_generation and last is not None and last.index == 0 else 0
+        done = any(r.generation == generation and r.index == 0 for r in history(status))
+        return None if done else 0
     if policy == "OnRequest":
         request = flow.metadata.annotations.get(RUN_REQUEST)
         if request is None or not _is_whole_number(request):
             return None
-        index = int(request)
-        return None if same_generation and last is not None and last.index == index else index
+        handled = last_request(status)
+        return int(request) if handled is None or int(request) > handled else None
     return None
 
 
 def _problem(flow: LumeFlow) -> str | None:
     """What the models cannot see: an OnRequest annotation that is not a number."""
-    if flow.spec.run and flow.spec.run.policy == "OnRequest":
+    if policy_of(flow).policy == "OnRequest":
         request = flow.metadata.annotations.get(RUN_REQUEST)
         if request is not None and not _is_whole_number(request):
             return f"metadata.annotations.{RUN_REQUEST}: {request!r} is not a whole number"
     return None
 
 
+def run_parameters(flow: LumeFlow) -> dict[str, Any] | None:
+    """Parameters of an OnRequest run from `lume.dev/run-parameters` (a JSON object), over
+    spec.parameters; ValueError naming the annotation when it is not one."""
+    raw = flow.metadata.annotations.get(RUN_PARAMETERS)
+    if raw is None or policy_of(flow).policy != "OnRequest":
+        return None
+    try:
+        given = json.loads(raw)
+    except ValueError as error:
+        raise ValueError(f"metadata.annotations.{RUN_PARAMETERS}: not JSON ({error})") from None
+    if not isinstance(given, dict):
+        raise ValueError(
+            f"metadata.annotations.{RUN_PARAMETERS}: must be a JSON object of parameters, "
+            f"not {type(given).__name__}"
+        )
+    return {**(flow.spec.parameters or {}), **given}
+
+
 def run_started(
-    status: LumeFlowStatus, flow_run: FlowRunView, reference: Any
+    status: LumeFlowStatus, flow_run: FlowRunView, reference: FlowRunStatus, limit: int = 10
 ) -> tuple[LumeFlowStatus, Event]:
     """Status and event once a run exists: Running, its reference, no results yet."""
-    status.phase, status.last_run, status.results = "Running", reference, None
+    record(status, reference, limit)
+    status.phase, status.results = "Running", None
     set_conditions(status, conditions.progressing("FlowRunning", f"flow run {flow_run.name}"))
     return status, Event("Normal", "FlowRunCreated", f"flow run {flow_run.name} ({flow_run.id})")
+
+
+async def _admit(
+    prefect: PrefectPort,
+    flow: LumeFlow,
+    status: LumeFlowStatus,
+    deployment_id: str,
+    key: str,
+) -> tuple[bool, list[Event]]:
+    """The concurrency policy for a new run: (whether to start it, events)."""
+    policy = policy_of(flow)
+    if policy.concurrency == "Allow":
+        return True, []
+    others = [r for r in await prefect.active_runs(deployment_id) if r.idempotency_key != key]
+    if not others:
+        return True, []
+    names = ", ".join(r.name for r in others)
+    if policy.concurrency == "Forbid":
+        return False, [Event("Normal", "RunSkipped", f"a run is in flight ({names}): skipped")]
+    for other in others:
+        await prefect.cancel_flow_run(other.id)
+        for entry in history(status):
+            if entry.id == other.id:
+                entry.reason = "Replaced"
+    failpoints.hit("flow-runs-replaced")
+    return True, [Event("Normal", "RunReplaced", f"cancelled {names} for the new run")]
 
 
 async def reconcile_flow(
@@ -118,7 +215,7 @@ async def reconcile_flow(
     if problem:
         return invalid(status, problem, generation, phase="Failed")
     status.observed_generation = generation
-    if conditions.reason_of(status.conditions) == "InvalidSpec":
+    if conditions.reason_of(status.conditions) in ("InvalidSpec", "InvalidRunParameters"):
         status.phase = None  # fixed: start over as a new object would (no run is repeated)
     if not status.phase:
         if publish is not None:
@@ -129,8 +226,10 @@ async def reconcile_flow(
             )
             await publish(first)
         status.phase = "Pending"
-    namespace = flow.metadata.namespace
+    namespace, policy = flow.metadata.namespace, policy_of(flow)
     first_deploy = not status.deployment_id
+    events: list[Event] = []
+    flow_run = None
     try:
         found = find_backend(backend, namespace, flow.spec.backend_ref.name)
         made = flow_deployment(
@@ -139,101 +238,208 @@ async def reconcile_flow(
         async with connect(found) as prefect:
             deployment_id = await prefect.ensure_deployment(made.spec)
             failpoints.hit("flow-deployment-ensured")
+            status.deployment_id = deployment_id
+            if first_deploy:
+                events.append(Event("Normal", "Deployed", f"Prefect deployment {deployment_id}"))
+                events.extend(Event("Normal", "Note", note) for note in made.notes)
             index = wanted_run(flow, status)
-            flow_run = None
             if index is not None:
-                flow_run = await prefect.create_flow_run(
-                    deployment_id,
-                    idempotency_key=idempotency_key(flow.metadata.uid or "", generation, index),
-                    tags=made.spec.tags,
-                )
-                failpoints.hit("flow-run-created")
-                reference = run_status(flow_run, index, prefect.ui_url(flow_run.id), generation)
+                if policy.policy == "OnRequest":
+                    status.last_request = index
+                try:
+                    parameters = run_parameters(flow)
+                except ValueError as error:
+                    message = str(error)
+                    record(status, _skipped(index, generation, "InvalidRunParameters"), 999)
+                    set_conditions(status, conditions.stalled("InvalidRunParameters", message))
+                    events.append(Event("Warning", "InvalidRunParameters", message))
+                    return Outcome(status, events)
+                key = idempotency_key(flow.metadata.uid or "", generation, index)
+                start, admitted = await _admit(prefect, flow, status, deployment_id, key)
+                events.extend(admitted)
+                if not start:
+                    record(status, _skipped(index, generation, "ConcurrencyForbid"), 999)
+                    status.runs = (status.runs or [])[: policy.history_limit]
+                else:
+                    flow_run = await prefect.create_flow_run(
+                        deployment_id,
+                        idempotency_key=key,
+                        tags=made.spec.tags,
+                        parameters=parameters,
+                    )
+                    failpoints.hit("flow-run-created")
+                    url = prefect.ui_url(flow_run.id)
+                    reference = run_status(flow_run, index, url, generation)
+                    reference.attempt = 0
     except (PrefectError, Waiting) as error:
-        return prefect_trouble(status, error, retry_in=settings.backoff(retry))
-    status.deployment_id = deployment_id
+        outcome = prefect_trouble(status, error, retry_in=settings.backoff(retry))
+        outcome.events[:0] = events
+        return outcome
     status.work_pool_name = backend.status.get("workPoolName") if backend else None
-    events = []
-    if first_deploy:
-        events.append(Event("Normal", "Deployed", f"Prefect deployment {deployment_id}"))
-        events.extend(Event("Normal", "Note", note) for note in made.notes)
     if flow_run is not None:
-        status, event = run_started(status, flow_run, reference)
+        status, event = run_started(status, flow_run, reference, policy.history_limit)
         return Outcome(status, [*events, event])
     if status.phase in ("Pending", "Deploying"):
         status.phase = "Ready"
-    if status.phase in ("Ready", "Completed"):
-        updates = conditions.ready("Deployed", f"deployment {deployment_id}")
-    elif status.phase == "Running":
-        updates = conditions.progressing("FlowRunning", "a flow run is in progress")
-    else:
-        message = (status.last_run.message if status.last_run else None) or ""
-        updates = conditions.failed("FlowRunFailed", message)
-    set_conditions(status, updates)
+    set_conditions(status, _conditions_for(status))
     return Outcome(status, events)
+
+
+def _skipped(index: int, generation: int | None, reason: str) -> FlowRunStatus:
+    return FlowRunStatus(index=index, generation=generation, state="Skipped", reason=reason)
+
+
+def _conditions_for(status: LumeFlowStatus) -> list[dict[str, Any]]:
+    """Conditions that follow from the phase when nothing new happened."""
+    if status.phase in ("Ready", "Completed"):
+        return conditions.ready("Deployed", f"deployment {status.deployment_id}")
+    if status.phase == "Running":
+        return conditions.progressing("FlowRunning", "a flow run is in progress")
+    last = status.last_run
+    reason = (last.reason if last else None) or END_REASONS.get(
+        (last.state_type if last else None) or "", "FlowRunFailed"
+    )
+    return conditions.failed(reason, (last.message if last else None) or "")
 
 
 def needs_following(flow: LumeFlow, status: LumeFlowStatus) -> bool:
     """A run to read: one in flight, one whose end is not written yet, or a schedule's."""
     if not status.deployment_id:
         return False
-    if flow.spec.run and flow.spec.run.policy == "Schedule":
+    if policy_of(flow).policy == "Schedule":
         return True
+    in_flight = any(r.id and r.state_type not in FINAL_STATES for r in history(status))
     last = status.last_run
     # A run can already be final when its creation is recorded (it ended while the operator
     # was down): it is done only once its phase (and results) are written too.
-    done = bool(last and last.state_type in FINAL_STATES) and status.phase in (
-        "Completed",
-        "Failed",
-    )
-    return bool(last and last.id) and not done
+    unwritten = bool(last and last.id) and status.phase not in ("Completed", "Failed")
+    return in_flight or unwritten
+
+
+def _elapsed(since: str | None, now: datetime) -> float | None:
+    if not since:
+        return None
+    return (now - datetime.fromisoformat(since)).total_seconds()
+
+
+def _refresh(entry: FlowRunStatus, view: FlowRunView, url: str) -> FlowRunStatus:
+    """A history entry with what Prefect says now; what lume-operator decided is kept."""
+    fresh = run_status(view, entry.index or 0, url, entry.generation)
+    fresh.attempt, fresh.reason, fresh.results = entry.attempt, entry.reason, entry.results
+    fresh.created_time = fresh.created_time or entry.created_time
+    return fresh
 
 
 async def follow_run(
-    flow: LumeFlow, status: LumeFlowStatus, prefect: PrefectPort, *, schedule: bool | None = None
+    flow: LumeFlow,
+    status: LumeFlowStatus,
+    prefect: PrefectPort,
+    *,
+    now: datetime,
+    schedule: bool | None = None,
+    retry_run: Retry | None = None,
 ) -> FlowOutcome | None:
-    """Read the current (or a schedule's latest) run into status; at its end, its outcome and
-    result locations. None when nothing changed. `schedule` False: the run in `lastRun`
-    even under a Schedule policy (the local runner starts its own)."""
-    last = status.last_run
+    """Read the runs in flight into status (one request); the current one past its deadline
+    is cancelled, at its end its outcome, result locations and, when it failed and retries
+    are left, the next attempt. None when nothing changed.
+
+    `schedule` False: the run in `lastRun` even under a Schedule policy (the local runner
+    starts its own); without `retry_run`, no retries.
+    """
+    policy = policy_of(flow)
     if schedule is None:
-        schedule = bool(flow.spec.run and flow.spec.run.policy == "Schedule")
-    if schedule:
-        if not status.deployment_id:
-            return None
-        flow_run = await prefect.latest_run(status.deployment_id)
-        if flow_run is None or (
-            last is not None and flow_run.id == last.id and last.state_type in FINAL_STATES
-        ):
-            return None
-    else:
-        assert last is not None and last.id
-        flow_run = await prefect.read_flow_run(last.id)
-    reference = run_status(
-        flow_run,
-        (last.index if last else None) or 0,
-        prefect.ui_url(flow_run.id),
-        last.generation if last else None,
-    )
-    changed = last is None or last.id != reference.id or last.state != reference.state
+        schedule = policy.policy == "Schedule"
+    last = status.last_run
+    if schedule and status.deployment_id:
+        latest = await prefect.latest_run(status.deployment_id)
+        if latest is not None and not any(r.id == latest.id for r in history(status)):
+            started = run_status(
+                latest, 0, prefect.ui_url(latest.id), last.generation if last else None
+            )
+            record(status, started, policy.history_limit)
+    entries = history(status)
+    open_ids = [r.id for r in entries if r.id and r.state_type not in FINAL_STATES]
+    if status.last_run and status.last_run.id and status.last_run.id not in open_ids:
+        open_ids.append(status.last_run.id)  # final, but its end not written yet
+    views = {view.id: view for view in await prefect.read_flow_runs(open_ids)}
+    before = [entry.model_dump() for entry in entries]
+    entries = [
+        _refresh(entry, views[entry.id], prefect.ui_url(entry.id)) if entry.id in views else entry
+        for entry in entries
+    ]
+    status.runs = entries[: policy.history_limit]
+    current_entry = next((r for r in entries if r.id and last and r.id == last.id), None)
+    if current_entry is None and status.last_run:
+        current_entry = status.last_run
+    status.last_run = current_entry
+    changed = before != [entry.model_dump() for entry in entries]
+    current = views.get(current_entry.id) if current_entry and current_entry.id else None
+    if current is None:
+        return Outcome(status) if changed else None
     was_trouble = conditions.reason_of(status.conditions) in TROUBLE
-    status.last_run, status.phase = reference, phase_of(reference.state_type)
-    if not flow_run.final:
+    if not current.final:
+        if current_entry.reason == "DeadlineExceeded":
+            return Outcome(status) if changed else None  # cancelling; its end comes later
+        age = _elapsed(current.start_time or current.created_time, now)
+        if policy.timeout_seconds and age is not None and age > policy.timeout_seconds:
+            await prefect.cancel_flow_run(current.id)
+            current_entry.reason = "DeadlineExceeded"
+            message = (
+                f"flow run {current.name} passed its deadline of {policy.timeout_seconds} s "
+                "and was cancelled"
+            )
+            status.phase = "Failed"
+            set_conditions(status, conditions.failed("DeadlineExceeded", message))
+            return Outcome(status, [Event("Warning", "DeadlineExceeded", message)])
+        status.phase = phase_of(current.state.type if current.state else None)
         if not changed and not was_trouble:
             return None
-        message = f"flow run {flow_run.name} is {reference.state}"
+        message = f"flow run {current.name} is {current_entry.state}"
         set_conditions(status, conditions.progressing("FlowRunning", message))
         return Outcome(status)
+    if current_entry.reason == "DeadlineExceeded":
+        status.phase = "Failed"
+        message = f"flow run {current.name} passed its deadline of {policy.timeout_seconds} s"
+        set_conditions(status, conditions.failed("DeadlineExceeded", message))
+        return Outcome(status)
     failpoints.hit("flow-follow-final")
-    outcome = await run_outcome(prefect, flow_run, flow.spec.results)
-    status.phase = outcome.phase
+    outcome = await run_outcome(prefect, current, flow.spec.results)
     if outcome.error is None:
-        status.results = outcome.results or []
-        message = f"flow run {flow_run.name} completed"
+        status.phase, status.results = "Completed", outcome.results or []
+        current_entry.results = outcome.results or None
+        message = f"flow run {current.name} completed"
         set_conditions(status, conditions.ready(outcome.reason, message))
         return Outcome(status, [Event("Normal", outcome.reason, message)])
-    set_conditions(status, conditions.failed(outcome.reason, outcome.error))
-    return Outcome(status, [Event("Warning", outcome.reason, outcome.error)])
+    state_type = current.state.type if current.state else ""
+    reason = (
+        outcome.reason
+        if outcome.reason == "ResultsInvalid"
+        else END_REASONS.get(state_type, outcome.reason)
+    )
+    attempt = current_entry.attempt or 0
+    if retry_run is not None and state_type in RETRIED_STATES and attempt < policy.retries:
+        failpoints.hit("flow-retry-decided")
+        delay = float(policy.retry_delay_seconds)
+        next_run = await retry_run(attempt + 1, delay)
+        reference = run_status(
+            next_run,
+            current_entry.index or 0,
+            prefect.ui_url(next_run.id),
+            current_entry.generation,
+        )
+        reference.attempt = attempt + 1
+        record(status, reference, policy.history_limit)
+        status.phase, status.results = "Running", None
+        message = (
+            f"flow run {current.name} ended {current.state.name if current.state else ''}: "
+            f"{outcome.error}; retry {attempt + 1} of {policy.retries} in {delay:g} s "
+            f"({next_run.name})"
+        )
+        set_conditions(status, conditions.progressing("Retrying", message))
+        return Outcome(status, [Event("Warning", "Retrying", message)])
+    status.phase = "Failed"
+    set_conditions(status, conditions.failed(reason, outcome.error))
+    return Outcome(status, [Event("Warning", reason, outcome.error)])
 
 
 async def follow_flow(
@@ -242,8 +448,9 @@ async def follow_flow(
     *,
     backend: Found | None,
     connect: Connect,
+    now: datetime,
 ) -> FlowOutcome | None:
-    """The operator's periodic read of a LumeFlow's run; None when nothing changed."""
+    """The operator's periodic read of a LumeFlow's runs; None when nothing changed."""
     flow, problem = parse_object(body)
     if problem or not needs_following(flow, status):
         return None
@@ -253,7 +460,22 @@ async def follow_flow(
         return None
     try:
         async with connect(found) as prefect:
-            return await follow_run(flow, status, prefect)
+
+            async def retry_run(attempt: int, delay: float) -> FlowRunView:
+                last = status.last_run
+                assert last is not None and status.deployment_id
+                key = idempotency_key(
+                    flow.metadata.uid or "", last.generation, last.index or 0, attempt=attempt
+                )
+                return await prefect.create_flow_run(
+                    status.deployment_id,
+                    idempotency_key=key,
+                    tags=tags(flow, found),
+                    parameters=run_parameters(flow),
+                    start_in=delay or None,
+                )
+
+            return await follow_run(flow, status, prefect, now=now, retry_run=retry_run)
     except PrefectError as error:
         if conditions.reason_of(status.conditions) == error.reason:
             return None
@@ -278,11 +500,17 @@ async def delete_flow(
     connect: Connect,
     settings: OperatorSettings,
     retry: int = 0,
+    waited: float = 0.0,
 ) -> FlowOutcome:
-    """Remove the Prefect deployment; the finalizer holds (a retry) until Prefect confirms."""
+    """Cancel the runs in flight, then remove the Prefect deployment; the finalizer holds (a
+    retry) until Prefect confirms. Runs still not stopped by their worker after
+    `settings.cancel_grace` seconds (`waited` so far) are marked Cancelled by force."""
     flow, problem = parse_object(body)
     if problem or not status.deployment_id:
         return Outcome(status)
+    if flow.spec.deletion_policy == "Orphan":
+        message = f"deployment {status.deployment_id} and its runs left in Prefect (Orphan)"
+        return Outcome(status, [Event("Normal", "Orphaned", message)])
     where = f"SchedulingBackend {flow.metadata.namespace}/{flow.spec.backend_ref.name}"
     found, _problems = parse_resource(backend.body, where) if backend else (None, [])
     if found is None:
@@ -291,8 +519,22 @@ async def delete_flow(
         if not settings.default_api_url:
             return Outcome(status)
         found = _default_backend(flow)
+    force = waited >= settings.cancel_grace
     try:
         async with connect(found) as prefect:
+            active = await prefect.active_runs(status.deployment_id)
+            for run in active:
+                await prefect.cancel_flow_run(run.id, force=force)
+            failpoints.hit("flow-runs-cancelled")
+            still = [
+                run.name
+                for run in await prefect.read_flow_runs([run.id for run in active])
+                if not run.final
+            ]
+            if still:
+                message = f"waiting for {', '.join(still)} to stop before deleting"
+                set_conditions(status, conditions.progressing("CancellingRuns", message))
+                return Outcome(status, retry_in=2.0, retry_message=message)
             await prefect.delete_deployment(flow.metadata.name, flow.metadata.namespace)
     except PrefectError as error:
         # The finalizer holds, and status says why (a missing Secret, an outage).

@@ -7,6 +7,7 @@ a failed Prefect call becomes a condition.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -14,7 +15,12 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from lume_operator.api.common import Model
 from lume_operator.api.manifests import parse_resource
-from lume_operator.prefect.port import PrefectError, PrefectPort, PrefectUnreachable
+from lume_operator.prefect.port import (
+    PrefectError,
+    PrefectPort,
+    PrefectRejected,
+    PrefectUnreachable,
+)
 from lume_operator.reconcile import conditions
 
 StatusT = TypeVar("StatusT", bound=Model)
@@ -55,7 +61,8 @@ class Cluster(Protocol):
     """The Kubernetes calls a decision needs, besides writing its own status at the end."""
 
     async def apply(self, body: dict[str, Any]) -> None:
-        """Create or patch an object the operator owns."""
+        """Create an object, or replace what the spec no longer has in one the operator owns
+        (same controller uid); NameTaken when one of that name belongs to someone else."""
         ...
 
     async def ready_replicas(self, namespace: str, name: str) -> int | None:
@@ -80,6 +87,12 @@ TROUBLE = frozenset(
 )
 
 
+class NameTaken(Exception):
+    """An object the operator would create exists and is not its own: never adopted."""
+
+    reason = "NameTaken"
+
+
 class Waiting(Exception):
     """Something the object needs is not there yet: retried, not an error of its spec."""
 
@@ -89,8 +102,21 @@ class Waiting(Exception):
 
 
 def set_conditions(status: StatusT, updates: list[dict[str, Any]]) -> StatusT:
-    status.conditions = conditions.apply(status.conditions, updates)  # type: ignore[attr-defined]
+    """Merge `updates` into the status' conditions, each stamped with the generation it
+    speaks for (status.observedGeneration)."""
+    generation = getattr(status, "observed_generation", None)
+    stamped = [{**update, "observedGeneration": generation} for update in updates]
+    status.conditions = conditions.apply(status.conditions, stamped)  # type: ignore[attr-defined]
     return status
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def masked(text: str) -> str:
+    """Text with any URL's user and password replaced: status and events are readable by
+    many, and a URL in an error message may carry credentials."""
+    return _USERINFO.sub("***@", text)
 
 
 def prefect_trouble(
@@ -99,9 +125,14 @@ def prefect_trouble(
     """Prefect down, refusing, not configured, or something awaited: Ready False with the
     error's stable reason; retried after `retry_in` (None: the caller runs again anyway)."""
     reason = error.reason
-    message = str(error)
+    message = masked(str(error))
     if isinstance(error, PrefectUnreachable) and not message.startswith("Prefect"):
         message = f"Prefect API unreachable: {message}"
+    if isinstance(error, PrefectRejected):
+        # Prefect said no (401, 403, 422, a pool owned elsewhere): retrying the same request
+        # would only say no again. Stalled until the spec changes.
+        set_conditions(status, conditions.stalled(reason, message))
+        return Outcome(status, [Event("Warning", reason, message)])
     set_conditions(status, conditions.progressing(reason, message))
     return Outcome(status, retry_in=retry_in, retry_message=message)
 
