@@ -97,7 +97,7 @@ STALLED_CASES = [m for m in CORPUS_ITEMS if m.expect == "stalled"]
 
 
 def test_corpus_is_big_enough_and_covers_every_kind() -> None:
-    assert len(CORPUS_ITEMS) >= 20
+    assert len(CORPUS_ITEMS) >= 60
     for expect in ("schema", "stalled"):
         kinds = {m.kind for m in CORPUS_ITEMS if m.expect == expect}
         assert kinds == set(RESOURCES), (expect, kinds)
