@@ -11,6 +11,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -38,6 +39,8 @@ from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.results import aresolve_result_storage
+from prefect.settings import get_current_settings
 from prefect.states import Cancelled, Cancelling, Scheduled
 
 from lume_operator.prefect.deployment import DeploymentSpec, DeploymentView
@@ -51,6 +54,7 @@ from lume_operator.prefect.port import (
     WorkPoolOwnedElsewhere,
     is_outage_status,
 )
+from lume_operator.prefect.records import json_result, refuse_unless_json
 
 T = TypeVar("T")
 
@@ -459,20 +463,33 @@ class PrefectGateway:
         return None
 
     async def result_of(self, flow_run: FlowRunView) -> Any:
-        state = flow_run.handle
-        if state is None:
-            raise PrefectRejected(f"flow run {flow_run.id} has no state")
+        """The persisted return value, read as JSON data (prefect/records.py): a record
+        another serializer wrote is refused, never deserialized."""
+        where = f"the result of flow run {flow_run.id}"
+        metadata = getattr(flow_run.handle, "data", None)
+        key = getattr(metadata, "storage_key", None)
+        if not key:
+            raise PrefectRejected(f"{where} was not persisted")
+        refuse_unless_json(getattr(getattr(metadata, "serializer", None), "type", None), where)
         try:
             with anyio.fail_after(self.timeout):
-                return await state.aresult(raise_on_failure=False)
+                content = await self._stored(metadata)
         except (httpx.HTTPError, TimeoutError) as error:  # result storage behind an API
-            raised = translate(error, f"the result of flow run {flow_run.id}")
+            raised = translate(error, where)
             if isinstance(raised, PrefectUnreachable):
                 raise raised from error
-            raise PrefectRejected(
-                f"cannot read the result of flow run {flow_run.id}: {error}"
-            ) from error
-        except Exception as error:  # storage missing, serializer unknown, ...
-            raise PrefectRejected(
-                f"cannot read the result of flow run {flow_run.id}: {error}"
-            ) from error
+            raise PrefectRejected(f"cannot read {where}: {error}") from error
+        except Exception as error:  # storage missing, a file gone, ...
+            raise PrefectRejected(f"cannot read {where}: {error}") from error
+        return json_result(content, where)
+
+    async def _stored(self, metadata: Any) -> bytes:
+        """The bytes at a record's storage key, from its storage block, or the local disk."""
+        key = metadata.storage_key
+        if metadata.storage_block_id is not None:
+            storage = await aresolve_result_storage(metadata.storage_block_id)
+            return await storage.read_path(key)
+        path = Path(key)
+        if not path.is_absolute():
+            path = Path(get_current_settings().results.local_storage_path) / key
+        return await anyio.Path(path).read_bytes()
