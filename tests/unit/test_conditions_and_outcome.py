@@ -15,7 +15,9 @@ from lume_operator.prefect.port import (
     PrefectRejected,
     PrefectUnreachable,
     RunState,
+    WorkPoolOwnedElsewhere,
     idempotency_key,
+    pool_owner,
 )
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.flowrun import (
@@ -30,13 +32,21 @@ from lume_operator.reconcile.outcome import (
     Outcome,
     Waiting,
     invalid,
+    masked,
     parse_object,
     prefect_trouble,
+    set_conditions,
     status_of,
 )
 from lume_operator.results.store import DB_RESULT_TYPE
 from lume_operator.settings import OperatorSettings
-from tests.unit.conftest import backend_manifest, kstatus, lumeflow_manifest, make_settings
+from tests.unit.conftest import (
+    backend_manifest,
+    events,
+    kstatus,
+    lumeflow_manifest,
+    make_settings,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -117,7 +127,8 @@ def test_merge_of_nothing():
         (conditions.ready, ("True", "False", "False")),
         (conditions.progressing, ("False", "True", "False")),
         (conditions.stalled, ("False", "False", "True")),
-        (conditions.failed, ("False", "False", "False")),
+        # issue 12: a failed run is Stalled (kstatus "Failed"), no longer all False ("Current")
+        (conditions.failed, ("False", "False", "True")),
     ],
     ids=["ready", "progressing", "stalled", "failed"],
 )
@@ -200,7 +211,6 @@ def test_status_of_nothing():
             "Prefect API unreachable: connect timeout",
         ),
         (PrefectUnreachable("Prefect answered 502"), "PrefectUnreachable", "Prefect answered 502"),
-        (PrefectRejected("404: gone", 404), "PrefectRejected", "404: gone"),
         (PrefectNotConfigured("NoPrefectAPI", "no URL"), "NoPrefectAPI", "no URL"),
         (PrefectNotConfigured("SecretNotFound", "no Secret"), "SecretNotFound", "no Secret"),
         (Waiting("BackendNotReady", "pool not ready"), "BackendNotReady", "pool not ready"),
@@ -221,6 +231,75 @@ def test_prefect_trouble(error, reason, message, retry_in):
     assert outcome.events == []
 
 
+@pytest.mark.parametrize("retry_in", [None, 4.0])
+def test_prefect_rejected_is_stalled_with_an_event_and_no_retry(retry_in):
+    # issue 12: a refusal (4xx) is no longer retried with backoff like an outage: Stalled, a
+    # Warning event, retried only when the spec changes.
+    status = LumeFlowStatus(phase="Running", observed_generation=3)
+    outcome = prefect_trouble(status, PrefectRejected("404: gone", 404), retry_in=retry_in)
+    assert outcome.status is status and status.phase == "Running"
+    assert kstatus(status) == {
+        "Ready": ("False", "PrefectRejected"),
+        "Reconciling": ("False", "PrefectRejected"),
+        "Stalled": ("True", "PrefectRejected"),
+    }
+    assert status.conditions[0].message == status.conditions[2].message == "404: gone"
+    assert outcome.retry_in is None and outcome.retry_message == ""
+    assert outcome.events == [Event("Warning", "PrefectRejected", "404: gone")]
+    assert {c.observed_generation for c in status.conditions} == {3}
+
+
+def test_work_pool_owned_elsewhere_is_a_rejection_with_its_own_reason():
+    error = WorkPoolOwnedElsewhere("work pool 'p' exists and was not created by this backend")
+    outcome = prefect_trouble(SchedulingBackendStatus(), error, retry_in=8.0)
+    assert kstatus(outcome.status)["Stalled"] == ("True", "WorkPoolOwnedElsewhere")
+    assert outcome.retry_in is None
+    assert events(outcome) == [("Warning", "WorkPoolOwnedElsewhere")]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://user:pw@host:4200/api", "http://***@host:4200/api"),
+        ("GET https://key@prefect/api/x failed", "GET https://***@prefect/api/x failed"),
+        ("a http://u:p@a/x and https://v:q@b/y", "a http://***@a/x and https://***@b/y"),
+        ("http://host/api?x=a@b", "http://host/api?x=a@b"),  # no userinfo: untouched
+        ("no url here, mail@example.org", "no url here, mail@example.org"),
+    ],
+)
+def test_masked_hides_userinfo_of_every_url(text, expected):
+    assert masked(text) == expected
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        PrefectUnreachable("connect to http://admin:s3cret@prefect:4200/api failed"),
+        PrefectRejected("401 from https://admin:s3cret@prefect/api/flows", 401),
+    ],
+    ids=["unreachable", "rejected"],
+)
+def test_prefect_trouble_masks_credentials_in_status_and_events(error):
+    outcome = prefect_trouble(LumeFlowStatus(), error, retry_in=1.0)
+    written = [c.message for c in outcome.status.conditions]
+    written += [e.message for e in outcome.events] + [outcome.retry_message]
+    assert not any("s3cret" in text for text in written)
+    assert any("***@prefect" in text for text in written)
+
+
+@pytest.mark.parametrize(
+    "make", [conditions.ready, conditions.progressing, conditions.stalled, conditions.failed]
+)
+def test_set_conditions_stamps_the_observed_generation(make):
+    status = LumeFlowStatus(observed_generation=7)
+    set_conditions(status, make("Why", "what"))
+    assert [c.observed_generation for c in status.conditions] == [7, 7, 7]
+    status.observed_generation = 8
+    set_conditions(status, conditions.ready("Again"))
+    assert [c.observed_generation for c in status.conditions] == [8, 8, 8]
+    assert status.conditions[0].to_wire()["observedGeneration"] == 8
+
+
 def test_invalid_is_stalled_with_an_event():
     outcome = invalid(LumeFlowStatus(), "spec.entrypoint: bad", 7, phase="Failed")
     assert outcome.status.observed_generation == 7 and outcome.status.phase == "Failed"
@@ -228,6 +307,11 @@ def test_invalid_is_stalled_with_an_event():
     assert outcome.status.conditions[0].message == "spec.entrypoint: bad"
     assert outcome.events == [Event("Warning", "InvalidSpec", "spec.entrypoint: bad")]
     assert outcome.retry_in is None
+    assert status_generations(outcome.status) == {7}
+
+
+def status_generations(status) -> set:
+    return {c.observed_generation for c in status.conditions}
 
 
 def test_outcome_defaults():
@@ -326,6 +410,19 @@ def test_idempotency_key_is_stable_and_distinct():
     }
     assert key not in others and len(others) == 4
     assert idempotency_key("uid", None, 0) == idempotency_key("uid", 0, 0)
+
+
+def test_idempotency_key_of_a_retry_is_its_own():
+    first = idempotency_key("uid", 1, 0)
+    assert idempotency_key("uid", 1, 0, attempt=0) == first  # attempt 0 is the first run's
+    retries = {idempotency_key("uid", 1, 0, attempt=n) for n in (1, 2, 3)}
+    assert first not in retries and len(retries) == 3
+    assert idempotency_key("uid", 1, 0, "step", attempt=1) not in retries
+
+
+def test_pool_owner_mark_names_the_uid():
+    assert pool_owner("u-1") == "lume-operator owner: u-1"
+    assert pool_owner("u-1") != pool_owner("u-2")
 
 
 # ---- settings -----------------------------------------------------------------------------

@@ -575,10 +575,11 @@ async def test_follow_a_failed_step_and_the_skipped_ones(fake, connect, pipeline
     assert status.steps[1].run.message == "ValueError: negative length"
     assert status.steps[3].run is None
     message = "step 'envelope': ValueError: negative length"
+    # issue 12: a failed composition is Stalled (kstatus Failed), no longer all False
     assert kstatus(status) == {
         "Ready": ("False", "StepFailed"),
         "Reconciling": ("False", "StepFailed"),
-        "Stalled": ("False", "StepFailed"),
+        "Stalled": ("True", "StepFailed"),
     }
     assert status.conditions[0].message == message
     assert [(e.type, e.reason, e.message) for e in outcome.events] == [

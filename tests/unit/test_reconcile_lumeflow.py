@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ def on_request(request: str | None = None, **kwargs: Any) -> dict[str, Any]:
     return lumeflow_manifest(run={"policy": "OnRequest"}, annotations=annotations, **kwargs)
 
 
+# FakePrefect creates (and starts) runs at 2026-01-01T00:00:00Z: 30 s later by default.
+NOW = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
+
 SCHEDULE = {"policy": "Schedule", "cron": "*/5 * * * *", "timezone": "Europe/Paris"}
 
 
@@ -68,9 +72,13 @@ async def reconcile(body, status, connect, settings, *, backend="ready", retry=0
     )
 
 
-async def follow(body, status, connect, *, backend="ready"):
+async def follow(body, status, connect, *, backend="ready", now=NOW):
     return await follow_flow(
-        body, status, backend=ready_backend() if backend == "ready" else backend, connect=connect
+        body,
+        status,
+        backend=ready_backend() if backend == "ready" else backend,
+        connect=connect,
+        now=now,
     )
 
 
@@ -113,7 +121,12 @@ def test_wanted_run_is_on_change_without_a_run_policy():
         ("3", 1, last(1, 3), None),  # same value, same generation
         ("4", 1, last(1, 3), 4),  # a new request
         ("0", 1, LumeFlowStatus(), 0),
-        ("3", 2, last(1, 3), 3),  # same value, new generation: runs again (see report)
+        # issue 12: a spec change alone starts no run; it used to run the same value again
+        ("3", 2, last(1, 3), None),
+        ("3", 2, LumeFlowStatus(last_request=2), 3),  # higher than the last handled
+        ("2", 1, LumeFlowStatus(last_request=3), None),  # a lower value: none
+        ("3", 1, LumeFlowStatus(last_request=3), None),  # the same value: none
+        ("0", 1, LumeFlowStatus(last_request=0), None),
         ("x", 1, LumeFlowStatus(), None),
         ("²", 1, LumeFlowStatus(), None),
         ("-1", 1, LumeFlowStatus(), None),
@@ -181,7 +194,8 @@ async def test_deploys_and_starts_a_run(fake, connect, settings):
     assert spec.pull_steps == [] and spec.schedules is None
     assert spec.description == "LumeFlow default/beam-stats, managed by lume-operator."
 
-    assert fake.calls == {"ensure_deployment": 1, "create_flow_run": 1}
+    # issue 12: OnChange defaults to concurrencyPolicy Replace, which asks for runs in flight
+    assert fake.calls == {"ensure_deployment": 1, "active_runs": 1, "create_flow_run": 1}
     (run,) = fake.runs.values()
     deployment_id = outcome.status.deployment_id
     assert run.deployment_id == deployment_id
@@ -203,7 +217,9 @@ async def test_deploys_and_starts_a_run(fake, connect, settings):
         state="Scheduled",
         state_type="SCHEDULED",
         url=f"http://prefect.test/runs/flow-run/{run.view.id}",
+        attempt=0,
     )
+    assert status.runs == [status.last_run]  # the history, newest first
     assert kstatus(status) == {
         "Ready": ("False", "FlowRunning"),
         "Reconciling": ("True", "FlowRunning"),
@@ -389,14 +405,15 @@ async def test_schedule_policy_deploys_a_schedule_and_no_run(fake, connect, sett
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("phase", "message", "expected"),
+    ("phase", "message", "expected", "stalled"),
     [
-        ("Completed", None, ("True", "Deployed")),
-        ("Failed", "boom", ("False", "FlowRunFailed")),
+        ("Completed", None, ("True", "Deployed"), "False"),
+        # issue 12: a failed run is Stalled until the next run starts (it was all False)
+        ("Failed", "boom", ("False", "FlowRunFailed"), "True"),
     ],
 )
 async def test_same_generation_after_the_run_ended(
-    fake, connect, settings, phase, message, expected
+    fake, connect, settings, phase, message, expected, stalled
 ):
     first = await reconcile(lumeflow_manifest(), LumeFlowStatus(), connect, settings)
     first.status.phase = phase
@@ -405,7 +422,7 @@ async def test_same_generation_after_the_run_ended(
     assert outcome.status.phase == phase
     assert kstatus(outcome.status)["Ready"] == expected
     assert kstatus(outcome.status)["Reconciling"][0] == "False"
-    assert kstatus(outcome.status)["Stalled"][0] == "False"
+    assert kstatus(outcome.status)["Stalled"][0] == stalled
     if message:
         assert outcome.status.conditions[0].message == message
     assert len(fake.runs) == 1 and outcome.events == []
@@ -467,7 +484,6 @@ async def test_waits_for_its_backend(fake, connect, settings, backend, reason, m
             "PrefectUnreachable",
             "Prefect answered 503",
         ),
-        (PrefectRejected("422: bad entrypoint", 422), "PrefectRejected", "422: bad entrypoint"),
     ],
 )
 async def test_prefect_failures(fake, connect, settings, error, reason, message):
@@ -510,7 +526,7 @@ async def started(fake, connect, settings, body=None) -> LumeFlowStatus:
 async def test_follow_unchanged_state_is_none(fake, connect, settings):
     status = await started(fake, connect, settings)
     assert await follow(lumeflow_manifest(), status, connect) is None
-    assert fake.calls == {"read_flow_run": 1}
+    assert fake.calls == {"read_flow_runs": 1}  # issue 12: one request for every run read
 
 
 @pytest.mark.asyncio
@@ -563,11 +579,13 @@ async def test_follow_completed_with_declared_results(fake, connect, settings, t
     }
     assert events(outcome) == [("Normal", "FlowRunCompleted")]
     assert outcome.events[0].message == "flow run run-1 completed"
-    assert fake.calls == {"read_flow_run": 1, "result_of": 1}
+    assert fake.calls == {"read_flow_runs": 1, "result_of": 1}
+    # the history keeps the run's result locations (issue 12)
+    assert status.runs[0].id == run_id and status.runs[0].results == status.results
 
     # done: not read again
     assert await follow(body, status, connect) is None
-    assert fake.calls == {"read_flow_run": 1, "result_of": 1}
+    assert fake.calls == {"read_flow_runs": 1, "result_of": 1}
 
 
 @pytest.mark.asyncio
@@ -624,10 +642,11 @@ async def test_follow_completed_with_invalid_results(
     expected = message.format(missing=missing, run=run_id)
     assert outcome.status.phase == "Failed"
     assert outcome.status.results is None
+    # issue 12: Stalled (kstatus Failed) rather than all False
     assert kstatus(outcome.status) == {
         "Ready": ("False", "ResultsInvalid"),
         "Reconciling": ("False", "ResultsInvalid"),
-        "Stalled": ("False", "ResultsInvalid"),
+        "Stalled": ("True", "ResultsInvalid"),
     }
     # (a message ending in ": " is a prefix: the key-path walker words the rest)
     assert outcome.status.conditions[0].message.startswith(expected)
@@ -652,28 +671,34 @@ async def test_follow_completed_with_a_file_of_another_type(fake, connect, setti
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("state", "message", "expected"),
+    ("state", "message", "expected", "reason"),
     [
-        ("FAILED", "ValueError: sigma must be positive", "ValueError: sigma must be positive"),
-        ("CRASHED", "worker lost", "worker lost"),
-        ("CANCELLED", None, "flow run ended Cancelled"),
+        (
+            "FAILED",
+            "ValueError: sigma must be positive",
+            "ValueError: sigma must be positive",
+            "FlowRunFailed",
+        ),
+        ("CRASHED", "worker lost", "worker lost", "FlowRunCrashed"),
+        ("CANCELLED", None, "flow run ended Cancelled", "FlowRunCancelled"),
     ],
 )
-async def test_follow_run_that_failed(fake, connect, settings, state, message, expected):
+async def test_follow_run_that_failed(fake, connect, settings, state, message, expected, reason):
     status = await started(fake, connect, settings)
     fake.set_state(status.last_run.id, state, message)
     outcome = await follow(lumeflow_manifest(), status, connect)
     assert outcome.status.phase == "Failed"
     assert outcome.status.last_run.state_type == state
     assert outcome.status.last_run.message == message
+    # issue 12: Stalled with the precise reason (was FlowRunFailed, all False, for each)
     assert kstatus(outcome.status) == {
-        "Ready": ("False", "FlowRunFailed"),
-        "Reconciling": ("False", "FlowRunFailed"),
-        "Stalled": ("False", "FlowRunFailed"),
+        "Ready": ("False", reason),
+        "Reconciling": ("False", reason),
+        "Stalled": ("True", reason),
     }
     assert outcome.status.conditions[0].message == expected
     assert [(e.type, e.reason, e.message) for e in outcome.events] == [
-        ("Warning", "FlowRunFailed", expected)
+        ("Warning", reason, expected)
     ]
     assert "result_of" not in fake.calls
     assert await follow(lumeflow_manifest(), outcome.status, connect) is None
@@ -763,6 +788,14 @@ async def test_follow_a_final_run_whose_end_is_not_written(fake, connect, settin
     assert [r.name for r in outcome.status.results] == ["r"]
 
 
+SCHEDULE_BUG = (
+    "BUG: follow_run (reconcile/lumeflow.py:365-375) computes `changed` after recording the "
+    "newly started Schedule run, so noticing it alone returns None and status never says "
+    "Running (nor records the run) until its state changes"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=SCHEDULE_BUG)
 @pytest.mark.asyncio
 async def test_follow_schedule_reads_the_latest_run(fake, connect, settings, tmp_path):
     body = lumeflow_manifest(run=SCHEDULE, results=None)
@@ -770,7 +803,8 @@ async def test_follow_schedule_reads_the_latest_run(fake, connect, settings, tmp
     assert status.phase == "Ready" and status.last_run is None
 
     assert await follow(body, status, connect) is None  # nothing started yet
-    assert fake.calls == {"latest_run": 1}
+    # (the fake counts read_flow_runs of no ids; the gateway makes no request for them)
+    assert fake.calls == {"latest_run": 1, "read_flow_runs": 1}
 
     scheduled = await fake.create_flow_run(status.deployment_id, idempotency_key="cron-1")
     assert await follow(body, status, connect) is None  # merely scheduled runs do not count
@@ -795,6 +829,7 @@ async def test_follow_schedule_reads_the_latest_run(fake, connect, settings, tmp
     assert again.status.results is None or again.status.results == done.status.results
 
 
+@pytest.mark.xfail(strict=True, reason=SCHEDULE_BUG)
 @pytest.mark.asyncio
 async def test_follow_schedule_notices_a_newer_run_in_the_same_state(fake, connect, settings):
     body = lumeflow_manifest(run=SCHEDULE)
@@ -827,7 +862,15 @@ async def test_delete_removes_the_deployment(fake, connect, settings):
     status = await started(fake, connect, settings)
     outcome = await delete(lumeflow_manifest(), status, connect, settings)
     assert fake.deployment(*DEPLOYMENT) is None
-    assert fake.calls == {"delete_deployment": 1}
+    # issue 12: runs in flight are looked for (and cancelled) before the deployment goes
+    # the run that had not started yet is Cancelled at once
+    assert fake.calls == {
+        "active_runs": 1,
+        "cancel_flow_run": 1,
+        "read_flow_runs": 1,
+        "delete_deployment": 1,
+    }
+    assert fake.runs[status.last_run.id].view.state.type == "CANCELLED"
     assert outcome.retry_in is None and outcome.events == []
 
 
@@ -865,10 +908,9 @@ async def test_delete_with_its_backend_gone(fake, connect, settings, backend):
     "error",
     [
         PrefectUnreachable("down"),
-        PrefectRejected("forbidden", 403),
         PrefectNotConfigured("SecretNotFound", "Secret k not found"),
     ],
-    ids=["unreachable", "rejected", "not-configured"],
+    ids=["unreachable", "not-configured"],
 )
 async def test_delete_holds_the_finalizer_while_prefect_fails(fake, connect, settings, error):
     status = await started(fake, connect, settings)
@@ -885,3 +927,19 @@ async def test_delete_holds_the_finalizer_while_prefect_fails(fake, connect, set
     assert outcome.status.conditions[0].message == message
     fake.failure = connect.error = None
     assert fake.deployment(*DEPLOYMENT) is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: delete_flow (reconcile/lumeflow.py:539) treats PrefectRejected (401/403/422) "
+    "as an outage: Reconciling and a backoff retry forever, where issue 12 says a rejection is "
+    "Stalled with an event and retried only when the spec or Secret changes",
+)
+@pytest.mark.asyncio
+async def test_delete_rejected_is_stalled_not_retried(fake, connect, settings):
+    status = await started(fake, connect, settings)
+    fake.failure = PrefectRejected("403: forbidden", 403)
+    outcome = await delete(lumeflow_manifest(), status, connect, settings, retry=4)
+    assert kstatus(outcome.status)["Stalled"] == ("True", "PrefectRejected")
+    assert events(outcome) == [("Warning", "PrefectRejected")]
+    assert outcome.retry_in is None
