@@ -18,7 +18,7 @@ import yaml
 
 from lume_operator.prefect.fake import FakePrefect
 from lume_operator.prefect.port import PrefectError
-from lume_operator.reconcile.outcome import Found
+from lume_operator.reconcile.outcome import Found, NameTaken
 from lume_operator.settings import OperatorSettings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -35,12 +35,20 @@ def pytest_configure(config: pytest.Config) -> None:
 class FakeCluster:
     """The `Cluster` a decision needs: applied objects recorded, ready replicas configurable."""
 
-    def __init__(self, ready: int | None = 1) -> None:
+    def __init__(self, ready: int | None = 1, taken: set[str] | None = None) -> None:
         self.applied: list[dict[str, Any]] = []
         self.ready: int | None = ready
         self.asked: list[tuple[str, str]] = []
+        # Names of objects that exist and belong to someone else: applying one is NameTaken.
+        self.taken: set[str] = set(taken or ())
 
     async def apply(self, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        if name in self.taken:
+            raise NameTaken(
+                f"{body['kind']} {body['metadata'].get('namespace')}/{name} exists and is not "
+                "owned by this SchedulingBackend"
+            )
         self.applied.append(copy.deepcopy(body))
 
     async def ready_replicas(self, namespace: str, name: str) -> int | None:
