@@ -17,6 +17,8 @@ from lume_operator.prefect.port import (
     RunState,
     WorkPoolOwnedElsewhere,
     idempotency_key,
+    owned_by,
+    owner_mark,
     pool_owner,
 )
 from lume_operator.reconcile import conditions
@@ -421,8 +423,11 @@ def test_idempotency_key_of_a_retry_is_its_own():
 
 
 def test_pool_owner_mark_names_the_uid():
-    assert pool_owner("u-1") == "lume-operator owner: u-1"
-    assert pool_owner("u-1") != pool_owner("u-2")
+    assert owned_by(owner_mark(pool_owner("u-1")), "u-1")
+    assert not owned_by(owner_mark(pool_owner("u-1")), "u-2")
+    assert not owned_by(owner_mark(pool_owner("u-12")), "u-1")  # exactly, not a prefix
+    # No uid (a local run's backend): nothing is marked, and nothing is claimed.
+    assert pool_owner("") is None and not owned_by(owner_mark(None), "")
 
 
 # ---- settings -----------------------------------------------------------------------------

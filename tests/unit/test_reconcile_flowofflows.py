@@ -933,12 +933,6 @@ async def test_delete_holds_while_prefect_is_down(fake, connect, pipeline):
     assert fake.deployments
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: delete_composition (reconcile/flowofflows.py:369) reads status.run by id; a "
-    "parent run Prefect no longer has is a 404 PrefectRejected, so the finalizer holds "
-    "(backoff retry) forever and the deployments stay",
-)
 @pytest.mark.asyncio
 async def test_delete_with_the_parent_run_gone_from_prefect(fake, connect, pipeline):
     status = with_deployment(fake, pipeline)
@@ -948,26 +942,17 @@ async def test_delete_with_the_parent_run_gone_from_prefect(fake, connect, pipel
     assert outcome.retry_in is None and not fake.deployments
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: delete_composition (reconcile/flowofflows.py:391) retries PrefectRejected with "
-    "backoff and Reconciling, as an outage; issue 12: a rejection is Stalled with an event",
-)
 @pytest.mark.asyncio
 async def test_delete_rejected_is_stalled_not_retried(fake, connect, pipeline):
     status = with_deployment(fake, pipeline)
     fake.failure = PrefectRejected("403: forbidden", 403)
     outcome = await delete(composition_manifest(), status, connect, retry=2)
     assert kstatus(outcome.status)["Stalled"] == ("True", "PrefectRejected")
-    assert outcome.retry_in is None
+    # Decided: a refusal holds the finalizer Stalled, asked again only at the longest
+    # backoff (a restored Secret or deletionPolicy: Orphan then takes effect), never a storm.
+    assert outcome.retry_in == make_settings().max_backoff
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: reconcile_composition records deploymentId only after the parent run is "
-    "created (reconcile/flowofflows.py:278): when that call is refused (Stalled, no retry) the "
-    "deployments it made are never recorded, and delete_composition then removes none of them",
-)
 @pytest.mark.asyncio
 async def test_deployments_made_before_a_refused_run_are_deleted(connect, settings):
     class RefusesRuns(FakePrefect):

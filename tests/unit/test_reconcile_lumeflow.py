@@ -217,6 +217,7 @@ async def test_deploys_and_starts_a_run(fake, connect, settings):
         state="Scheduled",
         state_type="SCHEDULED",
         url=f"http://prefect.test/runs/flow-run/{run.view.id}",
+        created_time=fake.now,
         attempt=0,
     )
     assert status.runs == [status.last_run]  # the history, newest first
@@ -689,7 +690,8 @@ async def test_follow_run_that_failed(fake, connect, settings, state, message, e
     outcome = await follow(lumeflow_manifest(), status, connect)
     assert outcome.status.phase == "Failed"
     assert outcome.status.last_run.state_type == state
-    assert outcome.status.last_run.message == message
+    # lastRun says how it ended: Prefect's message, or the outcome's when Prefect gave none.
+    assert outcome.status.last_run.message == expected
     # issue 12: Stalled with the precise reason (was FlowRunFailed, all False, for each)
     assert kstatus(outcome.status) == {
         "Ready": ("False", reason),
@@ -788,14 +790,6 @@ async def test_follow_a_final_run_whose_end_is_not_written(fake, connect, settin
     assert [r.name for r in outcome.status.results] == ["r"]
 
 
-SCHEDULE_BUG = (
-    "BUG: follow_run (reconcile/lumeflow.py:365-375) computes `changed` after recording the "
-    "newly started Schedule run, so noticing it alone returns None and status never says "
-    "Running (nor records the run) until its state changes"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SCHEDULE_BUG)
 @pytest.mark.asyncio
 async def test_follow_schedule_reads_the_latest_run(fake, connect, settings, tmp_path):
     body = lumeflow_manifest(run=SCHEDULE, results=None)
@@ -803,8 +797,7 @@ async def test_follow_schedule_reads_the_latest_run(fake, connect, settings, tmp
     assert status.phase == "Ready" and status.last_run is None
 
     assert await follow(body, status, connect) is None  # nothing started yet
-    # (the fake counts read_flow_runs of no ids; the gateway makes no request for them)
-    assert fake.calls == {"latest_run": 1, "read_flow_runs": 1}
+    assert fake.calls == {"latest_run": 1}  # no request for no runs
 
     scheduled = await fake.create_flow_run(status.deployment_id, idempotency_key="cron-1")
     assert await follow(body, status, connect) is None  # merely scheduled runs do not count
@@ -829,7 +822,6 @@ async def test_follow_schedule_reads_the_latest_run(fake, connect, settings, tmp
     assert again.status.results is None or again.status.results == done.status.results
 
 
-@pytest.mark.xfail(strict=True, reason=SCHEDULE_BUG)
 @pytest.mark.asyncio
 async def test_follow_schedule_notices_a_newer_run_in_the_same_state(fake, connect, settings):
     body = lumeflow_manifest(run=SCHEDULE)
@@ -929,12 +921,6 @@ async def test_delete_holds_the_finalizer_while_prefect_fails(fake, connect, set
     assert fake.deployment(*DEPLOYMENT) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: delete_flow (reconcile/lumeflow.py:539) treats PrefectRejected (401/403/422) "
-    "as an outage: Reconciling and a backoff retry forever, where issue 12 says a rejection is "
-    "Stalled with an event and retried only when the spec or Secret changes",
-)
 @pytest.mark.asyncio
 async def test_delete_rejected_is_stalled_not_retried(fake, connect, settings):
     status = await started(fake, connect, settings)
@@ -942,4 +928,6 @@ async def test_delete_rejected_is_stalled_not_retried(fake, connect, settings):
     outcome = await delete(lumeflow_manifest(), status, connect, settings, retry=4)
     assert kstatus(outcome.status)["Stalled"] == ("True", "PrefectRejected")
     assert events(outcome) == [("Warning", "PrefectRejected")]
-    assert outcome.retry_in is None
+    # Decided: a refusal holds the finalizer Stalled, asked again only at the longest
+    # backoff (a restored Secret or deletionPolicy: Orphan then takes effect), never a storm.
+    assert outcome.retry_in == settings.max_backoff

@@ -16,7 +16,6 @@ from lume_operator.prefect.port import (
     PrefectUnreachable,
     idempotency_key,
 )
-from lume_operator.reconcile.flowrun import run_status
 from lume_operator.reconcile.lumeflow import (
     RUN_PARAMETERS,
     RUN_REQUEST,
@@ -24,7 +23,6 @@ from lume_operator.reconcile.lumeflow import (
     follow_flow,
     follow_run,
     reconcile_flow,
-    record,
 )
 from tests.unit.conftest import (
     cond,
@@ -300,12 +298,6 @@ async def test_no_deadline_without_timeout_seconds(fake, connect):
     assert "cancel_flow_run" not in fake.calls
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: follow_run (reconcile/lumeflow.py:383) measures an unstarted run's deadline "
-    "from its creation, so a retry scheduled retryDelaySeconds ahead (longer than "
-    "timeoutSeconds) is cancelled as DeadlineExceeded before it can start",
-)
 @pytest.mark.asyncio
 async def test_a_delayed_retry_is_not_past_its_deadline_before_it_starts(fake, connect):
     body = flow(
@@ -333,7 +325,8 @@ async def test_failed_and_crashed_runs_are_retried_then_fail(fake, connect):
     fake.set_state(first, "FAILED", "boom")
     one = await follow(body, status, connect)
     retry = fake.runs[one.status.last_run.id]
-    assert retry.view.idempotency_key == idempotency_key(UID, 1, 0, attempt=1)
+    # Keyed by the run it retries: deciding again after a restart finds the same retry.
+    assert retry.view.idempotency_key == idempotency_key(UID, 0, 0, f"retry-of-{first}")
     assert retry.start_in == 30.0 and retry.view.tags == fake.runs[first].view.tags
     assert events(one) == [("Warning", "Retrying")]
     assert "retry 1 of 2 in 30 s" in one.events[0].message and "boom" in one.events[0].message
@@ -352,7 +345,9 @@ async def test_failed_and_crashed_runs_are_retried_then_fail(fake, connect):
     fake.set_state(retry.view.id, "CRASHED", "pod evicted")
     two = await follow(body, one.status, connect)
     last_retry = fake.runs[two.status.last_run.id]
-    assert last_retry.view.idempotency_key == idempotency_key(UID, 1, 0, attempt=2)
+    assert last_retry.view.idempotency_key == idempotency_key(
+        UID, 0, 0, f"retry-of-{retry.view.id}"
+    )
     assert [r.attempt for r in two.status.runs] == [2, 1, 0]
 
     fake.set_state(last_retry.view.id, "FAILED", "boom again")
@@ -397,7 +392,7 @@ async def test_follow_run_calls_retry_run_with_the_attempt_and_the_delay(fake, c
     fake.set_state(status.last_run.id, "FAILED")
     calls: list[tuple[int, float]] = []
 
-    async def retry_run(attempt: int, delay: float):
+    async def retry_run(failed, attempt: int, delay: float):
         calls.append((attempt, delay))
         return await fake.create_flow_run(
             status.deployment_id, idempotency_key=f"retry-{attempt}", start_in=delay
@@ -417,12 +412,6 @@ async def test_follow_run_calls_retry_run_with_the_attempt_and_the_delay(fake, c
     assert ended.status.phase == "Failed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: follow_flow's retry_run (reconcile/lumeflow.py:466) keys a retry by "
-    "(uid, generation, index 0, attempt): every Schedule run has index 0, so a later "
-    "scheduled run's retry gets the earlier one's run back and is never retried",
-)
 @pytest.mark.asyncio
 async def test_each_scheduled_run_gets_its_own_retry(fake, connect):
     body = flow({"policy": "Schedule", "cron": "*/5 * * * *", "retries": 1})
@@ -434,22 +423,14 @@ async def test_each_scheduled_run_gets_its_own_retry(fake, connect):
     status = (await follow(body, status, connect)).status  # no retry left
     assert len(fake.runs) == 2
 
-    # the next scheduled run, recorded by hand (see SCHEDULE_BUG), fails: its own retry
+    # the next scheduled run fails before it is seen running: it gets its own retry
     second = await fake.create_flow_run(status.deployment_id, idempotency_key="cron-2")
     fake.set_state(second.id, "FAILED")
-    view = await fake.read_flow_run(second.id)
-    record(status, run_status(view, 0, fake.ui_url(view.id), None), 10)
     retried = await follow(body, status, connect)
     assert len(fake.runs) == 4, "the retry of run-3 is run-2 again"
     assert retried.status.last_run.attempt == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a retry reads lume.dev/run-parameters again (reconcile/lumeflow.py:474) and "
-    "follow_flow catches only PrefectError: an annotation made invalid after the run started "
-    "raises ValueError out of the timer instead of retrying with the run's own parameters",
-)
 @pytest.mark.asyncio
 async def test_a_retry_survives_run_parameters_changed_since_the_run_started(fake, connect):
     retries = {"retries": 1}
@@ -491,11 +472,6 @@ async def test_last_run_is_the_newest_real_run_not_a_skipped_one(fake, connect):
     assert status.last_run.id == first  # trimmed out of runs, still lastRun
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: reconcile_flow records an InvalidRunParameters skip with limit 999 "
-    "(reconcile/lumeflow.py:253) and never trims: status.runs outgrows spec.run.historyLimit",
-)
 @pytest.mark.asyncio
 async def test_a_skipped_bad_request_keeps_the_history_limit(fake, connect):
     limit = {"historyLimit": 1}
@@ -504,11 +480,6 @@ async def test_a_skipped_bad_request_keeps_the_history_limit(fake, connect):
     assert len(bad.status.runs) <= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: FlowRunStatus.createdTime is never filled: run_status "
-    "(reconcile/flowrun.py:39) does not copy the view's created_time, so history lacks it",
-)
 @pytest.mark.asyncio
 async def test_history_records_when_a_run_was_created(fake, connect):
     outcome = await reconcile(flow(), LumeFlowStatus(), connect)
@@ -657,12 +628,6 @@ async def test_credentials_in_an_error_never_reach_status_or_events(fake, connec
     assert "hunter2" not in written and "***@prefect" in written
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: delete_flow writes str(error) unmasked into its condition and retry message "
-    "(reconcile/lumeflow.py:541; also reconcile/backend.py:200 and "
-    "reconcile/flowofflows.py:391): credentials in a URL reach status",
-)
 @pytest.mark.asyncio
 async def test_credentials_in_a_deletion_error_are_masked(fake, connect):
     status = await running(fake, connect, flow())
@@ -746,12 +711,6 @@ async def test_delete_orphan_leaves_the_deployment_and_its_runs(fake, connect):
     assert outcome.retry_in is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: follow_run (reconcile/lumeflow.py:352) takes lastRun before recording a newly "
-    "noticed Schedule run, then decides for the older one: a scheduled run that ended before "
-    "the operator saw it running is never decided (no outcome, no retry, nothing written)",
-)
 @pytest.mark.asyncio
 async def test_a_scheduled_run_that_ended_unseen_is_decided(fake, connect):
     body = flow({"policy": "Schedule", "cron": "*/5 * * * *"})
@@ -780,12 +739,6 @@ async def test_a_scheduled_run_is_recorded_at_its_end(fake, connect, tmp_path):
     assert events(done) == [("Normal", "FlowRunCompleted")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: under Schedule, follow_run (reconcile/lumeflow.py:362-363) reads lastRun again "
-    "though its end is written, and decides it again on every follow: result_of re-read, "
-    "status rewritten, a FlowRunCompleted (or failure) event posted each time",
-)
 @pytest.mark.asyncio
 async def test_a_decided_scheduled_run_is_not_decided_again(fake, connect):
     body = flow({"policy": "Schedule", "cron": "*/5 * * * *"}, results=None)

@@ -11,6 +11,7 @@ import copy
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from lume_operator.prefect.deployment import DeploymentSpec, DeploymentView
@@ -22,6 +23,8 @@ from lume_operator.prefect.port import (
     RunState,
     WorkPoolOwnedElsewhere,
     WorkPoolView,
+    owned_by,
+    owner_mark,
 )
 
 _STATE_NAMES = {
@@ -130,9 +133,8 @@ class FakePrefect:
         if pool is None:
             if adopt:
                 raise PrefectRejected(f"work pool {name!r} to adopt does not exist", 404)
-            description = f"Managed by lume-operator ({owner})." if owner else None
             pool = WorkPoolView(
-                str(uuid.uuid4()), name, pool_type, {}, None, ["default"], description
+                str(uuid.uuid4()), name, pool_type, {}, None, ["default"], owner_mark(owner)
             )
             self.pools[name] = pool
             self.writes += 1
@@ -140,7 +142,7 @@ class FakePrefect:
             raise PrefectRejected(
                 f"work pool {name!r} exists with type {pool.type!r}, not {pool_type!r}"
             )
-        if not adopt and owner and owner not in (pool.description or ""):
+        if not adopt and owner and not owned_by(pool.description, owner):
             raise WorkPoolOwnedElsewhere(
                 f"work pool {name!r} exists and was not created by this backend: set "
                 "workPool.adopt to use it as it is, or name another pool"
@@ -161,7 +163,7 @@ class FakePrefect:
     async def delete_work_pool(self, name: str, owner: str | None = None) -> None:
         self._enter("delete_work_pool")
         pool = self.pools.get(name)
-        if pool is None or (owner and owner not in (pool.description or "")):
+        if pool is None or (owner and not owned_by(pool.description, owner)):
             return
         del self.pools[name]
         self.writes += 1
@@ -212,7 +214,9 @@ class FakePrefect:
             tags=list(tags),
             deployment_id=deployment_id,
             created_time=self.now,
+            expected_start_time=self.now,
             idempotency_key=key,
+            parameters=dict(parameters),
         )
         self.runs[run_id] = _Run(view, deployment_id, parameters, job_variables)
         self.writes += 1
@@ -240,7 +244,11 @@ class FakePrefect:
                 list(tags or []),
                 idempotency_key,
             )
-            self.runs[self._keys[key]].start_in = start_in
+            run = self.runs[self._keys[key]]
+            run.start_in = start_in
+            if start_in:
+                start = datetime.fromisoformat(self.now) + timedelta(seconds=start_in)
+                run.view.expected_start_time = start.isoformat()
         return copy.copy(self.runs[self._keys[key]].view)
 
     async def read_flow_run(self, flow_run_id: str) -> FlowRunView:
@@ -251,6 +259,8 @@ class FakePrefect:
         return copy.copy(run.view)
 
     async def read_flow_runs(self, flow_run_ids: list[str]) -> list[FlowRunView]:
+        if not flow_run_ids:
+            return []  # as the gateway: no request for nothing
         self._enter("read_flow_runs")
         return [copy.copy(self.runs[i].view) for i in flow_run_ids if i in self.runs]
 

@@ -53,6 +53,8 @@ from lume_operator.prefect.port import (
     RunState,
     WorkPoolOwnedElsewhere,
     is_outage_status,
+    owned_by,
+    owner_mark,
 )
 from lume_operator.prefect.records import json_result, refuse_unless_json
 
@@ -77,7 +79,9 @@ def run_view(flow_run: FlowRun) -> FlowRunView:
         tags=list(flow_run.tags or []),
         deployment_id=str(flow_run.deployment_id) if flow_run.deployment_id else None,
         created_time=_time(flow_run.created),
+        expected_start_time=_time(flow_run.expected_start_time),
         idempotency_key=flow_run.idempotency_key,
+        parameters=dict(flow_run.parameters or {}),
         result_key=getattr(metadata, "storage_key", None),
         handle=state,
     )
@@ -103,11 +107,6 @@ def deployment_view(deployment: DeploymentResponse, flow_name: str) -> Deploymen
         ],
         parameter_openapi_schema=deployment.parameter_openapi_schema,
     )
-
-
-def _pool_description(owner: str | None) -> str:
-    """Never None (Prefect would store the text "None"); carries the owner's mark."""
-    return f"Managed by lume-operator ({owner})." if owner else "Managed by lume-operator."
 
 
 def translate(error: BaseException, what: str) -> PrefectError:
@@ -214,7 +213,7 @@ class PrefectGateway:
                     self.client.create_work_pool(
                         WorkPoolCreate(
                             name=name,
-                            description=_pool_description(owner),
+                            description=owner_mark(owner),
                             type=pool_type,
                             base_job_template=base_job_template,
                             concurrency_limit=concurrency_limit,
@@ -230,7 +229,7 @@ class PrefectGateway:
             raise PrefectRejected(
                 f"work pool {name!r} exists with type {pool.type!r}, not {pool_type!r}"
             )
-        if not adopt and owner and owner not in (pool.description or ""):
+        if not adopt and owner and not owned_by(pool.description, owner):
             raise WorkPoolOwnedElsewhere(
                 f"work pool {name!r} exists and was not created by this backend: set "
                 "workPool.adopt to use it as it is, or name another pool"
@@ -271,7 +270,7 @@ class PrefectGateway:
                 )
             except ObjectNotFound:
                 return
-            if owner not in (pool.description or ""):
+            if not owned_by(pool.description, owner):
                 return  # another's (or adopted): never ours to delete
         with contextlib.suppress(ObjectNotFound):
             await self._call(

@@ -8,6 +8,7 @@ decision never depends on Prefect's client classes, and errors come as one famil
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,9 +36,29 @@ def idempotency_key(
     return f"lume-{uuid.uuid5(_NAMESPACE, '/'.join(parts))}"
 
 
-def pool_owner(uid: str) -> str:
-    """The mark a backend leaves in the description of a work pool it created."""
-    return f"lume-operator owner: {uid}"
+_OWNER = re.compile(r"\(lume-operator owner: ([^)\s]+)\)")
+
+
+def pool_owner(uid: str | None) -> str | None:
+    """The uid a backend marks the work pools it creates with; None without one (a local
+    run's backend), which marks nothing and claims nothing."""
+    return uid or None
+
+
+def owner_mark(owner: str | None) -> str:
+    """A pool description carrying the owner's mark (never None: Prefect would store the text
+    "None")."""
+    return (
+        f"Managed by lume-operator (lume-operator owner: {owner})."
+        if owner
+        else ("Managed by lume-operator.")
+    )
+
+
+def owned_by(description: str | None, owner: str | None) -> bool:
+    """Whether a pool's description carries exactly this owner's mark."""
+    found = _OWNER.search(description or "")
+    return owner is not None and found is not None and found.group(1) == owner
 
 
 class PrefectError(Exception):
@@ -108,7 +129,10 @@ class FlowRunView:
     tags: list[str] = field(default_factory=list)
     deployment_id: str | None = None
     created_time: str | None = None
+    # When it is to start (a retry scheduled after its delay starts later than it is made).
+    expected_start_time: str | None = None
     idempotency_key: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
     # Where its return value is persisted (a storage key), when it is.
     result_key: str | None = None
     # The implementation's own handle (the gateway's Prefect state); never compared.

@@ -18,6 +18,7 @@ from lume_operator.reconcile.outcome import (
     Event,
     NameTaken,
     Outcome,
+    held,
     invalid,
     parse_object,
     prefect_trouble,
@@ -149,7 +150,9 @@ async def check_backend(
         if isinstance(error, PrefectNotConfigured):
             return prefect_trouble(status, error, retry_in=None)
         outcome = prefect_trouble(status, error, retry_in=None)
-        outcome.events.append(Event("Warning", error.reason, outcome.retry_message))
+        if not outcome.events:  # a refusal brings its own event
+            message = conditions.message_of(outcome.status.conditions)
+            outcome.events.append(Event("Warning", error.reason, message))
         return outcome
     ready = await cluster.ready_replicas(backend.metadata.namespace, agent_name(backend)) or 0
     agent_ok = ready >= wanted_replicas(backend)
@@ -197,7 +200,5 @@ async def delete_backend(
         set_conditions(status, conditions.progressing(error.reason, message))
         return Outcome(status, retry_in=settings.backoff(retry), retry_message=message)
     except PrefectError as error:
-        message = f"waiting for Prefect to delete work pool {backend.work_pool_name!r}: {error}"
-        set_conditions(status, conditions.progressing(error.reason, message))
-        return Outcome(status, retry_in=settings.backoff(retry), retry_message=message)
+        return held(status, error, f"work pool {backend.work_pool_name!r}", settings, retry)
     return Outcome(status)

@@ -82,3 +82,7 @@ def is_true(existing: list[Condition] | None, type_: str) -> bool:
 
 def reason_of(existing: list[Condition] | None, type_: str = "Ready") -> str | None:
     return next((c.reason for c in existing or [] if c.type == type_), None)
+
+
+def message_of(existing: list[Condition] | None, type_: str = "Ready") -> str:
+    return next((c.message for c in existing or [] if c.type == type_), "")

@@ -35,6 +35,7 @@ from lume_operator.reconcile.outcome import (
     Found,
     Outcome,
     Waiting,
+    held,
     invalid,
     parse_object,
     prefect_trouble,
@@ -116,6 +117,7 @@ async def observe_composition(
         step = steps[name]
         if step.final and step.run and step.run.id == child.id:
             continue
+        step.error = step.note = step.results = None  # a new attempt: the last one's end is past
         step.run = run_status(child, 0, prefect.ui_url(child.id))
         if not child.final:
             step.phase = "Running"
@@ -259,6 +261,7 @@ async def reconcile_composition(
                 await prefect.ensure_deployment(made.spec)
             spec = composition_deployment(fof, backend)
             deployment_id = await prefect.ensure_deployment(spec)
+            status.deployment_id = deployment_id  # deletion finds it even if the run fails
             flow_run = None
             if not (status.run and status.run.generation == generation and status.run.id):
                 uid = fof.metadata.uid or ""
@@ -365,8 +368,12 @@ async def delete_composition(
     try:
         async with connect(backend) as prefect:
             parents = await prefect.active_runs(status.deployment_id)
-            if status.run and status.run.id and status.run.id not in {p.id for p in parents}:
-                parents.append(await prefect.read_flow_run(status.run.id))
+            known = [status.run.id] if status.run and status.run.id else []
+            parents += [
+                run
+                for run in await prefect.read_flow_runs(known)  # a run Prefect lost: skipped
+                if run.id not in {p.id for p in parents}
+            ]
             runs = list(parents)
             for parent in parents:
                 runs += await prefect.child_runs(parent.id)
@@ -388,7 +395,5 @@ async def delete_composition(
             spec = composition_deployment(fof, backend)
             await prefect.delete_deployment(spec.flow_name, spec.name)
     except PrefectError as error:
-        message = f"waiting to delete the Prefect deployments of {fof.key}: {error}"
-        set_conditions(status, conditions.progressing(error.reason, message))
-        return Outcome(status, retry_in=settings.backoff(retry), retry_message=message)
+        return held(status, error, f"the Prefect deployments of {fof.key}", settings, retry)
     return Outcome(status)

@@ -52,6 +52,7 @@ def run_status(
         end_time=flow_run.end_time,
         url=url,
         message=(state.message or None) if state and state.type != "COMPLETED" else None,
+        created_time=flow_run.created_time,
     )
 
 

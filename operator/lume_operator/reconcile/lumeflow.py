@@ -30,6 +30,7 @@ from lume_operator.reconcile.outcome import (
     Found,
     Outcome,
     Waiting,
+    held,
     invalid,
     parse_object,
     prefect_trouble,
@@ -42,8 +43,8 @@ RUN_PARAMETERS = f"{GROUP}/run-parameters"
 
 FlowOutcome = Outcome[LumeFlowStatus]
 Publish = Callable[[LumeFlowStatus], Awaitable[None]]
-# Starts the next attempt of the current run, `delay` seconds from now.
-Retry = Callable[[int, float], Awaitable[FlowRunView]]
+# Starts attempt n of a failed run, `delay` seconds from now.
+Retry = Callable[[FlowRunView, int, float], Awaitable[FlowRunView]]
 
 # Why a run ended, by Prefect state type, when it did not complete.
 END_REASONS = {
@@ -250,7 +251,8 @@ async def reconcile_flow(
                     parameters = run_parameters(flow)
                 except ValueError as error:
                     message = str(error)
-                    record(status, _skipped(index, generation, "InvalidRunParameters"), 999)
+                    skip = _skipped(index, generation, "InvalidRunParameters")
+                    record(status, skip, policy.history_limit)
                     set_conditions(status, conditions.stalled("InvalidRunParameters", message))
                     events.append(Event("Warning", "InvalidRunParameters", message))
                     return Outcome(status, events)
@@ -258,8 +260,8 @@ async def reconcile_flow(
                 start, admitted = await _admit(prefect, flow, status, deployment_id, key)
                 events.extend(admitted)
                 if not start:
-                    record(status, _skipped(index, generation, "ConcurrencyForbid"), 999)
-                    status.runs = (status.runs or [])[: policy.history_limit]
+                    skip = _skipped(index, generation, "ConcurrencyForbid")
+                    record(status, skip, policy.history_limit)
                 else:
                     flow_run = await prefect.create_flow_run(
                         deployment_id,
@@ -338,10 +340,12 @@ async def follow_run(
     now: datetime,
     schedule: bool | None = None,
     retry_run: Retry | None = None,
+    grace: float = 60.0,
 ) -> FlowOutcome | None:
     """Read the runs in flight into status (one request); the current one past its deadline
-    is cancelled, at its end its outcome, result locations and, when it failed and retries
-    are left, the next attempt. None when nothing changed.
+    is cancelled (by force once `grace` seconds more have passed), at its end its outcome,
+    result locations and, when it failed and retries are left, the next attempt. None when
+    nothing changed.
 
     `schedule` False: the run in `lastRun` even under a Schedule policy (the local runner
     starts its own); without `retry_run`, no retries.
@@ -349,54 +353,42 @@ async def follow_run(
     policy = policy_of(flow)
     if schedule is None:
         schedule = policy.policy == "Schedule"
-    last = status.last_run
+    before = [entry.model_dump() for entry in history(status)]
     if schedule and status.deployment_id:
         latest = await prefect.latest_run(status.deployment_id)
         if latest is not None and not any(r.id == latest.id for r in history(status)):
+            last = status.last_run
             started = run_status(
                 latest, 0, prefect.ui_url(latest.id), last.generation if last else None
             )
             record(status, started, policy.history_limit)
+            status.phase = "Running"  # a new run: the last one's end is decided already
+    last = status.last_run
+    decided = bool(last and last.state_type in FINAL_STATES) and status.phase in (
+        "Completed",
+        "Failed",
+    )
     entries = history(status)
     open_ids = [r.id for r in entries if r.id and r.state_type not in FINAL_STATES]
-    if status.last_run and status.last_run.id and status.last_run.id not in open_ids:
-        open_ids.append(status.last_run.id)  # final, but its end not written yet
+    if last and last.id and not decided and last.id not in open_ids:
+        open_ids.append(last.id)  # final, but its end not written yet
     views = {view.id: view for view in await prefect.read_flow_runs(open_ids)}
-    before = [entry.model_dump() for entry in entries]
     entries = [
         _refresh(entry, views[entry.id], prefect.ui_url(entry.id)) if entry.id in views else entry
         for entry in entries
     ]
     status.runs = entries[: policy.history_limit]
-    current_entry = next((r for r in entries if r.id and last and r.id == last.id), None)
-    if current_entry is None and status.last_run:
-        current_entry = status.last_run
+    current_entry = next((r for r in entries if last and r.id and r.id == last.id), last)
     status.last_run = current_entry
-    changed = before != [entry.model_dump() for entry in entries]
+    changed = before != [entry.model_dump() for entry in history(status)]
     current = views.get(current_entry.id) if current_entry and current_entry.id else None
-    if current is None:
+    if current is None or decided:
         return Outcome(status) if changed else None
     was_trouble = conditions.reason_of(status.conditions) in TROUBLE
     if not current.final:
-        if current_entry.reason == "DeadlineExceeded":
-            return Outcome(status) if changed else None  # cancelling; its end comes later
-        age = _elapsed(current.start_time or current.created_time, now)
-        if policy.timeout_seconds and age is not None and age > policy.timeout_seconds:
-            await prefect.cancel_flow_run(current.id)
-            current_entry.reason = "DeadlineExceeded"
-            message = (
-                f"flow run {current.name} passed its deadline of {policy.timeout_seconds} s "
-                "and was cancelled"
-            )
-            status.phase = "Failed"
-            set_conditions(status, conditions.failed("DeadlineExceeded", message))
-            return Outcome(status, [Event("Warning", "DeadlineExceeded", message)])
-        status.phase = phase_of(current.state.type if current.state else None)
-        if not changed and not was_trouble:
-            return None
-        message = f"flow run {current.name} is {current_entry.state}"
-        set_conditions(status, conditions.progressing("FlowRunning", message))
-        return Outcome(status)
+        return await _in_flight(
+            policy, status, current_entry, current, prefect, now, grace, changed or was_trouble
+        )
     if current_entry.reason == "DeadlineExceeded":
         status.phase = "Failed"
         message = f"flow run {current.name} passed its deadline of {policy.timeout_seconds} s"
@@ -420,26 +412,61 @@ async def follow_run(
     if retry_run is not None and state_type in RETRIED_STATES and attempt < policy.retries:
         failpoints.hit("flow-retry-decided")
         delay = float(policy.retry_delay_seconds)
-        next_run = await retry_run(attempt + 1, delay)
-        reference = run_status(
-            next_run,
-            current_entry.index or 0,
-            prefect.ui_url(next_run.id),
-            current_entry.generation,
-        )
+        next_run = await retry_run(current, attempt + 1, delay)
+        url = prefect.ui_url(next_run.id)
+        reference = run_status(next_run, current_entry.index or 0, url, current_entry.generation)
         reference.attempt = attempt + 1
         record(status, reference, policy.history_limit)
         status.phase, status.results = "Running", None
+        ended = current.state.name if current.state else "without a state"
         message = (
-            f"flow run {current.name} ended {current.state.name if current.state else ''}: "
-            f"{outcome.error}; retry {attempt + 1} of {policy.retries} in {delay:g} s "
-            f"({next_run.name})"
+            f"flow run {current.name} ended {ended}: {outcome.error}; retry {attempt + 1} of "
+            f"{policy.retries} in {delay:g} s ({next_run.name})"
         )
         set_conditions(status, conditions.progressing("Retrying", message))
         return Outcome(status, [Event("Warning", "Retrying", message)])
     status.phase = "Failed"
+    current_entry.reason, current_entry.message = reason, outcome.error
     set_conditions(status, conditions.failed(reason, outcome.error))
     return Outcome(status, [Event("Warning", reason, outcome.error)])
+
+
+async def _in_flight(
+    policy: RunPolicy,
+    status: LumeFlowStatus,
+    entry: FlowRunStatus,
+    current: FlowRunView,
+    prefect: PrefectPort,
+    now: datetime,
+    grace: float,
+    changed: bool,
+) -> FlowOutcome | None:
+    """A run not ended yet: its deadline, else its state."""
+    # The deadline runs from when the run was to start (a delayed retry starts late).
+    since = max(filter(None, [current.start_time, current.expected_start_time]), default=None)
+    age = _elapsed(since or current.created_time, now)
+    past = bool(policy.timeout_seconds and age is not None and age > policy.timeout_seconds)
+    if entry.reason == "DeadlineExceeded":
+        # Cancelling: its worker stops it; one that does not is marked Cancelled by force.
+        if past and age - policy.timeout_seconds > grace:
+            await prefect.cancel_flow_run(current.id, force=True)
+        return Outcome(status) if changed else None
+    if past:
+        await prefect.cancel_flow_run(current.id)
+        entry.reason = "DeadlineExceeded"
+        message = (
+            f"flow run {current.name} passed its deadline of {policy.timeout_seconds} s "
+            "and was cancelled"
+        )
+        status.phase = "Failed"
+        set_conditions(status, conditions.failed("DeadlineExceeded", message))
+        return Outcome(status, [Event("Warning", "DeadlineExceeded", message)])
+    status.phase = phase_of(current.state.type if current.state else None)
+    if not changed:
+        return None
+    message = f"flow run {current.name} is {entry.state}"
+    set_conditions(status, conditions.progressing("FlowRunning", message))
+    return Outcome(status)
 
 
 async def follow_flow(
@@ -449,6 +476,7 @@ async def follow_flow(
     backend: Found | None,
     connect: Connect,
     now: datetime,
+    grace: float = 60.0,
 ) -> FlowOutcome | None:
     """The operator's periodic read of a LumeFlow's runs; None when nothing changed."""
     flow, problem = parse_object(body)
@@ -461,21 +489,22 @@ async def follow_flow(
     try:
         async with connect(found) as prefect:
 
-            async def retry_run(attempt: int, delay: float) -> FlowRunView:
-                last = status.last_run
-                assert last is not None and status.deployment_id
-                key = idempotency_key(
-                    flow.metadata.uid or "", last.generation, last.index or 0, attempt=attempt
-                )
+            async def retry_run(failed: FlowRunView, attempt: int, delay: float) -> FlowRunView:
+                # Keyed by the run it retries: deciding again (after a restart) finds the same
+                # run, and each of a schedule's runs gets its own retries.
+                key = idempotency_key(flow.metadata.uid or "", 0, 0, f"retry-of-{failed.id}")
+                assert status.deployment_id
                 return await prefect.create_flow_run(
                     status.deployment_id,
                     idempotency_key=key,
                     tags=tags(flow, found),
-                    parameters=run_parameters(flow),
+                    parameters=failed.parameters or None,  # as the run it retries had them
                     start_in=delay or None,
                 )
 
-            return await follow_run(flow, status, prefect, now=now, retry_run=retry_run)
+            return await follow_run(
+                flow, status, prefect, now=now, retry_run=retry_run, grace=grace
+            )
     except PrefectError as error:
         if conditions.reason_of(status.conditions) == error.reason:
             return None
@@ -537,8 +566,5 @@ async def delete_flow(
                 return Outcome(status, retry_in=2.0, retry_message=message)
             await prefect.delete_deployment(flow.metadata.name, flow.metadata.namespace)
     except PrefectError as error:
-        # The finalizer holds, and status says why (a missing Secret, an outage).
-        message = f"waiting to delete the Prefect deployment of {flow.key}: {error}"
-        set_conditions(status, conditions.progressing(error.reason, message))
-        return Outcome(status, retry_in=settings.backoff(retry), retry_message=message)
+        return held(status, error, f"the Prefect deployment of {flow.key}", settings, retry)
     return Outcome(status)

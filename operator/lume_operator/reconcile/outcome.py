@@ -110,7 +110,7 @@ def set_conditions(status: StatusT, updates: list[dict[str, Any]]) -> StatusT:
     return status
 
 
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
 
 
 def masked(text: str) -> str:
@@ -166,3 +166,18 @@ def invalid(status: Any, message: str, generation: int | None, **values: Any) ->
         setattr(status, key, value)
     set_conditions(status, conditions.stalled("InvalidSpec", message))
     return Outcome(status, [Event("Warning", "InvalidSpec", message)])
+
+
+def held(
+    status: StatusT, error: PrefectError, what: str, settings: Any, retry: int
+) -> Outcome[StatusT]:
+    """A deletion Prefect did not confirm: the finalizer holds and status says why. An outage
+    is retried with backoff; a refusal is Stalled (it needs a change: a Secret restored,
+    `deletionPolicy: Orphan`) and asked again only at the longest backoff."""
+    message = masked(f"waiting to delete {what}: {error}")
+    if isinstance(error, PrefectRejected):
+        set_conditions(status, conditions.stalled(error.reason, message))
+        event = Event("Warning", error.reason, message)
+        return Outcome(status, [event], retry_in=settings.max_backoff, retry_message=message)
+    set_conditions(status, conditions.progressing(error.reason, message))
+    return Outcome(status, retry_in=settings.backoff(retry), retry_message=message)
