@@ -322,5 +322,6 @@ def test_convert_and_graph_commands(tmp_path):
     )
     failed = run_cli("convert", "-f", str(bad))
     assert failed.returncode == 1
-    assert "composing_flows[0].mapped_parameters.x.parent_flow_name" in failed.stdout
+    # Errors go to stderr, so stdout stays YAML to redirect.
+    assert "composing_flows[0].mapped_parameters.x.parent_flow_name" in failed.stderr
     assert "Traceback" not in failed.stderr
