@@ -447,15 +447,7 @@ def read_value(result: Result) -> Any:
             f"result {result.key!r} is a plain value kept by Prefect at {result.location!r}, "
             "which is not a file here: `get` fetches it only where that storage is local"
         )
-    from prefect.results import ResultRecord
-
-    try:
-        value = ResultRecord.deserialize(path.read_bytes()).result
-    except Exception as error:
-        raise ResultsCLIError(
-            f"result {result.key!r}: cannot read Prefect result {storage_key!r}: "
-            f"{_first_line(error)}"
-        ) from None
+    value = _stored_value(result, storage_key, path)
     try:
         value = walk(value, split(key_path))
     except KeyPathError as error:
@@ -463,6 +455,34 @@ def read_value(result: Result) -> Any:
             f"result {result.key!r}: not in the value stored at {storage_key!r}: {error}"
         ) from None
     return value
+
+
+def _stored_value(result: Result, storage_key: str, path: Path) -> Any:
+    """The value in a Prefect result file: the bare value, or a record with its metadata.
+
+    Only JSON is read, with lume-operator's own decoder (numpy arrays and scalars from their
+    marks); nothing named in the file is imported, and pickle is never loaded.
+    """
+    from lume_operator.prefect.serializer import loads
+
+    where = f"result {result.key!r}: Prefect result {storage_key!r}"
+    try:
+        data = loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ResultsCLIError(
+            f"{where} is not JSON (stored with another serializer?): {_first_line(error)}"
+        ) from None
+    metadata = data.get("metadata") if isinstance(data, dict) else None
+    if not (isinstance(metadata, dict) and "result" in data and "serializer" in metadata):
+        return data  # the bare value: Prefect keeps the metadata apart
+    kind = (metadata.get("serializer") or {}).get("type")
+    if kind not in ("json", "lume-json"):
+        raise ResultsCLIError(f"{where} was stored with the {kind!r} serializer; only JSON is read")
+    stored = data["result"]
+    try:
+        return loads(stored) if isinstance(stored, str | bytes) else stored
+    except ValueError as error:
+        raise ResultsCLIError(f"{where} holds no JSON value: {_first_line(error)}") from None
 
 
 def copy_file(result: Result, output: Path | None, force: bool) -> tuple[Path, int]:
@@ -505,7 +525,19 @@ def copy_file(result: Result, output: Path | None, force: bool) -> tuple[Path, i
     return target, target.stat().st_size
 
 
+def _plain(value: Any) -> Any:
+    """Values to print: numpy arrays and scalars (from a stored value) as lists and numbers."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
 def dump(value: Any, fmt: str) -> str:
+    value = _plain(value)
     if fmt == "json":
         return json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n"
     text = yaml.safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=False)

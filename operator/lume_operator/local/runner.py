@@ -41,8 +41,10 @@ from lume_operator.local.checks import (
     locate,
     parameter_schema,
 )
+from lume_operator.prefect.deployment import DeploymentSpec
 from lume_operator.prefect.gateway import PrefectGateway
 from lume_operator.prefect.port import FINAL_STATES, PrefectError, idempotency_key
+from lume_operator.prefect.serializer import LOCAL_RESULT_ENV
 from lume_operator.prefect.server import prefect_api
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.deploy import composition_deployment, flow_deployment
@@ -256,6 +258,16 @@ def _step_parameter_problems(
     return problems
 
 
+def _store_values_as_lume_json(spec: DeploymentSpec) -> None:
+    """Local runs store return values with lume-operator's JSON (numpy arrays included).
+
+    Their process has lume-operator installed (it is this Python); a cluster image may not,
+    so the operator keeps Prefect's own JSON there.
+    """
+    spec.job_variables["command"] = f"{sys.executable} -m lume_operator.local.engine"
+    spec.job_variables["env"] = {**spec.job_variables.get("env", {}), **LOCAL_RESULT_ENV}
+
+
 @dataclass
 class _Deployed:
     pool: str
@@ -369,6 +381,7 @@ class LocalRunner:
             working_dir=str(item.code.project_dir),
             parameter_schema=item.schema,
         )
+        _store_values_as_lume_json(made.spec)
         item.notes.extend(made.notes)
         for note in item.notes:
             self.say(flow.key, f"note: {note}", "yellow")
@@ -428,6 +441,7 @@ class LocalRunner:
         spec = composition_deployment(
             fof, backend, backend_type="process", extra_env=self.store_env
         )
+        _store_values_as_lume_json(spec)  # the parent reads its steps' values
         await self._ensure_pool(gateway, backend, spec.work_queue_name)
         deployment_id = await gateway.ensure_deployment(spec)
         composition_tags = spec.tags

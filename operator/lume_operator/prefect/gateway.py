@@ -49,6 +49,9 @@ from lume_operator.prefect.port import (
     is_outage_status,
 )
 
+# Registers Prefect's `lume-json` serializer type, so results stored with it are read here.
+from lume_operator.prefect.serializer import INSTEAD
+
 T = TypeVar("T")
 
 
@@ -400,6 +403,12 @@ class PrefectGateway:
             with anyio.fail_after(self.timeout):
                 return await state.aresult(raise_on_failure=False)
         except Exception as error:  # storage missing, serializer unknown, ...
+            if "does not exist" in str(error) and flow_run.result_key:
+                # Prefect logs a warning and completes the run when its serializer fails.
+                raise PrefectRejected(
+                    f"the return value of flow run {flow_run.id} was never stored: Prefect "
+                    f"could not serialize it (its log names the value); {INSTEAD}"
+                ) from error
             raise PrefectRejected(
                 f"cannot read the result of flow run {flow_run.id}: {error}"
             ) from error
