@@ -623,9 +623,10 @@ def results_group() -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Choice(["table", "yaml", "json"]),
+    type=click.Choice(["table", "wide", "yaml", "json"]),
     default="table",
     show_default=True,
+    help="table: locations shortened in the middle to fit the terminal; wide: in full.",
 )
 @_friendly
 def list_command(
@@ -638,10 +639,11 @@ def list_command(
 ) -> None:
     """Each result of TARGET with its type and location (and step, for a FlowOfFlows)."""
     found = find_target(_source(status_file, kubeconfig, context, namespace), target)
-    if output != "table":
+    if output not in ("table", "wide"):
         click.echo(dump([result.as_dict() for result in found.results], output), nl=False)
         return
-    console = Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 4096)
+    width = _width() if output == "table" else None
+    console = Console(soft_wrap=True, highlight=False, width=width or 4096)
     if not found.results:
         console.print(escape(f"{found.label}: no results recorded"))
         return
@@ -653,12 +655,38 @@ def list_command(
     columns = (["STEP"] if stepped else []) + ["NAME", "TYPE"] + (["FILESYSTEM"] if mounted else [])
     for column in columns:
         table.add_column(column, no_wrap=True)
-    table.add_column("LOCATION", overflow="fold")
+    table.add_column("LOCATION", no_wrap=True)
+    rows = []
     for result in found.results:
         row = ([result.step or ""] if stepped else []) + [result.name, result.type]
         row += [result.filesystem or ""] if mounted else []
-        table.add_row(*(escape(cell) for cell in [*row, result.location]))
+        rows.append(row)
+    # Each column is as wide as its widest cell or header, plus a space either side.
+    used = sum(
+        max(len(column), *(len(row[i]) for row in rows)) + 2 for i, column in enumerate(columns)
+    )
+    room = max(20, width - used - len(columns) - 3) if width else None
+    for row, result in zip(rows, found.results, strict=True):
+        location = _shorten(result.location, room) if room else result.location
+        table.add_row(*(escape(cell) for cell in [*row, location]))
     console.print(table)
+
+
+def _width() -> int | None:
+    """The terminal's width, or COLUMNS when set; None (no limit) for a pipe without it."""
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else None
+
+
+def _shorten(text: str, room: int) -> str:
+    """`text` cut in the middle to `room` characters, so both ends of a path stay readable."""
+    if len(text) <= room:
+        return text
+    keep = room - 1
+    head = keep // 2
+    return f"{text[:head]}…{text[len(text) - (keep - head) :]}"
 
 
 @results_group.command("show")
