@@ -62,11 +62,11 @@ EXPECTED_DOT = """\
 digraph "impact-scan" {
   rankdir=LR;
   node [shape=box];
-  "make-distgen" [label="make-distgen\\nmake-distgen"];
-  "run-impact" [label="run-impact\\nrun-impact"];
+  "make-distgen" [label="make-distgen"];
+  "run-impact" [label="run-impact"];
   "run-bmad" [label="run-bmad\\ninline: flows/bmad.py:track"];
-  "report" [label="report\\nreport"];
-  "make-distgen" -> "report" [label="seed (raw)"];
+  "report" [label="report"];
+  "make-distgen" -> "report" [label="seed (raw) from task draw"];
   "make-distgen" -> "run-bmad" [label="particles (raw) [outputs.0]"];
   "make-distgen" -> "run-impact" [label="input_file (file)"];
   "run-bmad" -> "report" [label="bmad (file)"];

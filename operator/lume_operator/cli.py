@@ -40,30 +40,33 @@ def main() -> None:
 
 @main.command()
 @FILES
-def validate(paths: tuple[str, ...]) -> None:
-    """Check manifests: every problem, with its field path; exit 1 if any."""
+@click.option(
+    "--no-code",
+    is_flag=True,
+    help="Skip the checks that need the flows' code here (entrypoint, signature, parameters): "
+    "for code that is only in an image.",
+)
+def validate(paths: tuple[str, ...], no_code: bool) -> None:
+    """Check manifests as `run` does before anything runs: every problem, with its field path.
+
+    Manifests, references between them, compositions, and (unless --no-code) each flow's
+    entrypoint and parameters against its code. Exit 1 if any problem, or nothing to check.
+    """
     from lume_operator.api.manifests import ManifestError
-    from lume_operator.flows.convert import load_manifests as load
+    from lume_operator.local.runner import check, print_problems
 
     console = _console()
     try:
-        manifests = load(paths)
+        checked = check(list(paths), code=not no_code)
     except ManifestError as error:
         for problem in error.problems:
             console.print(f"[red]error[/red] {escape(str(problem))}")
         sys.exit(1)
-    from lume_operator.local.checks import composition_problems_local
-
-    manifests.problems.extend(composition_problems_local(manifests))
-    for skipped in manifests.skipped:
-        console.print(escape(f"skipped {skipped}: not a lume.dev resource"))
-    if manifests.problems:
-        for problem in manifests.problems:
-            console.print(f"[red]error[/red] {escape(str(problem))}")
-        console.print(f"{len(manifests.problems)} problem(s)")
+    print_problems(console, checked)
+    if checked.problems:
+        console.print(f"{len(checked.problems)} problem(s)")
         sys.exit(1)
-    count = len(manifests.backends) + len(manifests.flows) + len(manifests.compositions)
-    console.print(f"{count} resource(s) valid")
+    console.print(f"{checked.count} resource(s) valid")
 
 
 @main.command()
@@ -71,20 +74,42 @@ def validate(paths: tuple[str, ...]) -> None:
 @click.option(
     "--status-out",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Also write the resulting status as YAML to this file.",
+    help="Status file to merge each resource's status into. Default: status.yaml in the "
+    "results directory.",
 )
 @click.option(
     "--results-dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=Path("lume-results"),
     show_default=True,
-    help="Where flow runs write their file results (one directory per run).",
+    help="Where flow runs write their results (one directory per run), the status file, "
+    "Prefect's log and, unless PREFECT_API_URL or PREFECT_HOME is set, Prefect's home.",
 )
 @click.option(
-    "--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait for runs."
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=3600.0,
+    show_default=True,
+    help="Seconds to wait for runs; then they are cancelled.",
 )
-def run(paths: tuple[str, ...], status_out: Path | None, results_dir: Path, timeout: float) -> None:
-    """Run the LumeFlows in the manifests on Prefect (embedded unless PREFECT_API_URL is set)."""
+@click.option("--verbose", "-v", is_flag=True, help="Also show Prefect's own log lines.")
+def run(
+    paths: tuple[str, ...],
+    status_out: Path | None,
+    results_dir: Path,
+    timeout: float,
+    verbose: bool,
+) -> None:
+    """Run the LumeFlows in the manifests on Prefect (embedded unless PREFECT_API_URL is set).
+
+    Ctrl-C or --timeout cancels the runs started (exit 130 or 1).
+    """
+    if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
+        # Before Prefect is imported: its database and plain-value results stay with the
+        # project's results, not in the user's global ~/.prefect.
+        home = results_dir.resolve() / "prefect"
+        home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(home)
     from lume_operator.api.manifests import ManifestError
     from lume_operator.local.runner import run_local
 
@@ -96,6 +121,7 @@ def run(paths: tuple[str, ...], status_out: Path | None, results_dir: Path, time
             results_root=results_dir,
             status_out=status_out,
             timeout=timeout,
+            verbose=verbose,
         )
     except ManifestError as error:
         for problem in error.problems:
@@ -110,36 +136,45 @@ def run(paths: tuple[str, ...], status_out: Path | None, results_dir: Path, time
 
 
 @main.command()
-@click.option(
-    "-f",
-    "--filename",
-    "path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A flow-of-flows YAML in the original lume-services format.",
-)
+@FILES
 @click.option("--namespace", default="default", show_default=True, help="Namespace of the result.")
-def convert(path: Path, namespace: str) -> None:
-    """Print the FlowOfFlows manifest equivalent to an original-format flow-of-flows YAML."""
-    import yaml
-
-    from lume_operator.flows.convert import LegacyFormatError, dump
+def convert(paths: tuple[str, ...], namespace: str) -> None:
+    """Print the FlowOfFlows manifests equivalent to original-format flow-of-flows YAML files."""
+    from lume_operator.api.manifests import ManifestError, read_documents
+    from lume_operator.flows.convert import LegacyFormatError, dump, ignored_note, is_legacy
     from lume_operator.flows.convert import convert as convert_document
 
-    console = _console()
+    errors = Console(stderr=True, soft_wrap=True, highlight=False)
     try:
-        document = yaml.safe_load(path.read_text())
-        manifest = convert_document(document, namespace=namespace)
-    except yaml.YAMLError as error:
-        console.print(f"[red]error[/red] {escape(str(path))}: not valid YAML: {escape(str(error))}")
+        documents, problems = read_documents(paths)
+    except ManifestError as error:
+        problems, documents = error.problems, []
+    failed = bool(problems)
+    for problem in problems:
+        errors.print(f"[red]error[/red] {escape(str(problem))}")
+    converted: list[str] = []
+    for document in documents:
+        if not is_legacy(document.body):
+            errors.print(escape(f"skipped {document.source}: not the lume-services format"))
+            continue
+        try:
+            manifest = convert_document(document.body, namespace=namespace)
+        except LegacyFormatError as error:
+            for where, message in error.problems:
+                where = f"{where}: " if where else ""
+                errors.print(f"[red]error[/red] {escape(f'{document.source}: {where}{message}')}")
+            failed = True
+            continue
+        note = ignored_note(document.body)
+        if note:
+            errors.print(f"[yellow]note[/yellow] {escape(f'{document.source}: {note}')}")
+        converted.append(dump(manifest))
+    if not converted and not failed:
+        errors.print("[red]error[/red] no lume-services flow-of-flows file in the paths given")
         sys.exit(1)
-    except LegacyFormatError as error:
-        for where, message in error.problems:
-            console.print(
-                f"[red]error[/red] {escape(str(path))}: {escape(where)}: {escape(message)}"
-            )
+    click.echo("---\n".join(converted), nl=False)
+    if failed:
         sys.exit(1)
-    click.echo(dump(manifest), nl=False)
 
 
 @main.command()

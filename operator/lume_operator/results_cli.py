@@ -447,15 +447,7 @@ def read_value(result: Result) -> Any:
             f"result {result.key!r} is a plain value kept by Prefect at {result.location!r}, "
             "which is not a file here: `get` fetches it only where that storage is local"
         )
-    from prefect.results import ResultRecord
-
-    try:
-        value = ResultRecord.deserialize(path.read_bytes()).result
-    except Exception as error:
-        raise ResultsCLIError(
-            f"result {result.key!r}: cannot read Prefect result {storage_key!r}: "
-            f"{_first_line(error)}"
-        ) from None
+    value = _stored_value(result, storage_key, path)
     try:
         value = walk(value, split(key_path))
     except KeyPathError as error:
@@ -463,6 +455,34 @@ def read_value(result: Result) -> Any:
             f"result {result.key!r}: not in the value stored at {storage_key!r}: {error}"
         ) from None
     return value
+
+
+def _stored_value(result: Result, storage_key: str, path: Path) -> Any:
+    """The value in a Prefect result file: the bare value, or a record with its metadata.
+
+    Only JSON is read, with lume-operator's own decoder (numpy arrays and scalars from their
+    marks); nothing named in the file is imported, and pickle is never loaded.
+    """
+    from lume_operator.prefect.serializer import loads
+
+    where = f"result {result.key!r}: Prefect result {storage_key!r}"
+    try:
+        data = loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ResultsCLIError(
+            f"{where} is not JSON (stored with another serializer?): {_first_line(error)}"
+        ) from None
+    metadata = data.get("metadata") if isinstance(data, dict) else None
+    if not (isinstance(metadata, dict) and "result" in data and "serializer" in metadata):
+        return data  # the bare value: Prefect keeps the metadata apart
+    kind = (metadata.get("serializer") or {}).get("type")
+    if kind not in ("json", "lume-json"):
+        raise ResultsCLIError(f"{where} was stored with the {kind!r} serializer; only JSON is read")
+    stored = data["result"]
+    try:
+        return loads(stored) if isinstance(stored, str | bytes) else stored
+    except ValueError as error:
+        raise ResultsCLIError(f"{where} holds no JSON value: {_first_line(error)}") from None
 
 
 def copy_file(result: Result, output: Path | None, force: bool) -> tuple[Path, int]:
@@ -505,7 +525,19 @@ def copy_file(result: Result, output: Path | None, force: bool) -> tuple[Path, i
     return target, target.stat().st_size
 
 
+def _plain(value: Any) -> Any:
+    """Values to print: numpy arrays and scalars (from a stored value) as lists and numbers."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
 def dump(value: Any, fmt: str) -> str:
+    value = _plain(value)
     if fmt == "json":
         return json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n"
     text = yaml.safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=False)
@@ -591,9 +623,10 @@ def results_group() -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Choice(["table", "yaml", "json"]),
+    type=click.Choice(["table", "wide", "yaml", "json"]),
     default="table",
     show_default=True,
+    help="table: locations shortened in the middle to fit the terminal; wide: in full.",
 )
 @_friendly
 def list_command(
@@ -606,10 +639,11 @@ def list_command(
 ) -> None:
     """Each result of TARGET with its type and location (and step, for a FlowOfFlows)."""
     found = find_target(_source(status_file, kubeconfig, context, namespace), target)
-    if output != "table":
+    if output not in ("table", "wide"):
         click.echo(dump([result.as_dict() for result in found.results], output), nl=False)
         return
-    console = Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 4096)
+    width = _width() if output == "table" else None
+    console = Console(soft_wrap=True, highlight=False, width=width or 4096)
     if not found.results:
         console.print(escape(f"{found.label}: no results recorded"))
         return
@@ -621,12 +655,38 @@ def list_command(
     columns = (["STEP"] if stepped else []) + ["NAME", "TYPE"] + (["FILESYSTEM"] if mounted else [])
     for column in columns:
         table.add_column(column, no_wrap=True)
-    table.add_column("LOCATION", overflow="fold")
+    table.add_column("LOCATION", no_wrap=True)
+    rows = []
     for result in found.results:
         row = ([result.step or ""] if stepped else []) + [result.name, result.type]
         row += [result.filesystem or ""] if mounted else []
-        table.add_row(*(escape(cell) for cell in [*row, result.location]))
+        rows.append(row)
+    # Each column is as wide as its widest cell or header, plus a space either side.
+    used = sum(
+        max(len(column), *(len(row[i]) for row in rows)) + 2 for i, column in enumerate(columns)
+    )
+    room = max(20, width - used - len(columns) - 3) if width else None
+    for row, result in zip(rows, found.results, strict=True):
+        location = _shorten(result.location, room) if room else result.location
+        table.add_row(*(escape(cell) for cell in [*row, location]))
     console.print(table)
+
+
+def _width() -> int | None:
+    """The terminal's width, or COLUMNS when set; None (no limit) for a pipe without it."""
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else None
+
+
+def _shorten(text: str, room: int) -> str:
+    """`text` cut in the middle to `room` characters, so both ends of a path stay readable."""
+    if len(text) <= room:
+        return text
+    keep = room - 1
+    head = keep // 2
+    return f"{text[:head]}…{text[len(text) - (keep - head) :]}"
 
 
 @results_group.command("show")

@@ -66,6 +66,8 @@ class Manifests:
     compositions: list[FlowOfFlows] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    # What was accepted but is worth saying (keys of the original format that are ignored).
+    notes: list[Problem] = field(default_factory=list)
     # Where each resource came from (namespace/kind/name -> file), for relative source paths.
     origins: dict[str, Document] = field(default_factory=dict)
 

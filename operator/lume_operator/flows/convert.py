@@ -59,8 +59,10 @@ class LegacyFormatError(ValueError):
 
 
 class _Legacy(BaseModel):
-    # No aliases: the old format was snake_case; extra fields are typos and get named.
-    model_config = ConfigDict(extra="forbid")
+    # No aliases: the old format was snake_case. lume-services' own (pydantic v1) models ignored
+    # keys they did not use, and its example files carry some (`parent_project_name`): they are
+    # accepted and named in a note (`ignored_keys`); what those models rejected stays an error.
+    model_config = ConfigDict(extra="ignore")
 
 
 class LegacyMappedParameter(_Legacy):
@@ -88,6 +90,39 @@ class LegacyFlowOfFlows(_Legacy):
     project_name: str | None = None
     labels: list[str] | None = None
     composing_flows: list[LegacyComposingFlow] = Field(min_length=1)
+
+
+def ignored_keys(document: Any) -> list[str]:
+    """The old-format paths of keys lume-services' models ignored, which convert drops too."""
+    found: list[str] = []
+
+    def visit(value: Any, model: type[_Legacy], at: str) -> None:
+        if not isinstance(value, dict):
+            return
+        for key, item in value.items():
+            path = f"{at}.{key}" if at else str(key)
+            if key not in model.model_fields:
+                found.append(path)
+            elif model is LegacyFlowOfFlows and key == "composing_flows" and isinstance(item, list):
+                for index, flow in enumerate(item):
+                    visit(flow, LegacyComposingFlow, f"{path}[{index}]")
+            elif model is LegacyComposingFlow and key == "mapped_parameters":
+                for param, mapping in (item if isinstance(item, dict) else {}).items():
+                    visit(mapping, LegacyMappedParameter, f"{path}.{param}")
+
+    visit(document, LegacyFlowOfFlows, "")
+    return found
+
+
+def ignored_note(document: Any) -> str | None:
+    """One sentence naming the ignored keys, or None."""
+    keys = ignored_keys(document)
+    if not keys:
+        return None
+    return (
+        f"ignored {', '.join(keys)}: lume-services did not use "
+        f"{'this key' if len(keys) == 1 else 'these keys'} either"
+    )
 
 
 def is_legacy(document: Any) -> bool:
@@ -248,7 +283,9 @@ def _legacy_path(path: str) -> str:
     return format_location(_LEGACY_FIELDS.get(part, part) for part in rest) if rest else path
 
 
-def _parse_document(document: Document) -> tuple[Resource | None, list[Problem]]:
+def _parse_document(
+    document: Document, notes: list[Problem]
+) -> tuple[Resource | None, list[Problem]]:
     """A manifest, or an original lume-services flow-of-flows file converted to one."""
     if not is_legacy(document.body):
         return parse_resource(document.body, document.source)
@@ -257,6 +294,9 @@ def _parse_document(document: Document) -> tuple[Resource | None, list[Problem]]
         manifest = convert(document.body)
     except LegacyFormatError as error:
         return None, [Problem(source, path, message) for path, message in error.problems]
+    note = ignored_note(document.body)
+    if note:
+        notes.append(Problem(source, "", note))
     return parse_resource(manifest, document.source)
 
 
@@ -266,7 +306,7 @@ def load_manifests(paths: Iterable[str | Path]) -> Manifests:
     documents, problems = read_documents(paths)
     manifests = Manifests(problems=problems)
     for document in documents:
-        resource, found = _parse_document(document)
+        resource, found = _parse_document(document, manifests.notes)
         manifests.problems.extend(found)
         if resource is None:
             if not found:

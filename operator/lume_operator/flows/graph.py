@@ -51,11 +51,15 @@ def to_dot(fof: FlowOfFlows) -> str:
     names = [step.name for step in fof.spec.steps]
     lines = [f"digraph {_quote(fof.metadata.name)} {{", "  rankdir=LR;", "  node [shape=box];"]
     for step in fof.spec.steps:
-        lines.append(f"  {_quote(step.name)} [label={_label(step.name, _flow(step))}];")
+        # A step named after its flow (every converted original-format step) is named once.
+        shown = [step.name] if _flow(step) == step.name else [step.name, _flow(step)]
+        lines.append(f"  {_quote(step.name)} [label={_label(*shown)}];")
     edges: list[tuple[str, str, str]] = []
     for step in fof.spec.steps:
         for param, mapping in (step.mapped_parameters or {}).items():
             label = f"{param} ({mapping.map_type})"
+            if mapping.parent_task:
+                label += f" from task {mapping.parent_task}"
             if mapping.attribute_index:
                 label += f" [{'.'.join(str(key) for key in mapping.attribute_index)}]"
             edges.append((mapping.parent_flow, step.name, label))

@@ -155,8 +155,8 @@ def local_parameter_schema(spec: LumeFlowSpec, manifest_dir: Path) -> dict[str, 
         return None
 
 
-def composition_problems_local(manifests: Manifests) -> list[Problem]:
-    """Every FlowOfFlows problem, with step flows and their code looked up in the manifests."""
+def composition_problems_local(manifests: Manifests, *, code: bool = True) -> list[Problem]:
+    """Every FlowOfFlows problem, with step flows (and, if `code`, their code) looked up."""
     problems = []
     for fof in manifests.compositions:
         origin = manifests.origin(fof)
@@ -170,6 +170,8 @@ def composition_problems_local(manifests: Manifests) -> list[Problem]:
         def schema(
             spec: LumeFlowSpec, fof: FlowOfFlows = fof, flows: dict[str, LumeFlow] = flows
         ) -> dict[str, Any] | None:
+            if not code:
+                return None
             owner = next((f for f in flows.values() if f.spec is spec), None)
             where = manifests.origin(owner) if owner else manifests.origin(fof)
             directory = where.path.parent if where and where.path else Path.cwd()

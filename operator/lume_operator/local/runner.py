@@ -6,10 +6,14 @@ a Prefect process worker in this process standing in for the in-cluster agent.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,8 +41,10 @@ from lume_operator.local.checks import (
     locate,
     parameter_schema,
 )
+from lume_operator.prefect.deployment import DeploymentSpec
 from lume_operator.prefect.gateway import PrefectGateway
 from lume_operator.prefect.port import FINAL_STATES, PrefectError, idempotency_key
+from lume_operator.prefect.serializer import LOCAL_RESULT_ENV
 from lume_operator.prefect.server import prefect_api
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.deploy import composition_deployment, flow_deployment
@@ -54,6 +60,21 @@ from lume_operator.results.store import STORE_URL_ENV
 
 # Overlapping polls per worker; each may be starting a run's process.
 MAX_POLLS_IN_FLIGHT = 8
+# After Ctrl-C or --timeout: how long the worker gets to kill the runs' processes.
+CANCEL_GRACE_SECONDS = 60.0
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class Stop:
+    """Why the runner should stop waiting: set by Ctrl-C (or the timeout), read by the runner."""
+
+    reason: str | None = None  # the condition reason: Interrupted or Timeout
+    message: str = ""
+
+    def set(self, reason: str, message: str) -> None:
+        if self.reason is None:
+            self.reason, self.message = reason, message
 
 
 @dataclass
@@ -86,7 +107,13 @@ class PlannedComposition:
 
 
 def _plan_flow(
-    manifests: Manifests, flow: LumeFlow, source: str, manifest_dir: Path, *, step: bool = False
+    manifests: Manifests,
+    flow: LumeFlow,
+    source: str,
+    manifest_dir: Path,
+    *,
+    step: bool = False,
+    code: bool = True,
 ) -> tuple[PlannedFlow | None, list[Problem]]:
     problems: list[Problem] = []
     backend = manifests.backend(flow.metadata.namespace, flow.spec.backend_ref.name)
@@ -111,18 +138,20 @@ def _plan_flow(
                     f"(it has: {', '.join(sorted(labels)) or 'none'})",
                 )
             )
+    if not code:  # `validate --no-code`: the code is only in an image
+        return None, problems
     try:
-        code = locate(flow, manifest_dir)
-        schema = parameter_schema(code)
-        bad = check_parameters(code, flow.spec.parameters or {}, schema, supplied_elsewhere=step)
+        found = locate(flow, manifest_dir)
+        schema = parameter_schema(found)
+        bad = check_parameters(found, flow.spec.parameters or {}, schema, supplied_elsewhere=step)
     except CodeProblem as problem:
         return None, [*problems, Problem(source, problem.path, str(problem))]
     problems.extend(Problem(source, p.path, str(p)) for p in bad)
-    return (None if problems else PlannedFlow(flow, backend, code, schema)), problems
+    return (None if problems else PlannedFlow(flow, backend, found, schema)), problems
 
 
 def plan(
-    manifests: Manifests,
+    manifests: Manifests, *, code: bool = True
 ) -> tuple[list[PlannedFlow], list[PlannedComposition], list[Problem]]:
     """Resolve backends, code and parameters of every LumeFlow and composition.
 
@@ -144,7 +173,7 @@ def plan(
         # With compositions given, LumeFlows are their building blocks: they need not be
         # runnable alone (their steps supply parameters), and run only as steps.
         as_step = flow.key in steps_of or bool(manifests.compositions)
-        item, found = _plan_flow(manifests, flow, source, directory, step=as_step)
+        item, found = _plan_flow(manifests, flow, source, directory, step=as_step, code=code)
         problems.extend(found)
         if item:
             by_key[flow.key] = item
@@ -167,7 +196,7 @@ def plan(
                 if flow.key in by_key:
                     steps[step.name] = by_key[flow.key]
                 continue
-            item, found = _plan_flow(manifests, flow, source, directory, step=True)
+            item, found = _plan_flow(manifests, flow, source, directory, step=True, code=code)
             problems.extend(
                 Problem(
                     p.source, f"spec.steps[{index}].flow.{p.path.removeprefix('spec.')}", p.message
@@ -176,14 +205,7 @@ def plan(
             )
             if item:
                 steps[step.name] = item
-        if len(steps) != len(fof.spec.steps):
-            continue
-        step_problems = _step_parameter_problems(fof, steps, source)
-        if step_problems:
-            problems.extend(step_problems)
-            continue
-        first = steps[fof.spec.steps[0].name]
-        backend = first.backend
+        named = None
         if fof.spec.backend_ref is not None:
             named = manifests.backend(fof.metadata.namespace, fof.spec.backend_ref.name)
             if named is None:
@@ -196,7 +218,13 @@ def plan(
                     )
                 )
                 continue
-            backend = named
+        if len(steps) != len(fof.spec.steps):
+            continue
+        step_problems = _step_parameter_problems(fof, steps, source)
+        if step_problems:
+            problems.extend(step_problems)
+            continue
+        backend = named or steps[fof.spec.steps[0].name].backend
         compositions.append(PlannedComposition(fof, backend, steps))
     alone = [] if manifests.compositions else list(by_key.values())
     return alone, compositions, problems
@@ -230,6 +258,16 @@ def _step_parameter_problems(
     return problems
 
 
+def _store_values_as_lume_json(spec: DeploymentSpec) -> None:
+    """Local runs store return values with lume-operator's JSON (numpy arrays included).
+
+    Their process has lume-operator installed (it is this Python); a cluster image may not,
+    so the operator keeps Prefect's own JSON there.
+    """
+    spec.job_variables["command"] = f"{sys.executable} -m lume_operator.local.engine"
+    spec.job_variables["env"] = {**spec.job_variables.get("env", {}), **LOCAL_RESULT_ENV}
+
+
 @dataclass
 class _Deployed:
     pool: str
@@ -242,11 +280,17 @@ class LocalRunner:
     """Runs planned flows and compositions on one Prefect API and reports as it goes."""
 
     def __init__(
-        self, console: Console, results_root: Path, timeout: float, poll_interval: float = 0.5
+        self,
+        console: Console,
+        results_root: Path,
+        timeout: float,
+        poll_interval: float = 0.5,
+        stop: Stop | None = None,
     ) -> None:
         self.console = console
         self.results_root = results_root.resolve()
         self.timeout = timeout
+        self.stop = stop or Stop()
         self.poll_interval = poll_interval
         self._pools_ready: set[str] = set()
         self._deployed: dict[str, _Deployed] = {}
@@ -337,6 +381,7 @@ class LocalRunner:
             working_dir=str(item.code.project_dir),
             parameter_schema=item.schema,
         )
+        _store_values_as_lume_json(made.spec)
         item.notes.extend(made.notes)
         for note in item.notes:
             self.say(flow.key, f"note: {note}", "yellow")
@@ -396,6 +441,7 @@ class LocalRunner:
         spec = composition_deployment(
             fof, backend, backend_type="process", extra_env=self.store_env
         )
+        _store_values_as_lume_json(spec)  # the parent reads its steps' values
         await self._ensure_pool(gateway, backend, spec.work_queue_name)
         deployment_id = await gateway.ensure_deployment(spec)
         composition_tags = spec.tags
@@ -440,10 +486,9 @@ class LocalRunner:
         started = time.monotonic()
         while pending:
             if time.monotonic() - started > self.timeout:
-                for watch in pending:
-                    watch.timed_out(
-                        f"timed out after {self.timeout:.0f} s waiting for the flow run"
-                    )
+                self.stop.set("Timeout", f"timed out after {self.timeout:g} s")
+            if self.stop.reason:
+                await self._cancel(gateway, pending)
                 return
             for watch in list(pending):
                 try:
@@ -454,15 +499,49 @@ class LocalRunner:
                     watch.broken(f"{type(error).__name__}: {error}")
             await anyio.sleep(0.3)
 
+    async def _cancel(self, gateway: Any, pending: list[_Watch]) -> None:
+        """Cancel the runs still going, and wait while the worker kills their processes.
+
+        The worker (still polling here) sees each run Cancelling, kills its process and marks
+        it Cancelled; each watch then records that, with the stop's reason on its Ready condition.
+        """
+        self.console.print(f"[red]{escape(self.stop.message)}[/red]: cancelling the flow runs")
+        for watch in pending:
+            try:
+                await watch.cancel(gateway)
+            except PrefectError as error:
+                self.say(watch.who, f"cannot cancel: {error}", "red")
+        deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+        waiting = list(pending)
+        while waiting and time.monotonic() < deadline:
+            for watch in list(waiting):
+                try:
+                    if await watch.poll(gateway):
+                        waiting.remove(watch)
+                except Exception:  # the stop is recorded below whatever the poll says
+                    waiting.remove(watch)
+            await anyio.sleep(0.3)
+        for watch in waiting:
+            self.say(watch.who, "the flow run did not end Cancelled in time", "red")
+        for watch in pending:
+            watch.stopped(self.stop.reason or "Interrupted", self.stop.message)
+
 
 class _Watch:
     """One run being followed to its end."""
 
-    async def poll(self, gateway: Any) -> bool:
-        """Read the run's state, report changes; True once it is final."""
+    who: str
+    flow_run_id: Any
+
+    async def cancel(self, gateway: Any) -> None:
+        """Ask Prefect to cancel the run (and a composition's step runs)."""
+        await gateway.cancel_flow_run(str(self.flow_run_id))
+
+    def stopped(self, reason: str, message: str) -> None:
         raise NotImplementedError
 
-    def timed_out(self, message: str) -> None:
+    async def poll(self, gateway: Any) -> bool:
+        """Read the run's state, report changes; True once it is final."""
         raise NotImplementedError
 
     def broken(self, message: str) -> None:
@@ -472,6 +551,7 @@ class _Watch:
 class _FlowWatch(_Watch):
     def __init__(self, runner: LocalRunner, item: PlannedFlow, flow_run_id: Any) -> None:
         self.runner, self.item, self.flow_run_id = runner, item, flow_run_id
+        self.who = item.flow.key
         self.last_state: str | None = None
 
     async def poll(self, gateway: Any) -> bool:
@@ -490,11 +570,10 @@ class _FlowWatch(_Watch):
                 self.runner.say(item.flow.key, ready.message, "red")
         return True
 
-    def timed_out(self, message: str) -> None:
-        self.item.error = message
+    def stopped(self, reason: str, message: str) -> None:
+        self.item.error = f"{message}; flow run cancelled"
         self.item.status.phase = "Failed"
-        set_conditions(self.item.status, conditions.failed("Timeout", message))
-        self.runner.say(self.item.flow.key, message, "red")
+        set_conditions(self.item.status, conditions.failed(reason, self.item.error))
 
     def broken(self, message: str) -> None:
         self.item.error = message
@@ -509,6 +588,7 @@ class _CompositionWatch(_Watch):
         self, runner: LocalRunner, composition: PlannedComposition, flow_run_id: Any
     ) -> None:
         self.runner, self.composition, self.flow_run_id = runner, composition, flow_run_id
+        self.who = composition.fof.key
         self.said: dict[str, str] = {}
         self.steps: dict[str, StepObservation] = {}
 
@@ -542,11 +622,17 @@ class _CompositionWatch(_Watch):
             composition.error = seen.message or f"ended {parent.state.name}"
         return True
 
-    def timed_out(self, message: str) -> None:
-        self.composition.error = message
+    async def cancel(self, gateway: Any) -> None:
+        """The parent run, then every step run still going (they are not its subflows)."""
+        await gateway.cancel_flow_run(str(self.flow_run_id))
+        for child in await gateway.child_runs(str(self.flow_run_id)):
+            if not child.final:
+                await gateway.cancel_flow_run(child.id)
+
+    def stopped(self, reason: str, message: str) -> None:
+        self.composition.error = f"{message}; flow runs cancelled"
         self.composition.status.phase = "Failed"
-        set_conditions(self.composition.status, conditions.failed("Timeout", message))
-        self.runner.say(self.composition.fof.key, message, "red")
+        set_conditions(self.composition.status, conditions.failed(reason, self.composition.error))
 
     def broken(self, message: str) -> None:
         self.composition.error = message
@@ -614,6 +700,57 @@ def print_summary(
             _print_results(console, step.results, "    ")
 
 
+@dataclass
+class Checked:
+    """What the checks found: the manifests, what can run, and every problem."""
+
+    manifests: Manifests
+    planned: list[PlannedFlow]
+    compositions: list[PlannedComposition]
+    problems: list[Problem]
+
+    @property
+    def count(self) -> int:
+        m = self.manifests
+        return len(m.backends) + len(m.flows) + len(m.compositions)
+
+
+def check(paths: list[str], *, code: bool = True) -> Checked:
+    """Every check `run` makes before Prefect, for `validate` and `run` alike.
+
+    The manifests themselves, references across them (backends, labels, flowRefs), the
+    compositions' DAGs and mappings, and (unless `code` is False, for code only in an image)
+    the entrypoint's file and function and the parameters against its signature. Nothing to
+    check is a problem too. Raises ManifestError only for a path that does not exist.
+    """
+    manifests = load_manifests(paths)
+    problems = list(manifests.problems)
+    planned, compositions, plan_problems = plan(manifests, code=code)
+    problems.extend(plan_problems)
+    problems.extend(composition_problems_local(manifests, code=code))
+    checked = Checked(manifests, planned, compositions, problems)
+    if not problems and checked.count == 0:
+        problems.append(
+            Problem(
+                ", ".join(paths),
+                "",
+                "no lume.dev manifests here (give YAML files, or directories holding "
+                ".yaml/.yml files, with SchedulingBackend, LumeFlow or FlowOfFlows documents)",
+            )
+        )
+    return checked
+
+
+def print_problems(console: Console, checked: Checked) -> None:
+    """Notes, skipped documents and problems, as `validate` and `run` both print them."""
+    for note in checked.manifests.notes:
+        console.print(f"[yellow]note[/yellow] {escape(str(note))}")
+    for skipped in checked.manifests.skipped:
+        console.print(escape(f"skipped {skipped}: not a lume.dev resource"))
+    for problem in checked.problems:
+        console.print(f"[red]error[/red] {escape(str(problem))}")
+
+
 def run_local(
     paths: list[str],
     *,
@@ -621,17 +758,18 @@ def run_local(
     results_root: Path,
     status_out: Path | None = None,
     timeout: float = 3600.0,
+    verbose: bool = False,
 ) -> int:
-    """Validate, run and report; the exit code is 0 only when everything completed."""
-    manifests = load_manifests(paths)
-    problems = list(manifests.problems)
-    planned, compositions, plan_problems = plan(manifests)
-    problems.extend(plan_problems)
-    problems.extend(composition_problems_local(manifests))
-    if problems:
-        for problem in problems:
-            console.print(f"[red]error[/red] {escape(str(problem))}")
-        console.print(f"{len(problems)} problem(s); nothing was run.")
+    """Check, run and report; 0 only when everything completed, 130 after Ctrl-C.
+
+    Status is merged into `status_out` (default: status.yaml in the results directory);
+    Prefect's own log lines go to prefect.log there (and to the console with `verbose`).
+    """
+    checked = check(paths)
+    manifests, planned, compositions = checked.manifests, checked.planned, checked.compositions
+    print_problems(console, checked)
+    if checked.problems:
+        console.print(f"{len(checked.problems)} problem(s); nothing was run.")
         return 1
     if manifests.compositions:
         used = {item.flow.key for c in compositions for item in c.steps.values()}
@@ -644,16 +782,137 @@ def run_local(
     if not planned and not compositions:
         console.print("[red]error[/red] no LumeFlow in the manifests given; nothing to run.")
         return 1
-    with prefect_api() as (api_url, embedded):
-        console.print(
-            f"Prefect API: {api_url}" + (" (embedded server)" if embedded else ""), highlight=False
-        )
-        LocalRunner(console, results_root, timeout).run_sync(planned, compositions)
+    results_root = results_root.resolve()
+    results_root.mkdir(parents=True, exist_ok=True)
+    status_out = status_out or results_root / STATUS_FILE
+    log_path = results_root / LOG_FILE
+    stop = Stop()
+    console.print(escape(f"Prefect's own log: {log_path}"), highlight=False)
+    with _on_interrupt(stop), _prefect_log(log_path, console, verbose) as log:
+        try:
+            with prefect_api() as (api_url, embedded):
+                log.flush()
+                console.print(
+                    f"Prefect API: {api_url}" + (" (embedded server)" if embedded else ""),
+                    highlight=False,
+                )
+                if stop.reason is None:  # Ctrl-C while the server started: nothing to cancel
+                    runner = LocalRunner(console, results_root, timeout, stop=stop)
+                    runner.run_sync(planned, compositions)
+        finally:
+            started = [i for i in planned if i.status.last_run] + [
+                c for c in compositions if c.status.run
+            ]
+            if started:
+                write_status(status_out, status_documents(planned, compositions))
     print_summary(console, planned, compositions)
-    if status_out:
-        status_out.parent.mkdir(parents=True, exist_ok=True)
-        status_out.write_text(
-            yaml.safe_dump_all(status_documents(planned, compositions), sort_keys=False)
-        )
+    if started:
+        console.print(escape(f"status: {status_out}"), highlight=False)
+    if stop.reason == "Interrupted":
+        console.print("[red]interrupted[/red]")
+        return EXIT_INTERRUPTED
+    if stop.reason == "Timeout":
+        console.print(f"[red]{escape(stop.message)}[/red]")
     done = [item.status.phase for item in planned] + [c.status.phase for c in compositions]
     return 0 if all(phase == "Completed" for phase in done) else 1
+
+
+STATUS_FILE = "status.yaml"
+LOG_FILE = "prefect.log"
+
+
+def _key(document: dict[str, Any]) -> tuple[str, str, str]:
+    metadata = document.get("metadata") or {}
+    return (
+        str(document.get("kind")),
+        str(metadata.get("namespace")),
+        str(metadata.get("name")),
+    )
+
+
+def write_status(path: Path, documents: list[dict[str, Any]]) -> None:
+    """Merge documents into the status file, one per resource (kind, namespace, name).
+
+    Resources of earlier runs stay; this run's replace theirs. An unreadable file is replaced.
+    """
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+    if path.is_file():
+        try:
+            existing = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            existing = []
+        merged = {_key(document): document for document in existing}
+    for document in documents:
+        merged[_key(document)] = document
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump_all(list(merged.values()), sort_keys=False))
+
+
+@contextlib.contextmanager
+def _on_interrupt(stop: Stop) -> Iterator[None]:
+    """Ctrl-C asks the runner to cancel its runs; a second one stops at once."""
+    if sys.platform == "win32" or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set("Interrupted", "interrupted")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _Tee:
+    """A text stream writing to the log file, and also to the console's stream if verbose."""
+
+    def __init__(self, log: Any, echo: Any | None) -> None:
+        self.log, self.echo = log, echo
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        if self.echo is not None:
+            self.echo.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        if self.echo is not None:
+            self.echo.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _prefect_log(path: Path, console: Console, verbose: bool) -> Iterator[_Tee]:
+    """Prefect's own lines (its loggers, the worker, the flow runs' output) go to `path`.
+
+    The console keeps the progress lines; with `verbose`, Prefect's lines are shown there too.
+    """
+    original_out, original_err = sys.stdout, sys.stderr
+    console.file = original_out
+    with path.open("a", encoding="utf-8") as log:
+        tee = _Tee(log, original_err if verbose else None)
+        swapped = []
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for handler in getattr(logger, "handlers", []):
+                if isinstance(handler, logging.StreamHandler) and not isinstance(
+                    handler, logging.FileHandler
+                ):
+                    swapped.append((handler, handler.stream))
+                    handler.setStream(tee)  # type: ignore[arg-type]
+                    if hasattr(handler, "console"):  # Prefect's handler prints through rich
+                        handler.console.file = tee
+        sys.stdout = sys.stderr = tee  # type: ignore[assignment]
+        try:
+            yield tee
+        finally:
+            sys.stdout, sys.stderr = original_out, original_err
+            for handler, stream in swapped:
+                handler.setStream(stream)
+                if hasattr(handler, "console"):
+                    handler.console.file = stream

@@ -58,6 +58,9 @@ from lume_operator.prefect.port import (
 )
 from lume_operator.prefect.records import json_result, refuse_unless_json
 
+# Registers Prefect's `lume-json` serializer type, so results stored with it are read here.
+from lume_operator.prefect.serializer import INSTEAD
+
 T = TypeVar("T")
 
 
@@ -478,7 +481,13 @@ class PrefectGateway:
             if isinstance(raised, PrefectUnreachable):
                 raise raised from error
             raise PrefectRejected(f"cannot read {where}: {error}") from error
-        except Exception as error:  # storage missing, a file gone, ...
+        except FileNotFoundError as error:
+            # Prefect logs a warning and completes the run when its serializer fails.
+            raise PrefectRejected(
+                f"the return value of flow run {flow_run.id} was never stored: Prefect could "
+                f"not serialize it (its log names the value); {INSTEAD}"
+            ) from error
+        except Exception as error:  # storage missing, a block gone, ...
             raise PrefectRejected(f"cannot read {where}: {error}") from error
         return json_result(content, where)
 

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from lume_operator.prefect.port import PrefectRejected
+from lume_operator.prefect.serializer import TYPE, loads
 
 
 class ResultRefused(PrefectRejected):
@@ -21,8 +22,13 @@ class ResultRefused(PrefectRejected):
     reason = "ResultRefused"
 
 
+# Serializers whose records are read: Prefect's JSON, parsed with `json` alone, and
+# lume-operator's own (numpy values), parsed with its fixed decoder.
+READABLE = ("json", TYPE)
+
+
 def refuse_unless_json(serializer: str | None, where: str) -> None:
-    if serializer != "json":
+    if serializer not in READABLE:
         raise ResultRefused(
             f"{where} is stored with the {serializer!r} serializer; lume-operator reads only "
             "JSON results (it never unpickles): return JSON values and File descriptions, "
@@ -42,7 +48,7 @@ def json_result(content: bytes, where: str) -> Any:
     result = record.get("result")
     if isinstance(result, str):
         try:
-            return json.loads(result)
+            return loads(result) if serializer.get("type") == TYPE else json.loads(result)
         except ValueError:
             raise ResultRefused(f"{where}: its value is not JSON") from None
     return result

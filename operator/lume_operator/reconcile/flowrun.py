@@ -8,6 +8,7 @@ from typing import Any
 from lume_operator.api.flow import FlowRunStatus, ResultSpec, ResultStatus
 from lume_operator.api.keypath import KeyPathError, split, walk
 from lume_operator.prefect.port import FlowRunView, PrefectError, PrefectPort, PrefectUnreachable
+from lume_operator.prefect.serializer import is_unencodable, unencodable_message
 from lume_operator.results import (
     FileDescriptionError,
     FilesystemError,
@@ -15,6 +16,7 @@ from lume_operator.results import (
     is_file_description,
     load_file,
 )
+from lume_operator.results.discover import find_values
 from lume_operator.results.store import find_db_locations, is_db_location
 
 # The phase of a LumeFlow (or a step) while its run is in each Prefect state type.
@@ -162,6 +164,8 @@ async def run_outcome(
         return RunOutcome(phase_of(state.type), error=message, reason="FlowRunFailed")
     try:
         value = await prefect.result_of(flow_run)
+        for _, mark in find_values(value, is_unencodable):
+            raise ResultError(unencodable_message(mark))
         results = result_statuses(value, declared, flow_run.result_key)
     except PrefectUnreachable:
         raise  # read again once Prefect is back: an outage says nothing of the results
