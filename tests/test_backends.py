@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import jsonschema
 import pytest
@@ -39,6 +40,21 @@ FULL = RunConfig(
 )
 
 
+class NoPrefect:
+    """The client `from_template_and_values` is given: rendering a template with plain values
+    (no block or variable references) asks Prefect nothing, and would fail here if it did."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"rendering the job configuration called Prefect: {name}")
+
+
+def configure(configuration_class, template: dict, variables: dict):
+    """The worker's own job configuration, from the pool's template and the job variables."""
+    return asyncio.run(
+        configuration_class.from_template_and_values(template, variables, client=NoPrefect())
+    )
+
+
 def rendered(backend_type: str) -> tuple[dict, dict]:
     backend = get_backend(backend_type)
     config, _ = backend.run_config(FULL)
@@ -69,7 +85,7 @@ def test_process_variables_through_the_real_worker():
 
     variables, template = rendered("process")
     assert set(variables) == {"env", "labels", "working_dir", "stream_output"}
-    config = asyncio.run(ProcessJobConfiguration.from_template_and_values(template, variables))
+    config = configure(ProcessJobConfiguration, template, variables)
     assert config.env["OMP_NUM_THREADS"] == "4"
     assert str(config.working_dir) == "/opt/project"
     assert config.stream_output is False
@@ -79,7 +95,7 @@ def test_docker_variables_through_the_real_worker():
     from prefect_docker.worker import DockerWorkerJobConfiguration
 
     variables, template = rendered("docker")
-    config = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(template, variables))
+    config = configure(DockerWorkerJobConfiguration, template, variables)
     assert config.image == "ghcr.io/lume/impact:1.2"
     assert config.mem_limit == str(4 * 1024**3)
     assert config.volumes == ["lume-data:/data:rw", "/mnt/scratch:/scratch:ro"]
@@ -94,9 +110,7 @@ def test_kubernetes_variables_through_the_real_worker():
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     variables, template = rendered("kubernetes")
-    config = asyncio.run(
-        KubernetesWorkerJobConfiguration.from_template_and_values(template, variables)
-    )
+    config = configure(KubernetesWorkerJobConfiguration, template, variables)
     job = config.job_manifest
     assert job["metadata"]["namespace"] == "science"
     assert job["spec"]["ttlSecondsAfterFinished"] == 600
@@ -166,9 +180,7 @@ def test_result_store_url_reaches_jobs_and_workers_only_by_secret():
     assert variables["env_from"] == [{"secretRef": {"name": "results-db"}}]
     assert "LUME_RESULT_STORE_URL" not in json.dumps(variables)
     template = get_backend("kubernetes").base_job_template()
-    config = asyncio.run(
-        KubernetesWorkerJobConfiguration.from_template_and_values(template, variables)
-    )
+    config = configure(KubernetesWorkerJobConfiguration, template, variables)
     container = config.job_manifest["spec"]["template"]["spec"]["containers"][0]
     assert container["envFrom"] == [{"secretRef": {"name": "results-db"}}]
     deployment = next(o for o in agent_objects(backend, None) if o["kind"] == "Deployment")
@@ -178,9 +190,126 @@ def test_result_store_url_reaches_jobs_and_workers_only_by_secret():
     plain = SchedulingBackend.model_validate(
         {"metadata": {"name": "k8s", "namespace": "science"}, "spec": {"type": "kubernetes"}}
     )
-    empty = asyncio.run(
-        KubernetesWorkerJobConfiguration.from_template_and_values(
-            template, flow_deployment(flow, plain).spec.job_variables
-        )
+    empty = configure(
+        KubernetesWorkerJobConfiguration, template, flow_deployment(flow, plain).spec.job_variables
     )
     assert empty.job_manifest["spec"]["template"]["spec"]["containers"][0]["envFrom"] == []
+
+
+def _worker_job(backend, monkeypatch, secrets: dict[str, str]) -> dict:
+    """The Job the real prefect-kubernetes worker would create for a flow run of `backend`,
+    the worker running with its agent container's environment (Secrets resolved to `secrets`,
+    as the kubelet does): its job configuration from the pool's template and the deployment's
+    variables, `prepare_for_flow_run`, then `_create_job` up to the API call."""
+    import prefect_kubernetes.worker as k8s_worker
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, temporary_settings
+
+    from lume_operator.api.flow import LumeFlow
+    from lume_operator.backends.agent import agent_objects
+    from lume_operator.reconcile.deploy import flow_deployment
+
+    deployment = next(o for o in agent_objects(backend, None) if o["kind"] == "Deployment")
+    worker_env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    for item in worker_env:
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        value = secrets[f"{ref['name']}/{ref['key']}"] if ref else item["value"]
+        monkeypatch.setenv(item["name"], value)
+    flow = LumeFlow.model_validate(
+        {
+            "metadata": {"name": "f", "namespace": backend.metadata.namespace},
+            "spec": {"backendRef": {"name": backend.metadata.name}, "entrypoint": "f.py:f"},
+        }
+    )
+    variables = flow_deployment(flow, backend).spec.job_variables
+    template = get_backend("kubernetes").base_job_template()
+    created: list[dict] = []
+
+    class Batch:
+        def __init__(self, client):
+            pass
+
+        async def create_namespaced_job(self, namespace, manifest):
+            created.append(manifest)
+            return manifest
+
+    monkeypatch.setattr(k8s_worker, "BatchV1Api", Batch)
+    settings = {
+        PREFECT_API_KEY: secrets.get("prefect-key/api-key"),
+        PREFECT_API_AUTH_STRING: secrets.get("prefect-auth/auth-string"),
+    }
+    with temporary_settings(updates={k: v for k, v in settings.items() if v}):
+        config = configure(k8s_worker.KubernetesWorkerJobConfiguration, template, variables)
+        config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="run"))
+        worker = k8s_worker.KubernetesWorker(work_pool_name=backend.work_pool_name)
+        asyncio.run(worker._create_job(config, client=None))
+    (job,) = created
+    return job
+
+
+SECRETS = {"prefect-key/api-key": "pnu_SECRET-KEY", "prefect-auth/auth-string": "admin:pa55"}
+
+
+def test_api_key_and_auth_string_reach_jobs_only_by_secret(monkeypatch):
+    from lume_operator.api.backend import SchedulingBackend
+
+    backend = SchedulingBackend.model_validate(
+        {
+            "metadata": {"name": "k8s", "namespace": "science"},
+            "spec": {
+                "type": "kubernetes",
+                "prefect": {
+                    "apiUrl": "http://prefect.prefect.svc:4200/api",
+                    "apiKeySecretRef": {"name": "prefect-key"},
+                    "authStringSecretRef": {"name": "prefect-auth"},
+                },
+            },
+        }
+    )
+    job = _worker_job(backend, monkeypatch, SECRETS)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PREFECT_API_KEY"] == {
+        "name": "PREFECT_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "prefect-key", "key": "api-key"}},
+    }
+    assert env["PREFECT_API_AUTH_STRING"] == {
+        "name": "PREFECT_API_AUTH_STRING",
+        "valueFrom": {"secretKeyRef": {"name": "prefect-auth", "key": "auth-string"}},
+    }
+    text = json.dumps(job)
+    assert all(secret not in text for secret in SECRETS.values())
+
+
+def test_without_the_secret_settings_the_worker_copies_the_key(monkeypatch):
+    """The control: the worker does put the key's value into the Job unless told the Secret."""
+    from lume_operator.api.backend import SchedulingBackend
+    from lume_operator.backends import agent
+
+    backend = SchedulingBackend.model_validate(
+        {
+            "metadata": {"name": "k8s", "namespace": "science"},
+            "spec": {"type": "kubernetes", "prefect": {"apiKeySecretRef": {"name": "prefect-key"}}},
+        }
+    )
+    monkeypatch.setattr(agent, "K8S_WORKER", "NOT_PREFECT")
+    job = _worker_job(backend, monkeypatch, SECRETS)
+    assert "pnu_SECRET-KEY" in json.dumps(job)
+
+
+def test_kubernetes_worker_observes_only_its_namespace(monkeypatch):
+    """The observer watches what the agent's namespaced Role allows; the setting's name is the
+    installed prefect-kubernetes' own (its settings read it)."""
+    from prefect_kubernetes.settings import KubernetesSettings
+
+    from lume_operator.api.backend import SchedulingBackend
+    from lume_operator.backends.agent import agent_objects
+
+    assert KubernetesSettings().observer.namespaces == set()  # cluster-wide unless told
+    backend = SchedulingBackend.model_validate(
+        {"metadata": {"name": "k8s", "namespace": "science"}, "spec": {"type": "kubernetes"}}
+    )
+    deployment = next(o for o in agent_objects(backend, None) if o["kind"] == "Deployment")
+    for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+    assert KubernetesSettings().observer.namespaces == {"science"}

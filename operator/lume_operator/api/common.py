@@ -125,6 +125,12 @@ class SecretKeyRef(Model):
     key: str = Field(default="api-key", description="Key in the Secret's data.")
 
 
+class AuthStringSecretRef(SecretKeyRef):
+    """A key in a Secret of the resource's namespace holding Prefect's basic-auth string."""
+
+    key: str = Field(default="auth-string", description="Key in the Secret's data.")
+
+
 class Condition(Model):
     """A kstatus-style condition: stable CamelCase reasons, messages without timestamps."""
 
