@@ -37,6 +37,29 @@ FULL = RunConfig(
     labels={"team": "beam"},
     stream_output=False,
     finished_job_ttl=600,
+    env_from=[{"secretRef": {"name": "s3"}}, {"configMapRef": {"name": "beam"}, "prefix": "B_"}],
+    env_value_from={"DB_PASSWORD": {"secretKeyRef": {"name": "db", "key": "password"}}},
+    node_selector={"lume.dev/pool": "gpu"},
+    tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    affinity={
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                ]
+            }
+        }
+    },
+    extended_resources={"nvidia.com/gpu": "1"},
+)
+# A kubernetes Job takes no hostPath (Pod Security `restricted`): the scratch space is an emptyDir.
+FULL_K8S = FULL.model_copy(
+    update={
+        "volumes": [
+            FULL.volumes[0],
+            FULL.volumes[1].model_copy(update={"host_path": None, "empty_dir": True}),
+        ]
+    }
 )
 
 
@@ -57,7 +80,7 @@ def configure(configuration_class, template: dict, variables: dict):
 
 def rendered(backend_type: str) -> tuple[dict, dict]:
     backend = get_backend(backend_type)
-    config, _ = backend.run_config(FULL)
+    config, _ = backend.run_config(FULL_K8S if backend_type == "kubernetes" else FULL)
     return backend.job_variables(config), backend.base_job_template()
 
 
@@ -118,8 +141,8 @@ def test_kubernetes_variables_through_the_real_worker():
     container = pod["containers"][0]
     assert container["image"] == "ghcr.io/lume/impact:1.2"
     assert container["resources"] == {
-        "requests": {"cpu": "500m", "memory": "1Gi"},
-        "limits": {"cpu": "2", "memory": "4Gi"},
+        "requests": {"cpu": "500m", "memory": "1Gi", "nvidia.com/gpu": "1"},
+        "limits": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
     }
     assert container["workingDir"] == "/opt/project"
     assert container["volumeMounts"] == [
@@ -128,9 +151,21 @@ def test_kubernetes_variables_through_the_real_worker():
     ]
     assert pod["volumes"] == [
         {"name": "data", "persistentVolumeClaim": {"claimName": "lume-data"}},
-        {"name": "scratch", "hostPath": {"path": "/mnt/scratch"}},
+        {"name": "scratch", "emptyDir": {}},
     ]
     assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["nodeSelector"] == {"lume.dev/pool": "gpu"}
+    assert pod["tolerations"] == FULL.model_dump(by_alias=True, exclude_none=True)["tolerations"]
+    assert pod["affinity"] == FULL.affinity.to_wire()
+    assert container["envFrom"] == [
+        {"secretRef": {"name": "s3"}},
+        {"configMapRef": {"name": "beam"}, "prefix": "B_"},
+    ]
+    assert {
+        "name": "DB_PASSWORD",
+        "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}},
+    } in (container["env"])
+    assert pod["automountServiceAccountToken"] is False
     assert pod["serviceAccountName"] == "flows"
     # Pod Security Standard "restricted"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -313,3 +348,115 @@ def test_kubernetes_worker_observes_only_its_namespace(monkeypatch):
         if "value" in item:
             monkeypatch.setenv(item["name"], item["value"])
     assert KubernetesSettings().observer.namespaces == {"science"}
+
+
+def test_host_path_is_refused_for_kubernetes_naming_the_field():
+    from lume_operator.api.manifests import parse_resource
+
+    backend = get_backend("kubernetes")
+    config, _ = backend.run_config(
+        None, RunConfig(volumes=[{"name": "h", "mountPath": "/h", "hostPath": {"path": "/"}}])
+    )
+    with pytest.raises(ValueError, match=r"runConfig\.volumes\[h\]\.hostPath: not allowed"):
+        backend.job_variables(config)
+    body = {
+        "apiVersion": "lume.dev/v1alpha1",
+        "kind": "SchedulingBackend",
+        "metadata": {"name": "k8s"},
+        "spec": {
+            "type": "kubernetes",
+            "runConfig": {"volumes": [{"name": "h", "mountPath": "/h", "hostPath": {"path": "/"}}]},
+        },
+    }
+    resource, problems = parse_resource(body, "backend.yaml")
+    assert resource is None
+    assert [p.path for p in problems] == ["spec.runConfig.volumes[0].hostPath"]
+    assert "Pod Security Standard restricted" in problems[0].message
+    # A docker backend binds host directories on purpose.
+    body["spec"]["type"] = "docker"
+    assert parse_resource(body, "backend.yaml")[1] == []
+
+
+def test_jobs_get_default_requests_and_no_token():
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    backend = get_backend("kubernetes")
+    config, _ = backend.run_config(None)
+    variables = backend.job_variables(config)
+    job = configure(
+        KubernetesWorkerJobConfiguration, backend.base_job_template(), variables
+    ).job_manifest
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"}}
+    assert pod["automountServiceAccountToken"] is False
+    # ...and from the template's defaults alone, for a deployment made by hand in Prefect.
+    bare = configure(KubernetesWorkerJobConfiguration, backend.base_job_template(), {})
+    assert bare.job_manifest["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "100m", "memory": "256Mi"}
+    }
+
+
+@pytest.mark.parametrize("variables", [FULL_K8S, RunConfig()], ids=["full", "defaults"])
+def test_rendered_jobs_pass_pss_restricted(variables, monkeypatch):
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    from tests.pss import pss_restricted_problems
+
+    backend = get_backend("kubernetes")
+    config, _ = backend.run_config(variables)
+    job_config = configure(
+        KubernetesWorkerJobConfiguration, backend.base_job_template(), backend.job_variables(config)
+    )
+    job_config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="run"))
+    pod = job_config.job_manifest["spec"]["template"]
+    assert pss_restricted_problems(pod["spec"], pod.get("metadata", {}).get("annotations")) == []
+    env = pod["spec"]["containers"][0]["env"]
+    if variables.env_value_from:  # kept by the worker after its own env
+        assert env[-1]["name"] == "DB_PASSWORD" and "valueFrom" in env[-1]
+
+
+BAD_JOB_VARIABLES = [
+    ("volumes", [{"name": "root", "hostPath": {"path": "/"}}]),
+    ("volumes", [{"name": "nfs", "nfs": {"server": "s", "path": "/"}}]),
+    ("volumes", [{"name": "d", "emptyDir": {}, "hostPath": {"path": "/"}}]),
+    ("volumes", [{"name": "c", "persistentVolumeClaim": {"claimName": "c", "x": 1}}]),
+    ("volume_mounts", [{"name": "d", "mountPath": "/d", "mountPropagation": "Bidirectional"}]),
+    ("env_from", [{"secretRef": {"name": "s"}, "configMapRef": {"name": "c"}}]),
+    ("env_from", [{"secretRef": {"name": "s", "optional": True, "x": 1}}]),
+    ("env_from", [{"prefix": "X"}]),
+    ("env_refs", [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]),
+    ("env_refs", [{"name": "X", "value": "plain"}]),
+    ("resources", {"requests": {"cpu": 1}}),
+    ("resources", {"claims": [{"name": "x"}]}),
+    ("tolerations", [{"key": "k", "privileged": True}]),
+    ("affinity", {"hostNetwork": True}),
+    ("image_pull_secrets", [{"name": "r", "extra": 1}]),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), BAD_JOB_VARIABLES, ids=[str(v) for _, v in BAD_JOB_VARIABLES]
+)
+def test_per_run_job_variables_cannot_leave_the_shapes_lume_makes(name, value):
+    """Any Prefect user may set job variables on a run: the pool's schema refuses the rest."""
+    schema = get_backend("kubernetes").base_job_template()["variables"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({name: value}, schema)
+
+
+def test_per_run_job_variables_of_the_shapes_lume_makes_are_accepted():
+    backend = get_backend("kubernetes")
+    config, _ = backend.run_config(FULL_K8S)
+    schema = backend.base_job_template()["variables"]
+    jsonschema.validate(backend.job_variables(config), schema)
+    more = {
+        "volumes": [
+            {"name": "c", "configMap": {"name": "cfg"}},
+            {"name": "s", "secret": {"secretName": "tls"}},
+        ],
+        "env_refs": [
+            {"name": "A", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "a"}}},
+        ],
+    }
+    jsonschema.validate(more, schema)
