@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from lume_operator.api.common import quantity_to_bytes, quantity_to_cpus
+from lume_operator.api.common import quantity_to_bytes, quantity_to_cpus, quantity_to_nano_cpus
 from lume_operator.api.manifests import parse_resource
 from lume_operator.api.runconfig import RunConfig
 from lume_operator.backends import get_backend
@@ -151,6 +151,19 @@ def test_quantity_conversions():
     assert quantity_to_bytes("1e3") == 1000
     assert quantity_to_cpus("1500m") == 1.5
     assert quantity_to_cpus("2") == 2.0
+
+
+@pytest.mark.parametrize(
+    ("quantity", "nano"),
+    [("0.5", 500_000_000), ("500m", 500_000_000), ("2", 2_000_000_000), ("1.5", 1_500_000_000)],
+)
+def test_cpu_quantities_in_docker(quantity, nano):
+    """Docker's nano_cpus, as a kubelet reads the quantity ("0.5" was 0 before)."""
+    assert quantity_to_nano_cpus(quantity) == nano
+    assert quantity_to_cpus(quantity) == nano / 1e9
+    backend = get_backend("docker")
+    config, _ = backend.run_config(RunConfig(cpu_limit=quantity))
+    assert backend.job_variables(config)["container_create_kwargs"] == {"nano_cpus": nano}
 
 
 def test_repeated_volume_and_result_names_are_named_at_their_list():

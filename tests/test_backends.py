@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import jsonschema
 import pytest
@@ -36,12 +37,50 @@ FULL = RunConfig(
     labels={"team": "beam"},
     stream_output=False,
     finished_job_ttl=600,
+    env_from=[{"secretRef": {"name": "s3"}}, {"configMapRef": {"name": "beam"}, "prefix": "B_"}],
+    env_value_from={"DB_PASSWORD": {"secretKeyRef": {"name": "db", "key": "password"}}},
+    node_selector={"lume.dev/pool": "gpu"},
+    tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    affinity={
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                ]
+            }
+        }
+    },
+    extended_resources={"nvidia.com/gpu": "1"},
 )
+# A kubernetes Job takes no hostPath (Pod Security `restricted`): the scratch space is an emptyDir.
+FULL_K8S = FULL.model_copy(
+    update={
+        "volumes": [
+            FULL.volumes[0],
+            FULL.volumes[1].model_copy(update={"host_path": None, "empty_dir": True}),
+        ]
+    }
+)
+
+
+class NoPrefect:
+    """The client `from_template_and_values` is given: rendering a template with plain values
+    (no block or variable references) asks Prefect nothing, and would fail here if it did."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"rendering the job configuration called Prefect: {name}")
+
+
+def configure(configuration_class, template: dict, variables: dict):
+    """The worker's own job configuration, from the pool's template and the job variables."""
+    return asyncio.run(
+        configuration_class.from_template_and_values(template, variables, client=NoPrefect())
+    )
 
 
 def rendered(backend_type: str) -> tuple[dict, dict]:
     backend = get_backend(backend_type)
-    config, _ = backend.run_config(FULL)
+    config, _ = backend.run_config(FULL_K8S if backend_type == "kubernetes" else FULL)
     return backend.job_variables(config), backend.base_job_template()
 
 
@@ -69,7 +108,7 @@ def test_process_variables_through_the_real_worker():
 
     variables, template = rendered("process")
     assert set(variables) == {"env", "labels", "working_dir", "stream_output"}
-    config = asyncio.run(ProcessJobConfiguration.from_template_and_values(template, variables))
+    config = configure(ProcessJobConfiguration, template, variables)
     assert config.env["OMP_NUM_THREADS"] == "4"
     assert str(config.working_dir) == "/opt/project"
     assert config.stream_output is False
@@ -79,7 +118,7 @@ def test_docker_variables_through_the_real_worker():
     from prefect_docker.worker import DockerWorkerJobConfiguration
 
     variables, template = rendered("docker")
-    config = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(template, variables))
+    config = configure(DockerWorkerJobConfiguration, template, variables)
     assert config.image == "ghcr.io/lume/impact:1.2"
     assert config.mem_limit == str(4 * 1024**3)
     assert config.volumes == ["lume-data:/data:rw", "/mnt/scratch:/scratch:ro"]
@@ -94,9 +133,7 @@ def test_kubernetes_variables_through_the_real_worker():
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     variables, template = rendered("kubernetes")
-    config = asyncio.run(
-        KubernetesWorkerJobConfiguration.from_template_and_values(template, variables)
-    )
+    config = configure(KubernetesWorkerJobConfiguration, template, variables)
     job = config.job_manifest
     assert job["metadata"]["namespace"] == "science"
     assert job["spec"]["ttlSecondsAfterFinished"] == 600
@@ -104,8 +141,8 @@ def test_kubernetes_variables_through_the_real_worker():
     container = pod["containers"][0]
     assert container["image"] == "ghcr.io/lume/impact:1.2"
     assert container["resources"] == {
-        "requests": {"cpu": "500m", "memory": "1Gi"},
-        "limits": {"cpu": "2", "memory": "4Gi"},
+        "requests": {"cpu": "500m", "memory": "1Gi", "nvidia.com/gpu": "1"},
+        "limits": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
     }
     assert container["workingDir"] == "/opt/project"
     assert container["volumeMounts"] == [
@@ -114,9 +151,21 @@ def test_kubernetes_variables_through_the_real_worker():
     ]
     assert pod["volumes"] == [
         {"name": "data", "persistentVolumeClaim": {"claimName": "lume-data"}},
-        {"name": "scratch", "hostPath": {"path": "/mnt/scratch"}},
+        {"name": "scratch", "emptyDir": {}},
     ]
     assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["nodeSelector"] == {"lume.dev/pool": "gpu"}
+    assert pod["tolerations"] == FULL.model_dump(by_alias=True, exclude_none=True)["tolerations"]
+    assert pod["affinity"] == FULL.affinity.to_wire()
+    assert container["envFrom"] == [
+        {"secretRef": {"name": "s3"}},
+        {"configMapRef": {"name": "beam"}, "prefix": "B_"},
+    ]
+    assert {
+        "name": "DB_PASSWORD",
+        "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}},
+    } in (container["env"])
+    assert pod["automountServiceAccountToken"] is False
     assert pod["serviceAccountName"] == "flows"
     # Pod Security Standard "restricted"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -166,9 +215,7 @@ def test_result_store_url_reaches_jobs_and_workers_only_by_secret():
     assert variables["env_from"] == [{"secretRef": {"name": "results-db"}}]
     assert "LUME_RESULT_STORE_URL" not in json.dumps(variables)
     template = get_backend("kubernetes").base_job_template()
-    config = asyncio.run(
-        KubernetesWorkerJobConfiguration.from_template_and_values(template, variables)
-    )
+    config = configure(KubernetesWorkerJobConfiguration, template, variables)
     container = config.job_manifest["spec"]["template"]["spec"]["containers"][0]
     assert container["envFrom"] == [{"secretRef": {"name": "results-db"}}]
     deployment = next(o for o in agent_objects(backend, None) if o["kind"] == "Deployment")
@@ -178,9 +225,238 @@ def test_result_store_url_reaches_jobs_and_workers_only_by_secret():
     plain = SchedulingBackend.model_validate(
         {"metadata": {"name": "k8s", "namespace": "science"}, "spec": {"type": "kubernetes"}}
     )
-    empty = asyncio.run(
-        KubernetesWorkerJobConfiguration.from_template_and_values(
-            template, flow_deployment(flow, plain).spec.job_variables
-        )
+    empty = configure(
+        KubernetesWorkerJobConfiguration, template, flow_deployment(flow, plain).spec.job_variables
     )
     assert empty.job_manifest["spec"]["template"]["spec"]["containers"][0]["envFrom"] == []
+
+
+def _worker_job(backend, monkeypatch, secrets: dict[str, str]) -> dict:
+    """The Job the real prefect-kubernetes worker would create for a flow run of `backend`,
+    the worker running with its agent container's environment (Secrets resolved to `secrets`,
+    as the kubelet does): its job configuration from the pool's template and the deployment's
+    variables, `prepare_for_flow_run`, then `_create_job` up to the API call."""
+    import prefect_kubernetes.worker as k8s_worker
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, temporary_settings
+
+    from lume_operator.api.flow import LumeFlow
+    from lume_operator.backends.agent import agent_objects
+    from lume_operator.reconcile.deploy import flow_deployment
+
+    deployment = next(o for o in agent_objects(backend, None) if o["kind"] == "Deployment")
+    worker_env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    for item in worker_env:
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        value = secrets[f"{ref['name']}/{ref['key']}"] if ref else item["value"]
+        monkeypatch.setenv(item["name"], value)
+    flow = LumeFlow.model_validate(
+        {
+            "metadata": {"name": "f", "namespace": backend.metadata.namespace},
+            "spec": {"backendRef": {"name": backend.metadata.name}, "entrypoint": "f.py:f"},
+        }
+    )
+    variables = flow_deployment(flow, backend).spec.job_variables
+    template = get_backend("kubernetes").base_job_template()
+    created: list[dict] = []
+
+    class Batch:
+        def __init__(self, client):
+            pass
+
+        async def create_namespaced_job(self, namespace, manifest):
+            created.append(manifest)
+            return manifest
+
+    monkeypatch.setattr(k8s_worker, "BatchV1Api", Batch)
+    settings = {
+        PREFECT_API_KEY: secrets.get("prefect-key/api-key"),
+        PREFECT_API_AUTH_STRING: secrets.get("prefect-auth/auth-string"),
+    }
+    with temporary_settings(updates={k: v for k, v in settings.items() if v}):
+        config = configure(k8s_worker.KubernetesWorkerJobConfiguration, template, variables)
+        config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="run"))
+        worker = k8s_worker.KubernetesWorker(work_pool_name=backend.work_pool_name)
+        asyncio.run(worker._create_job(config, client=None))
+    (job,) = created
+    return job
+
+
+SECRETS = {"prefect-key/api-key": "pnu_SECRET-KEY", "prefect-auth/auth-string": "admin:pa55"}
+
+
+def test_api_key_and_auth_string_reach_jobs_only_by_secret(monkeypatch):
+    from lume_operator.api.backend import SchedulingBackend
+
+    backend = SchedulingBackend.model_validate(
+        {
+            "metadata": {"name": "k8s", "namespace": "science"},
+            "spec": {
+                "type": "kubernetes",
+                "prefect": {
+                    "apiUrl": "http://prefect.prefect.svc:4200/api",
+                    "apiKeySecretRef": {"name": "prefect-key"},
+                    "authStringSecretRef": {"name": "prefect-auth"},
+                },
+            },
+        }
+    )
+    job = _worker_job(backend, monkeypatch, SECRETS)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PREFECT_API_KEY"] == {
+        "name": "PREFECT_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "prefect-key", "key": "api-key"}},
+    }
+    assert env["PREFECT_API_AUTH_STRING"] == {
+        "name": "PREFECT_API_AUTH_STRING",
+        "valueFrom": {"secretKeyRef": {"name": "prefect-auth", "key": "auth-string"}},
+    }
+    text = json.dumps(job)
+    assert all(secret not in text for secret in SECRETS.values())
+
+
+def test_without_the_secret_settings_the_worker_copies_the_key(monkeypatch):
+    """The control: the worker does put the key's value into the Job unless told the Secret."""
+    from lume_operator.api.backend import SchedulingBackend
+    from lume_operator.backends import agent
+
+    backend = SchedulingBackend.model_validate(
+        {
+            "metadata": {"name": "k8s", "namespace": "science"},
+            "spec": {"type": "kubernetes", "prefect": {"apiKeySecretRef": {"name": "prefect-key"}}},
+        }
+    )
+    monkeypatch.setattr(agent, "K8S_WORKER", "NOT_PREFECT")
+    job = _worker_job(backend, monkeypatch, SECRETS)
+    assert "pnu_SECRET-KEY" in json.dumps(job)
+
+
+def test_kubernetes_worker_observes_only_its_namespace(monkeypatch):
+    """The observer watches what the agent's namespaced Role allows; the setting's name is the
+    installed prefect-kubernetes' own (its settings read it)."""
+    from prefect_kubernetes.settings import KubernetesSettings
+
+    from lume_operator.api.backend import SchedulingBackend
+    from lume_operator.backends.agent import agent_objects
+
+    assert KubernetesSettings().observer.namespaces == set()  # cluster-wide unless told
+    backend = SchedulingBackend.model_validate(
+        {"metadata": {"name": "k8s", "namespace": "science"}, "spec": {"type": "kubernetes"}}
+    )
+    deployment = next(o for o in agent_objects(backend, None) if o["kind"] == "Deployment")
+    for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+    assert KubernetesSettings().observer.namespaces == {"science"}
+
+
+def test_host_path_is_refused_for_kubernetes_naming_the_field():
+    from lume_operator.api.manifests import parse_resource
+
+    backend = get_backend("kubernetes")
+    config, _ = backend.run_config(
+        None, RunConfig(volumes=[{"name": "h", "mountPath": "/h", "hostPath": {"path": "/"}}])
+    )
+    with pytest.raises(ValueError, match=r"runConfig\.volumes\[h\]\.hostPath: not allowed"):
+        backend.job_variables(config)
+    body = {
+        "apiVersion": "lume.dev/v1alpha1",
+        "kind": "SchedulingBackend",
+        "metadata": {"name": "k8s"},
+        "spec": {
+            "type": "kubernetes",
+            "runConfig": {"volumes": [{"name": "h", "mountPath": "/h", "hostPath": {"path": "/"}}]},
+        },
+    }
+    resource, problems = parse_resource(body, "backend.yaml")
+    assert resource is None
+    assert [p.path for p in problems] == ["spec.runConfig.volumes[0].hostPath"]
+    assert "Pod Security Standard restricted" in problems[0].message
+    # A docker backend binds host directories on purpose.
+    body["spec"]["type"] = "docker"
+    assert parse_resource(body, "backend.yaml")[1] == []
+
+
+def test_jobs_get_default_requests_and_no_token():
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    backend = get_backend("kubernetes")
+    config, _ = backend.run_config(None)
+    variables = backend.job_variables(config)
+    job = configure(
+        KubernetesWorkerJobConfiguration, backend.base_job_template(), variables
+    ).job_manifest
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"}}
+    assert pod["automountServiceAccountToken"] is False
+    # ...and from the template's defaults alone, for a deployment made by hand in Prefect.
+    bare = configure(KubernetesWorkerJobConfiguration, backend.base_job_template(), {})
+    assert bare.job_manifest["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "100m", "memory": "256Mi"}
+    }
+
+
+@pytest.mark.parametrize("variables", [FULL_K8S, RunConfig()], ids=["full", "defaults"])
+def test_rendered_jobs_pass_pss_restricted(variables, monkeypatch):
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    from tests.pss import pss_restricted_problems
+
+    backend = get_backend("kubernetes")
+    config, _ = backend.run_config(variables)
+    job_config = configure(
+        KubernetesWorkerJobConfiguration, backend.base_job_template(), backend.job_variables(config)
+    )
+    job_config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="run"))
+    pod = job_config.job_manifest["spec"]["template"]
+    assert pss_restricted_problems(pod["spec"], pod.get("metadata", {}).get("annotations")) == []
+    env = pod["spec"]["containers"][0]["env"]
+    if variables.env_value_from:  # kept by the worker after its own env
+        assert env[-1]["name"] == "DB_PASSWORD" and "valueFrom" in env[-1]
+
+
+BAD_JOB_VARIABLES = [
+    ("volumes", [{"name": "root", "hostPath": {"path": "/"}}]),
+    ("volumes", [{"name": "nfs", "nfs": {"server": "s", "path": "/"}}]),
+    ("volumes", [{"name": "d", "emptyDir": {}, "hostPath": {"path": "/"}}]),
+    ("volumes", [{"name": "c", "persistentVolumeClaim": {"claimName": "c", "x": 1}}]),
+    ("volume_mounts", [{"name": "d", "mountPath": "/d", "mountPropagation": "Bidirectional"}]),
+    ("env_from", [{"secretRef": {"name": "s"}, "configMapRef": {"name": "c"}}]),
+    ("env_from", [{"secretRef": {"name": "s", "optional": True, "x": 1}}]),
+    ("env_from", [{"prefix": "X"}]),
+    ("env_refs", [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]),
+    ("env_refs", [{"name": "X", "value": "plain"}]),
+    ("resources", {"requests": {"cpu": 1}}),
+    ("resources", {"claims": [{"name": "x"}]}),
+    ("tolerations", [{"key": "k", "privileged": True}]),
+    ("affinity", {"hostNetwork": True}),
+    ("image_pull_secrets", [{"name": "r", "extra": 1}]),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), BAD_JOB_VARIABLES, ids=[str(v) for _, v in BAD_JOB_VARIABLES]
+)
+def test_per_run_job_variables_cannot_leave_the_shapes_lume_makes(name, value):
+    """Any Prefect user may set job variables on a run: the pool's schema refuses the rest."""
+    schema = get_backend("kubernetes").base_job_template()["variables"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({name: value}, schema)
+
+
+def test_per_run_job_variables_of_the_shapes_lume_makes_are_accepted():
+    backend = get_backend("kubernetes")
+    config, _ = backend.run_config(FULL_K8S)
+    schema = backend.base_job_template()["variables"]
+    jsonschema.validate(backend.job_variables(config), schema)
+    more = {
+        "volumes": [
+            {"name": "c", "configMap": {"name": "cfg"}},
+            {"name": "s", "secret": {"secretName": "tls"}},
+        ],
+        "env_refs": [
+            {"name": "A", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "a"}}},
+        ],
+    }
+    jsonschema.validate(more, schema)

@@ -81,6 +81,14 @@ def rendered(name: str) -> tuple[dict[str, Any], ...]:
     return tuple(d for d in yaml.load_all(out, Loader=StrictLoader) if d)
 
 
+def watched(name: str) -> list[str]:
+    """The namespaces an install watches: none when cluster-wide, else the listed ones, else
+    the release's own."""
+    if values(name).get("clusterWide"):
+        return []
+    return values(name).get("watchNamespaces") or [NAMESPACE]
+
+
 def of_kind(objects: tuple[dict[str, Any], ...], kind: str) -> list[dict[str, Any]]:
     return [o for o in objects if o["kind"] == kind]
 
@@ -116,11 +124,15 @@ def test_helm_lint(name):
         ("logFormat=xml", "/logFormat"),
         ("replicaCount=2", "/replicaCount"),
         ("watchNamespaces={Team_A}", "/watchNamespaces/0"),
+        ("clusterWide=yes", "/clusterWide"),
+        ("clusterWide=true,watchNamespaces={team-a}", "leave watchNamespaces empty"),
+        ("prefectServer.enabled=true", "prefectServer.auth.existingSecret is required"),
         ("imageTag=1", "additional properties 'imageTag'"),
         ("prefectApiUrl=prefect:4200", "/prefectApiUrl"),
         ("resources.limits.memory=lots", "/resources/limits/memory"),
         (
-            "prefectServer.enabled=true,prefectServer.database.type=postgresql",
+            "prefectServer.enabled=true,prefectServer.auth.existingSecret=a,"
+            "prefectServer.database.type=postgresql",
             "existingSecret is required",
         ),
     ],
@@ -215,7 +227,8 @@ def test_operator_command_and_probes():
     assert args[args.index("--liveness") + 1] == "http://0.0.0.0:8080/healthz"
     assert args[args.index("--peering") + 1] == "lume-operator"
     assert args[args.index("--log-format") + 1] == "plain"
-    assert "--namespace" not in args
+    # By default the operator watches only the namespace it is released in.
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == [NAMESPACE]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "lume-operator:0.1.0"
     assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
@@ -224,6 +237,16 @@ def test_operator_command_and_probes():
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert "PREFECT_API_URL" not in _env(deployment)
+
+
+def test_cluster_wide_is_explicit():
+    args = _args(operator_deployment(rendered("cluster-secrets.yaml")))
+    assert "--namespace" not in args
+    # values.yaml says what cluster-wide grants, where users set it.
+    text = (CHART / "values.yaml").read_text()
+    said = text[: text.index("clusterWide: false")].rpartition("\n\n")[2]
+    for grant in ("Deployments", "ServiceAccounts", "Roles", "RoleBindings", "Jobs", "EVERY"):
+        assert grant in said, grant
 
 
 def test_namespaced_profile_passes_each_namespace():
@@ -273,14 +296,105 @@ def test_bundled_prefect_postgresql_by_secret():
     }
 
 
+def _from_peers(policy: dict[str, Any]) -> list[dict[str, Any]]:
+    (rule,) = policy["spec"]["ingress"]
+    return rule["from"]
+
+
+@pytest.mark.parametrize("name", VALUES_FILES)
+def test_operator_admits_only_its_probes(name):
+    (policy,) = [
+        p
+        for p in of_kind(rendered(name), "NetworkPolicy")
+        if "prefect" not in p["metadata"]["name"]
+    ]
+    pod = operator_deployment(rendered(name))["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector's verdict on a set of labels (matchLabels; In and Exists)."""
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator = expression["key"], expression["operator"]
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "In" and labels.get(key) not in expression["values"]:
+            return False
+    return True
+
+
+def _admitted(policy: dict[str, Any], namespace: str, labels: dict[str, str]) -> bool:
+    """Whether a pod (namespace, labels) may reach the policy's pods."""
+    ns_labels = {"kubernetes.io/metadata.name": namespace}
+    for peer in _from_peers(policy):
+        in_namespace = (
+            _selects(peer["namespaceSelector"], ns_labels)
+            if "namespaceSelector" in peer
+            else namespace == policy["metadata"]["namespace"]
+        )
+        if in_namespace and _selects(peer.get("podSelector", {}), labels):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("name", ["bundled-prefect.yaml", "cluster-wide.yaml"])
+def test_prefect_server_admits_only_the_operator_agents_and_flow_runs(name):
+    from lume_operator.backends.agent import agent_labels
+
+    objects = rendered(name)
+    (policy,) = [p for p in of_kind(objects, "NetworkPolicy") if "prefect" in p["metadata"]["name"]]
+    (server,) = [d for d in of_kind(objects, "Deployment") if "prefect" in d["metadata"]["name"]]
+    assert _selects(policy["spec"]["podSelector"], server["spec"]["template"]["metadata"]["labels"])
+    assert policy["spec"]["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]
+    operator_pod = operator_deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    assert _admitted(policy, NAMESPACE, operator_pod)
+    namespace = (watched(name) or ["anywhere"])[0]
+    backend = SchedulingBackend.model_validate(
+        {"metadata": {"name": "k8s", "namespace": namespace}, "spec": {"type": "kubernetes"}}
+    )
+    # The agent pods, with the labels backends/agent.py gives them, and their flow-run pods.
+    assert _admitted(policy, namespace, agent_labels(backend))
+    assert _admitted(policy, namespace, {"prefect.io/flow-run-id": "0b2c"})
+    # Anything else: another pod of the release's namespace, or an agent-looking pod in a
+    # namespace the operator does not watch.
+    assert not _admitted(policy, NAMESPACE, {"app": "curious"})
+    assert not _admitted(policy, namespace, {"app.kubernetes.io/name": "prefect-worker"})
+    if watched(name):
+        assert not _admitted(policy, "elsewhere", agent_labels(backend))
+
+
+def test_bundled_prefect_uses_basic_auth_from_a_secret():
+    from prefect.settings.models.api import APISettings
+    from prefect.settings.models.server.api import ServerAPISettings
+
+    objects = rendered("bundled-prefect.yaml")
+    (server,) = [d for d in of_kind(objects, "Deployment") if "prefect" in d["metadata"]["name"]]
+    ref = {"secretKeyRef": {"name": "prefect-auth", "key": "auth-string"}}
+    # The names are Prefect's own settings: the server's, and its clients'.
+    server_name = ServerAPISettings.model_config["env_prefix"].upper() + "AUTH_STRING"
+    client_name = APISettings.model_config["env_prefix"].upper() + "AUTH_STRING"
+    assert (server_name, client_name) == (
+        "PREFECT_SERVER_API_AUTH_STRING",
+        "PREFECT_API_AUTH_STRING",
+    )
+    assert _env(server)[server_name] == ref
+    assert _env(operator_deployment(objects))[client_name] == ref
+    assert client_name not in _env(operator_deployment(rendered("namespaced.yaml")))
+
+
 @pytest.mark.parametrize("name", VALUES_FILES)
 def test_peering_objects(name):
     objects = rendered(name)
-    watched = values(name).get("watchNamespaces") or []
     peerings = of_kind(objects, "KopfPeering") + of_kind(objects, "ClusterKopfPeering")
-    if watched:
+    if watched(name):
         assert {(p["kind"], p["metadata"]["namespace"]) for p in peerings} == {
-            ("KopfPeering", ns) for ns in watched
+            ("KopfPeering", ns) for ns in watched(name)
         }
     else:
         assert [p["kind"] for p in peerings] == ["ClusterKopfPeering"]
@@ -292,6 +406,13 @@ def test_notes_tell_the_next_step():
     notes = out[out.index("NOTES:") :]
     assert f"rollout status deployment/{RELEASE}-lume-operator" in notes
     assert "kubectl apply -f examples/beam/backend.yaml" in notes
+    assert f"It watches the namespaces: {NAMESPACE}." in notes
+    out = helm(
+        "install", "--dry-run=client", RELEASE, str(CHART), "-n", NAMESPACE,
+        "--set", "clusterWide=true",
+    ).stdout  # fmt: skip
+    notes = out[out.index("NOTES:") :]
+    assert "It watches every namespace" in notes and "in every namespace" in notes
     assert "rbac.secretNamespaces" in notes  # cluster-wide with no Secret readable: says how
 
 
@@ -326,11 +447,11 @@ def granted(objects: tuple[dict[str, Any], ...]) -> set[Permission]:
 def expected(name: str) -> set[Permission]:
     """What the operator needs, from rbac-calls.yaml and the install's mode."""
     calls = yaml.safe_load((CHART / "rbac-calls.yaml").read_text())
-    watched = values(name).get("watchNamespaces") or []
-    mode = "namespaced" if watched else "cluster-wide"
-    secret_ns = watched or values(name).get("rbac", {}).get("secretNamespaces") or []
+    namespaces = watched(name)
+    mode = "namespaced" if namespaces else "cluster-wide"
+    secret_ns = namespaces or values(name).get("rbac", {}).get("secretNamespaces") or []
     where = {
-        "watched": watched or [ALL],
+        "watched": namespaces or [ALL],
         "secrets": secret_ns,
         "cluster": [ALL],
     }
@@ -376,9 +497,8 @@ def test_no_cluster_wide_secret_read(name):
         for rule in obj["rules"]:
             assert "secrets" not in rule["resources"], obj["metadata"]["name"]
     secrets = {(ns, verb) for ns, _, res, verb in granted(rendered(name)) if res == "secrets"}
-    watched = values(name).get("watchNamespaces") or []
     listed = values(name).get("rbac", {}).get("secretNamespaces") or []
-    assert secrets == {(ns, "get") for ns in (watched or listed)}
+    assert secrets == {(ns, "get") for ns in (watched(name) or listed)}
 
 
 def test_held_worker_permissions_are_the_workers_rules():
@@ -400,11 +520,11 @@ def test_held_worker_permissions_are_the_workers_rules():
     assert held == workers
 
 
-@pytest.mark.parametrize("name", ["defaults.yaml", "namespaced.yaml"])
+@pytest.mark.parametrize("name", ["defaults.yaml", "namespaced.yaml", "cluster-wide.yaml"])
 def test_operator_may_create_what_an_agent_needs(name):
     """Each object of a kubernetes backend's agent can be created, and its Role granted."""
     have = granted(rendered(name))
-    namespace = (values(name).get("watchNamespaces") or ["team-a"])[0]
+    namespace = (watched(name) or ["team-a"])[0]
     backend = SchedulingBackend.model_validate(
         {"metadata": {"name": "k8s", "namespace": namespace}, "spec": {"type": "kubernetes"}}
     )

@@ -84,3 +84,24 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/*
+The namespaces the operator watches, as a JSON list: none in cluster-wide mode, else
+watchNamespaces, else the release's own namespace.
+*/}}
+{{- define "lume-operator.watchNamespaces" -}}
+{{- if .Values.clusterWide }}
+{{- if .Values.watchNamespaces }}
+{{- fail "clusterWide: true watches every namespace: leave watchNamespaces empty" }}
+{{- end }}
+{{- list | toJson }}
+{{- else if .Values.watchNamespaces }}
+{{- .Values.watchNamespaces | toJson }}
+{{- else }}
+{{- list .Release.Namespace | toJson }}
+{{- end }}
+{{- end }}
+
+{{- define "lume-operator.prefectAuthSecret" -}}
+{{- required "prefectServer.auth.existingSecret is required: the bundled Prefect server uses basic auth (see values.yaml)" .Values.prefectServer.auth.existingSecret }}
+{{- end }}

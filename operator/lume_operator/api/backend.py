@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from lume_operator.api.common import (
     DNS_SUBDOMAIN_PATTERN,
+    AuthStringSecretRef,
     Condition,
     Label,
     Model,
@@ -31,6 +32,13 @@ class PrefectAPI(Model):
     )
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret holding the Prefect API key; never given inline."
+    )
+    auth_string_secret_ref: AuthStringSecretRef | None = Field(
+        default=None,
+        description="Secret holding the basic-auth string (user:password) of a Prefect server "
+        "run with PREFECT_SERVER_API_AUTH_STRING, such as the chart's bundled one (its Secret, "
+        "copied into this namespace). Given to the workers, and by them to flow-run Jobs, only "
+        "as a reference.",
     )
 
     @field_validator("api_url", mode="before")

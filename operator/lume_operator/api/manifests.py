@@ -169,6 +169,17 @@ def semantic_problems(resource: Resource, source: str) -> list[Problem]:
                         f"(they take: {', '.join(sorted(applicable))})",
                     )
                 )
+        if resource.spec.type == "kubernetes":
+            for index, volume in enumerate(resource.spec.run_config.volumes or []):
+                if volume.host_path:
+                    problems.append(
+                        Problem(
+                            source,
+                            f"spec.runConfig.volumes[{index}].hostPath",
+                            "not allowed for kubernetes backends (Pod Security Standard "
+                            "restricted forbids hostPath volumes): use a persistentVolumeClaim",
+                        )
+                    )
     return problems
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lume_operator.api.backend import SchedulingBackend
+from lume_operator.api.common import SecretKeyRef
 
 DEFAULT_WORKER_IMAGE = {
     "kubernetes": "prefecthq/prefect:3-python3.11-kubernetes",
@@ -30,6 +31,8 @@ WORKER_RULES: dict[str, list[dict[str, Any]]] = {
     ],
 }
 HEALTH_PORT = 8080
+# prefect-kubernetes' worker settings (prefect_kubernetes/settings.py, KubernetesWorkerSettings).
+K8S_WORKER = "PREFECT_INTEGRATIONS_KUBERNETES_WORKER"
 # Non-root and unprivileged, as the Pod Security Standard `restricted` requires.
 RESTRICTED_POD = {
     "runAsNonRoot": True,
@@ -77,17 +80,43 @@ def worker_command(backend: SchedulingBackend) -> list[str]:
     return command
 
 
+def _secret_env(name: str, ref: SecretKeyRef) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
 def worker_env(backend: SchedulingBackend, api_url: str | None) -> list[dict[str, Any]]:
-    """The worker's environment; the API key only as a reference to its Secret."""
+    """The worker's environment; the API key and auth string only as references to Secrets.
+
+    A kubernetes worker copies its own Prefect settings into every Job it creates: told the
+    Secret's name and key, prefect-kubernetes puts a `secretKeyRef` there instead of the value.
+    Its observer watches only the backend's namespace, all that the agent's Role allows.
+    """
     env: list[dict[str, Any]] = []
     if api_url:
         env.append({"name": "PREFECT_API_URL", "value": api_url})
-    ref = backend.spec.prefect.api_key_secret_ref if backend.spec.prefect else None
+    prefect = backend.spec.prefect
+    kubernetes = backend.spec.type == "kubernetes"
+    ref = prefect.api_key_secret_ref if prefect else None
     if ref:
+        env.append(_secret_env("PREFECT_API_KEY", ref))
+        if kubernetes:
+            env += [
+                {"name": f"{K8S_WORKER}_API_KEY_SECRET_NAME", "value": ref.name},
+                {"name": f"{K8S_WORKER}_API_KEY_SECRET_KEY", "value": ref.key},
+            ]
+    auth = prefect.auth_string_secret_ref if prefect else None
+    if auth:
+        env.append(_secret_env("PREFECT_API_AUTH_STRING", auth))
+        if kubernetes:
+            env += [
+                {"name": f"{K8S_WORKER}_API_AUTH_STRING_SECRET_NAME", "value": auth.name},
+                {"name": f"{K8S_WORKER}_API_AUTH_STRING_SECRET_KEY", "value": auth.key},
+            ]
+    if kubernetes:
         env.append(
             {
-                "name": "PREFECT_API_KEY",
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+                "name": "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES",
+                "value": backend.metadata.namespace,
             }
         )
     env += [

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from lume_operator.api.common import quantity_to_bytes, quantity_to_cpus
+from lume_operator.api.common import quantity_to_bytes, quantity_to_nano_cpus
 from lume_operator.api.runconfig import Volume
 from lume_operator.backends.base import Backend, TypedRunConfig
 from lume_operator.backends.templates import vendored_template
@@ -60,7 +60,7 @@ class DockerBackend(Backend):
             variables["volumes"] = [docker_volume(v) for v in config.volumes]
         create_kwargs: dict[str, Any] = {}
         if config.cpu_limit:
-            create_kwargs["nano_cpus"] = int(quantity_to_cpus(config.cpu_limit) * 1e9)
+            create_kwargs["nano_cpus"] = quantity_to_nano_cpus(config.cpu_limit)
         if config.working_dir:
             create_kwargs["working_dir"] = config.working_dir
         if create_kwargs:
