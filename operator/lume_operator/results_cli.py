@@ -458,31 +458,18 @@ def read_value(result: Result) -> Any:
 
 
 def _stored_value(result: Result, storage_key: str, path: Path) -> Any:
-    """The value in a Prefect result file: the bare value, or a record with its metadata.
-
-    Only JSON is read, with lume-operator's own decoder (numpy arrays and scalars from their
-    marks); nothing named in the file is imported, and pickle is never loaded.
-    """
-    from lume_operator.prefect.serializer import loads
+    """The value in a Prefect result file, read as the operator reads it (JSON only, nothing
+    unpickled or imported: prefect/records.py)."""
+    # Prefect's serializers take a second to import: only `get` of a value needs them.
+    from lume_operator.prefect.records import ResultRefused, json_result
 
     where = f"result {result.key!r}: Prefect result {storage_key!r}"
     try:
-        data = loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ResultsCLIError(
-            f"{where} is not JSON (stored with another serializer?): {_first_line(error)}"
-        ) from None
-    metadata = data.get("metadata") if isinstance(data, dict) else None
-    if not (isinstance(metadata, dict) and "result" in data and "serializer" in metadata):
-        return data  # the bare value: Prefect keeps the metadata apart
-    kind = (metadata.get("serializer") or {}).get("type")
-    if kind not in ("json", "lume-json"):
-        raise ResultsCLIError(f"{where} was stored with the {kind!r} serializer; only JSON is read")
-    stored = data["result"]
-    try:
-        return loads(stored) if isinstance(stored, str | bytes) else stored
-    except ValueError as error:
-        raise ResultsCLIError(f"{where} holds no JSON value: {_first_line(error)}") from None
+        return json_result(path.read_bytes(), where)
+    except OSError as error:
+        raise ResultsCLIError(f"{where}: {_first_line(error)}") from None
+    except ResultRefused as error:
+        raise ResultsCLIError(str(error)) from None
 
 
 def copy_file(result: Result, output: Path | None, force: bool) -> tuple[Path, int]:

@@ -37,18 +37,23 @@ def refuse_unless_json(serializer: str | None, where: str) -> None:
 
 
 def json_result(content: bytes, where: str) -> Any:
-    """The value in a result record's bytes; ResultRefused unless JSON throughout."""
+    """The value in a stored result: a record's (ResultRefused unless JSON throughout), or a
+    bare JSON value (Prefect may keep the metadata apart). Parsed with lume-operator's fixed
+    decoder only, which restores numpy values from their marks and imports nothing."""
     try:
-        record = json.loads(content)
-    except ValueError:
-        raise ResultRefused(f"{where} is not a JSON result record") from None
-    metadata = record.get("metadata") if isinstance(record, dict) else None
-    serializer = (metadata or {}).get("serializer") if isinstance(metadata, dict) else None
-    refuse_unless_json(serializer.get("type") if isinstance(serializer, dict) else None, where)
-    result = record.get("result")
+        data = loads(content)
+    except (ValueError, UnicodeDecodeError):
+        raise ResultRefused(f"{where} is not JSON (stored with another serializer?)") from None
+    metadata = data.get("metadata") if isinstance(data, dict) else None
+    if not (isinstance(metadata, dict) and "result" in data and "serializer" in metadata):
+        return data
+    serializer = metadata.get("serializer")
+    kind = serializer.get("type") if isinstance(serializer, dict) else None
+    refuse_unless_json(kind, where)
+    result = data["result"]
     if isinstance(result, str):
         try:
-            return loads(result) if serializer.get("type") == TYPE else json.loads(result)
+            return loads(result) if kind == TYPE else json.loads(result)
         except ValueError:
             raise ResultRefused(f"{where}: its value is not JSON") from None
     return result
