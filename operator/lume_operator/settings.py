@@ -6,7 +6,7 @@ variable's name instead of misbehaving later.
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -59,6 +59,13 @@ class OperatorSettings(BaseSettings):
         validation_alias=AliasChoices("LUME_PREFECT_API_URL", "PREFECT_API_URL"),
         description="Prefect API of backends that name none (LUME_PREFECT_API_URL, "
         "else PREFECT_API_URL).",
+    )
+
+    default_api_auth_string: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PREFECT_API_AUTH_STRING"),
+        description="Basic-auth 'user:password' of the default Prefect API (the bundled "
+        "server's, from a Secret); never logged.",
     )
 
     def backoff(self, retry: int) -> float:

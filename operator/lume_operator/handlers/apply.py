@@ -48,22 +48,31 @@ class State:
                 "NoPrefectAPI",
                 "no Prefect API: set spec.prefect.apiUrl or the operator's PREFECT_API_URL",
             )
-        api_key = None
-        ref = backend.spec.prefect.api_key_secret_ref if backend.spec.prefect else None
-        if ref:
-            try:
-                api_key = await self.kube.secret_value(
-                    backend.metadata.namespace, ref.name, ref.key
-                )
-            except SecretMissing as error:
-                raise PrefectNotConfigured("SecretNotFound", str(error)) from None
+        prefect = backend.spec.prefect
+        namespace = backend.metadata.namespace
+        try:
+            api_key = await self._secret(namespace, prefect.api_key_secret_ref if prefect else None)
+            auth = await self._secret(
+                namespace, prefect.auth_string_secret_ref if prefect else None
+            )
+        except SecretMissing as error:
+            raise PrefectNotConfigured("SecretNotFound", str(error)) from None
+        default_auth = self.settings.default_api_auth_string
+        if auth is None and default_auth and not (prefect and prefect.api_url):
+            auth = default_auth.get_secret_value()  # the operator's own default API
         async with (
             self.slots,
             PrefectGateway.connect(
-                api_url=api_url, api_key=api_key, timeout=self.settings.prefect_timeout
+                api_url=api_url,
+                api_key=api_key,
+                auth_string=auth,
+                timeout=self.settings.prefect_timeout,
             ) as gateway,
         ):
             yield gateway
+
+    async def _secret(self, namespace: str, ref: Any) -> str | None:
+        return await self.kube.secret_value(namespace, ref.name, ref.key) if ref else None
 
 
 def state_of(memo: kopf.Memo) -> State:

@@ -154,13 +154,23 @@ class PrefectGateway:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(
-        cls, timeout: float = 30.0, *, api_url: str | None = None, api_key: str | None = None
+        cls,
+        timeout: float = 30.0,
+        *,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        auth_string: str | None = None,
     ) -> AsyncIterator[PrefectGateway]:
         """A gateway on the given Prefect API, or the one the current settings point to."""
         client = (
             get_client()
             if api_url is None
-            else PrefectClient(api=api_url, api_key=api_key, httpx_settings={"timeout": timeout})
+            else PrefectClient(
+                api=api_url,
+                api_key=api_key,
+                auth_string=auth_string,
+                httpx_settings={"timeout": timeout},
+            )
         )
         try:
             async with client:

@@ -71,7 +71,8 @@ def flow_deployment(
     if source and source.image and kind in ("kubernetes", "docker"):
         variables["image"] = source.image
     if backend.spec.result_store and kind == "kubernetes":
-        variables["env_from"] = [{"secretRef": {"name": backend.spec.result_store.secret_name}}]
+        store = {"secretRef": {"name": backend.spec.result_store.secret_name}}
+        variables["env_from"] = [*variables.get("env_from", []), store]  # runConfig's kept
     if working_dir and kind == "process" and not working_dir.startswith("/"):
         # A process worker runs each flow in a fresh temporary directory; a relative path
         # means the worker's own directory (a container's workdir), so it goes to the

@@ -233,9 +233,12 @@ async def reconcile_flow(
     flow_run = None
     try:
         found = find_backend(backend, namespace, flow.spec.backend_ref.name)
-        made = flow_deployment(
-            flow, found, working_dir=flow.spec.source.path if flow.spec.source else None
-        )
+        try:
+            made = flow_deployment(
+                flow, found, working_dir=flow.spec.source.path if flow.spec.source else None
+            )
+        except ValueError as error:  # an override this backend refuses (a hostPath volume)
+            return invalid(status, str(error), generation, phase="Failed")
         async with connect(found) as prefect:
             deployment_id = await prefect.ensure_deployment(made.spec)
             failpoints.hit("flow-deployment-ensured")
