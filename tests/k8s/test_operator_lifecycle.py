@@ -221,7 +221,7 @@ def test_killed_operator_restarts_without_a_second_flow_run(
         on_prefect(prefect_server, lambda c: c.set_flow_run_state(run_id, failed, force=True))
 
     wait_until(lambda: not first.alive, timeout=TIMEOUT)
-    assert first._proc.returncode == 137, first.output()[-3000:]
+    assert first.returncode == 137, first.output()[-3000:]
     # Killed before its status patch: nothing of that step reached the object.
     killed_status = status_of(k8s_emulator, LF, FLOW)
     if failpoint.startswith("backend-"):
@@ -359,7 +359,7 @@ def test_prefect_outage_turns_ready_false_and_recovers_without_a_restart(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     operator = start_operator(run_kopf_operator, monkeypatch)
-    pid = operator._proc.pid
+    pid = operator.pid
     apply(kubectl, backend_manifest())
     before = wait_backend_ready(k8s_emulator)
     assert before["agentReadyReplicas"] == 0
@@ -388,7 +388,7 @@ def test_prefect_outage_turns_ready_false_and_recovers_without_a_restart(
     assert deployed["phase"] == "Ready"
     deployment = deployment_or_none(prefect_server)
     assert deployment is not None and deployed["deploymentId"] == str(deployment.id)
-    assert operator.alive and operator._proc.pid == pid
+    assert operator.alive and operator.pid == pid
 
 
 def test_prefect_outage_during_a_flow_run_clears_when_prefect_is_back(
