@@ -348,12 +348,13 @@ def _leaks(text: str) -> list[str]:
 
 
 @pytest.fixture
-def prefect_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrefectServer]:
-    server = PrefectServer(tmp_path / "prefect-server").start()
+def prefect_server(
+    shared_prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch
+) -> PrefectServer:
+    """The session's Prefect server, empty; reached only through the backend's `apiUrl`."""
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("LUME_OPERATOR_FOLLOW_INTERVAL", "1")  # timers read Prefect with the key
-    yield server
-    server.stop()
+    return shared_prefect_server
 
 
 def _get_json(url: str) -> Any:
