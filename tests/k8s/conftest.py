@@ -32,12 +32,18 @@ from typing import Any, Protocol
 import kopf
 import pytest
 import yaml
+from prefect.logging.configuration import ensure_logging_setup
 
 from tests.k8s.emulator import EmulatorServer
 from tests.k8s.prefect_server import PrefectServer
 from tests.k8s.tools import kubectl_path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# Importing the operator (it imports Prefect) configures logging with `dictConfig`, which drops
+# every root handler, pytest's `caplog` handler among them: a test that starts the first
+# in-process operator would see no log record after that. Configure it now, once.
+ensure_logging_setup()
 
 
 class Kubectl(Protocol):

@@ -18,7 +18,6 @@ import json
 import logging
 import re
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -271,6 +270,8 @@ def recording_prefect(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingPref
     with RecordingPrefect() as recorder:
         monkeypatch.setenv("PREFECT_API_URL", recorder.api_url)
         monkeypatch.setenv("LUME_PREFECT_API_URL", recorder.api_url)
+        # Timers each 1 s, not 5 (read when the operator module is first imported here).
+        monkeypatch.setenv("LUME_OPERATOR_FOLLOW_INTERVAL", "1")
         yield recorder
 
 
@@ -320,8 +321,25 @@ def test_the_operator_stalls_on_every_bad_manifest_without_calling_prefect(
     missing = {(m.kind, m.object_name) for m in cases} - warned
     assert not missing, f"no InvalidSpec event for {sorted(missing)}"
 
-    # Timers and retries get their chance to call Prefect; none may.
-    time.sleep(3)
+    # Timers and retries get their chance to call Prefect; none may. Each object has one
+    # timer; wait until each timer ran twice per object of its kind since all were stalled.
+    objects = {kind: sum(m.kind == kind for m in cases) for kind in RESOURCES}
+    timers = {
+        "backend_health": objects["SchedulingBackend"],
+        "flow_follow": objects["LumeFlow"],
+        "composition_follow": objects["FlowOfFlows"],
+    }
+    stalled_at = len(caplog.records)
+
+    def timer_rounds() -> dict[str, int]:
+        messages = [r.getMessage() for r in caplog.records[stalled_at:]]
+        return {timer: messages.count(f"Timer {timer!r} succeeded.") for timer in timers}
+
+    wait_until(
+        lambda: all(timer_rounds()[t] >= 2 * n for t, n in timers.items()) or None,
+        timeout=60,
+        interval=0.2,
+    )
     assert recording_prefect.requests == []
     assert operator.alive
     failures = [
@@ -368,7 +386,12 @@ def test_a_canary_api_key_appears_nowhere_but_in_its_secret(
     k8s_emulator: EmulatorServer,
     kubectl: Kubectl,
     run_kopf_operator: Callable[..., KopfOperator],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The operator's import of Prefect sets the root logger to WARNING, whatever `kopf run
+    # --verbose` asked for; INFO (kopf's handler and timer records) is checked below. Not
+    # DEBUG: there `kubernetes.client.rest` logs each response body, the Secret's included.
+    monkeypatch.setenv("PREFECT_LOGGING_ROOT_LEVEL", "INFO")
     operator = run_kopf_operator(OPERATOR, in_subprocess=True)
     secret = {
         "apiVersion": "v1",
@@ -398,7 +421,21 @@ def test_a_canary_api_key_appears_nowhere_but_in_its_secret(
         timeout=90,
         interval=0.5,
     )
-    time.sleep(3)  # a few timer rounds (health, follow), each with the key
+
+    # A few timer rounds (health, follow), each with the key.
+    def rounds(timer: str, log: str) -> int:
+        return log.count(f"Timer {timer!r} succeeded.")
+
+    before = operator.output()
+    wait_until(
+        lambda: (
+            (log := operator.output())
+            and rounds("backend_health", log) >= rounds("backend_health", before) + 2
+            and rounds("flow_follow", log) >= rounds("flow_follow", before) + 2
+        ),
+        timeout=30,
+        interval=0.2,
+    )
     assert operator.alive, operator.output()[-4000:]
     # It did read the key (else this test would prove nothing).
     secret_path = f"/api/v1/namespaces/default/secrets/{SECRET_NAME}"
@@ -418,7 +455,7 @@ def test_a_canary_api_key_appears_nowhere_but_in_its_secret(
             checked += 1
     assert checked > 10
 
-    # 2. The operator's log (`kopf run --verbose`).
+    # 2. The operator's log (`kopf run --verbose`, INFO and above).
     log = operator.output()
     assert "flow_reconcile" in log, log[-2000:]
     assert not _leaks(log), [line for line in log.splitlines() if _leaks(line)][:5]
