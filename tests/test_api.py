@@ -10,6 +10,8 @@ from lume_operator.api.manifests import load, parse_resource
 from lume_operator.api.runconfig import RunConfig
 from lume_operator.backends import get_backend
 
+pytestmark = pytest.mark.unit
+
 
 def problems_of(text: str) -> list[str]:
     _, problems = parse_resource(yaml.safe_load(text), "m.yaml")

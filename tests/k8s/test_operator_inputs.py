@@ -95,6 +95,7 @@ SCHEMA_CASES = [m for m in CORPUS_ITEMS if m.expect == "schema"]
 STALLED_CASES = [m for m in CORPUS_ITEMS if m.expect == "stalled"]
 
 
+@pytest.mark.unit
 def test_corpus_is_big_enough_and_covers_every_kind() -> None:
     assert len(CORPUS_ITEMS) >= 20
     for expect in ("schema", "stalled"):
@@ -185,6 +186,7 @@ def cel_messages(schema: Any) -> list[str]:
     return found + [m for value in schema.values() for m in cel_messages(value)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("manifest", SCHEMA_CASES, ids=lambda m: m.name)
 def test_the_crd_schema_refuses_it_naming_the_field(manifest: BadManifest) -> None:
     errors = schema_errors(manifest.body)
@@ -192,6 +194,7 @@ def test_the_crd_schema_refuses_it_naming_the_field(manifest: BadManifest) -> No
     assert any(e.startswith(manifest.field) for e in errors), errors
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("manifest", STALLED_CASES, ids=lambda m: m.name)
 def test_only_the_models_or_cel_can_refuse_it(manifest: BadManifest) -> None:
     """A `stalled` case really passes the schema (else it belongs to the schema cases); when a
@@ -201,6 +204,7 @@ def test_only_the_models_or_cel_can_refuse_it(manifest: BadManifest) -> None:
         assert any(manifest.cel in m for m in cel_messages(SCHEMAS[manifest.kind])), manifest.cel
 
 
+@pytest.mark.unit
 def test_valid_examples_pass_the_schema() -> None:
     """The strict schema check itself refuses nothing valid."""
     for path in [EXAMPLE / "backend.yaml", EXAMPLE / "lumeflow.yaml"]:
@@ -210,6 +214,7 @@ def test_valid_examples_pass_the_schema() -> None:
             assert schema_errors(body) == [], body["metadata"]["name"]
 
 
+@pytest.mark.unit
 def test_models_check_label_patterns() -> None:
     for name in sorted(MODEL_GAPS):
         body = yaml.safe_load((CORPUS / f"{name}.yaml").read_text())
@@ -217,6 +222,7 @@ def test_models_check_label_patterns() -> None:
         assert any(p.path.startswith("spec.labels") for p in problems), name
 
 
+@pytest.mark.unit
 def test_an_invalid_cron_says_why() -> None:
     body = yaml.safe_load((CORPUS / "lf-invalid-timezone.yaml").read_text())
     _resource, problems = parse_resource(body, "lf-invalid-timezone")
