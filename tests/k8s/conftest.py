@@ -174,7 +174,9 @@ class KopfOperator:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive:
-                raise RuntimeError(f"the kopf operator exited during startup:\n{self.output()}")
+                raise RuntimeError(
+                    f"the kopf operator exited during startup: {self._failure!r}\n{self.output()}"
+                ) from self._failure
             if any(e.action == "watch" for e in self.server.emulator.log[seen:]):
                 return self
             time.sleep(0.05)
@@ -239,8 +241,8 @@ class KopfOperator:
         target = self.target
         if isinstance(target, str):
             target = importlib.import_module(target)
-        # Without a login handler kopf fails at startup ("Ran out of valid credentials"), and
-        # start() reports that; see the class docstring.
+        # Without a login handler kopf fails at startup (LoginError: "Ran out of valid
+        # credentials"), and start() raises with it; see the class docstring.
         if isinstance(target, kopf.OperatorRegistry):
             return target
         return kopf.get_default_registry()
