@@ -84,17 +84,26 @@ class PrefectServer:
     RESET_ORDER = (("flow_runs", "id"), ("deployments", "id"), ("flows", "id"))
     RESET_ORDER += (("work_pools", "name"),)
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
+    def _call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
+        """One API call; a 503 (SQLite busy, e.g. while a run that just ended still writes)
+        is retried until `timeout`."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"{self.api_url}/{path}",
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            text = reply.read()
-        return json.loads(text) if text else None
+        deadline = time.monotonic() + timeout
+        while True:
+            request = urllib.request.Request(
+                f"{self.api_url}/{path}",
+                data=data,
+                method=method,
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as reply:
+                    text = reply.read()
+                return json.loads(text) if text else None
+            except urllib.error.HTTPError as error:
+                if error.code != 503 or time.monotonic() > deadline:
+                    raise AssertionError(f"{method} {path}: {error}: {error.read()!r}") from error
+            time.sleep(0.2)  # poll interval of the retry, not a wait for a condition
 
     def _list(self, collection: str) -> list[dict[str, Any]]:
         return self._call("POST", f"{collection}/filter", {"limit": 200})
@@ -110,9 +119,10 @@ class PrefectServer:
                 for item in found:
                     try:
                         self._call("DELETE", f"{collection}/{item[key]}")
-                    except urllib.error.HTTPError as error:
-                        if error.code != 404:  # gone already (a cascade) is fine
-                            raise
+                    except AssertionError as error:
+                        cause = error.__cause__
+                        if not (isinstance(cause, urllib.error.HTTPError) and cause.code == 404):
+                            raise  # gone already (a cascade) is fine, nothing else
         left = {c: [i[k] for i in self._list(c)] for c, k in self.RESET_ORDER}
         if any(left.values()):
             raise RuntimeError(f"the shared Prefect server is not empty after reset: {left}")
