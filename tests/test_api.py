@@ -11,6 +11,8 @@ from lume_operator.api.runconfig import RunConfig
 from lume_operator.backends import get_backend
 from lume_operator.flows.convert import load_manifests as load
 
+pytestmark = pytest.mark.unit
+
 
 def problems_of(text: str) -> list[str]:
     _, problems = parse_resource(yaml.safe_load(text), "m.yaml")

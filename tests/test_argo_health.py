@@ -21,6 +21,8 @@ import lupa.lua51
 import pytest
 import yaml
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 ARGOCD = ROOT / "deploy" / "argocd"
 CUSTOMIZATIONS = ARGOCD / "resource_customizations" / "lume.dev"

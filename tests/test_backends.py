@@ -84,12 +84,14 @@ def rendered(backend_type: str) -> tuple[dict, dict]:
     return backend.job_variables(config), backend.base_job_template()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("worker_type", ["process", "docker", "kubernetes"])
 def test_vendored_templates_are_the_installed_workers(worker_type):
     """Regenerate with `python -m lume_operator.backends.templates` when a worker upgrade changes them."""
     assert vendored_template(worker_type) == json.loads(render(worker_type))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("backend_type", sorted(BACKENDS))
 def test_job_variables_validate_against_the_real_worker_schema(backend_type):
     variables, template = rendered(backend_type)
@@ -174,6 +176,7 @@ def test_kubernetes_variables_through_the_real_worker():
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
+@pytest.mark.unit
 def test_empty_docker_volume_is_refused():
     backend = get_backend("docker")
     config, _ = backend.run_config(
@@ -183,6 +186,7 @@ def test_empty_docker_volume_is_refused():
         backend.job_variables(config)
 
 
+@pytest.mark.unit
 def test_unknown_backend_type():
     with pytest.raises(
         ValueError,

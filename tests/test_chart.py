@@ -36,6 +36,8 @@ from lume_operator.backends.agent import WORKER_RULES, agent_objects
 from tests.k8s.tools import helm_path
 from tests.pss import pod_templates, pss_restricted_problems
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "lume-operator"
 VALUES_DIR = ROOT / "tests" / "data" / "chart-values"

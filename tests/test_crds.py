@@ -39,6 +39,7 @@ def test_crds_directory_matches_the_models(tmp_path):
     assert generated == committed, "crds/ is stale: run `lume-operator crds --output crds`"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("filename", sorted(render_all()))
 def test_crd_passes_kubernetes_schema(filename):
     crd = yaml.safe_load(render_all()[filename])
@@ -55,6 +56,7 @@ def walk(schema: dict[str, Any], path: str = ""):
         yield from walk(schema["additionalProperties"], f"{path}{{}}")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["SchedulingBackend", "LumeFlow", "FlowOfFlows"])
 def test_every_field_is_described_and_structural(kind):
     schema = schema_of(kind)
@@ -70,6 +72,7 @@ def test_every_field_is_described_and_structural(kind):
         assert not ("properties" in sub and "additionalProperties" in sub), f"{kind}{path}"
 
 
+@pytest.mark.unit
 def test_names_columns_status_and_cel():
     expected_short = {"SchedulingBackend": ["sb"], "LumeFlow": ["lf"], "FlowOfFlows": ["fof"]}
     for kind, short in expected_short.items():
@@ -98,11 +101,13 @@ def example_documents() -> list[dict[str, Any]]:
     return [d.body for d in documents if str(d.body.get("apiVersion", "")).startswith("lume.dev/")]
 
 
+@pytest.mark.unit
 def test_examples_exist():
     kinds = {d["kind"] for d in example_documents()}
     assert {"SchedulingBackend", "LumeFlow"} <= kinds
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "document", example_documents(), ids=lambda d: f"{d['kind']}-{d['metadata']['name']}"
 )
@@ -110,6 +115,7 @@ def test_example_validates_against_its_crd(document):
     jsonschema.validate(document, schema_of(document["kind"]))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
@@ -126,6 +132,7 @@ def test_crd_schema_rejects_bad_flows(patch, message):
         jsonschema.validate(document, schema_of("LumeFlow"))
 
 
+@pytest.mark.unit
 def test_crd_schema_rejects_unknown_backend_type():
     with pytest.raises(jsonschema.ValidationError, match="'slurm' is not one of"):
         jsonschema.validate(
@@ -139,5 +146,6 @@ def test_crd_schema_rejects_unknown_backend_type():
         )
 
 
+@pytest.mark.unit
 def test_committed_crds_are_the_files_kubectl_applies():
     assert sorted(p.name for p in Path(CRDS).glob("*.yaml")) == sorted(render_all())

@@ -76,6 +76,7 @@ def problems(document: Any) -> list[tuple[str, str]]:
     return caught.value.problems
 
 
+@pytest.mark.unit
 def test_example_converts_to_exactly_the_expected_manifest():
     document = legacy()
     assert is_legacy(document)
@@ -92,6 +93,7 @@ def test_example_converts_to_exactly_the_expected_manifest():
     assert FlowOfFlows.model_validate(manifest).to_wire()["spec"] == EXPECTED["spec"]
 
 
+@pytest.mark.unit
 def test_convert_does_not_modify_its_input():
     document = legacy()
     before = copy.deepcopy(document)
@@ -99,6 +101,7 @@ def test_convert_does_not_modify_its_input():
     assert document == before
 
 
+@pytest.mark.unit
 def test_dump_round_trips_with_the_header_first():
     text = dump(convert(legacy()))
     assert text.splitlines()[0] == HEADER
@@ -112,6 +115,7 @@ def test_dump_round_trips_with_the_header_first():
     }
 
 
+@pytest.mark.unit
 def test_minimal_document_has_no_optional_keys():
     manifest = convert({"name": "Solo_Run", "composing_flows": [{"name": "only.flow"}]})
     assert manifest == {
@@ -123,6 +127,7 @@ def test_minimal_document_has_no_optional_keys():
     }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("document", "expected"),
     [
@@ -137,18 +142,21 @@ def test_is_legacy(document, expected):
     assert is_legacy(document) is expected
 
 
+@pytest.mark.unit
 def test_missing_composing_flows():
     assert problems({"name": "impact-pipeline"}) == [
         ("composing_flows", "required field is missing")
     ]
 
 
+@pytest.mark.unit
 def test_empty_composing_flows():
     [(path, message)] = problems({"name": "impact-pipeline", "composing_flows": []})
     assert path == "composing_flows"
     assert "at least 1 item" in message
 
 
+@pytest.mark.unit
 def test_typo_fields_are_named_at_their_old_paths():
     """lume-services ignored keys its models did not declare: a typo of a required field is
     still an error (the field is missing); any other unknown key is accepted and named."""
@@ -165,6 +173,7 @@ def test_typo_fields_are_named_at_their_old_paths():
     assert ignored_keys(document) == ["composing_flows[1].mapped_parameters.input_file.parent_task"]
 
 
+@pytest.mark.unit
 def test_bad_map_type():
     document = legacy()
     document["composing_flows"][1]["mapped_parameters"]["input_file"]["map_type"] = "files"
@@ -176,6 +185,7 @@ def test_bad_map_type():
     ]
 
 
+@pytest.mark.unit
 def test_every_problem_is_reported_at_once():
     document = legacy()
     del document["composing_flows"][2]["mapped_parameters"]["impact_archive"]["map_type"]
@@ -189,6 +199,7 @@ def test_every_problem_is_reported_at_once():
     ]
 
 
+@pytest.mark.unit
 def test_unknown_parent_names_the_known_flows():
     document = legacy()
     document["composing_flows"][2]["mapped_parameters"]["impact_archive"]["parent_flow_name"] = (
@@ -202,6 +213,7 @@ def test_unknown_parent_names_the_known_flows():
     ]
 
 
+@pytest.mark.unit
 def test_a_later_flow_may_be_the_parent():
     document = {
         "name": "backwards",
@@ -217,6 +229,7 @@ def test_a_later_flow_may_be_the_parent():
     assert step["mappedParameters"] == {"x": {"parentFlow": "parent", "mapType": "raw"}}
 
 
+@pytest.mark.unit
 def test_self_parent_and_cycles():
     document = {
         "name": "loop",
@@ -242,6 +255,7 @@ def test_self_parent_and_cycles():
     )
 
 
+@pytest.mark.unit
 def test_names_that_collide_or_cannot_be_kubernetes_names():
     document = {
         "name": "Bad Name!",
@@ -266,6 +280,7 @@ def test_names_that_collide_or_cannot_be_kubernetes_names():
     ]
 
 
+@pytest.mark.unit
 def test_not_a_mapping_or_already_a_manifest():
     assert problems(["composing_flows"]) == [("", "a flow-of-flows file must be a mapping")]
     [(path, message)] = problems(EXPECTED)
@@ -273,6 +288,7 @@ def test_not_a_mapping_or_already_a_manifest():
     assert "nothing to convert" in message
 
 
+@pytest.mark.unit
 def test_error_message_lists_every_problem():
     document = legacy()
     document["composing_flows"][1]["mapped_parameters"]["input_file"]["map_type"] = "hdf5"
@@ -286,6 +302,7 @@ def test_error_message_lists_every_problem():
     ]  # `lables` is ignored (with a note), as lume-services ignored it
 
 
+@pytest.mark.unit
 def test_legacy_model_reads_the_example():
     model = LegacyFlowOfFlows.model_validate(legacy())
     assert [flow.name for flow in model.composing_flows] == [

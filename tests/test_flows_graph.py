@@ -13,6 +13,8 @@ from lume_operator.api.flowofflows import FlowOfFlows
 from lume_operator.flows import graph
 from lume_operator.flows.graph import GraphvizNotFound, parents, render, to_dot
 
+pytestmark = pytest.mark.unit
+
 
 def mapping(parent: str, map_type: str = "raw", **extra: object) -> dict[str, object]:
     return {"parentFlow": parent, "mapType": map_type, **extra}

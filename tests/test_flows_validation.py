@@ -70,10 +70,12 @@ GOOD = """\
 """
 
 
+@pytest.mark.unit
 def test_a_valid_composition_has_no_problems(tmp_path):
     assert problems(tmp_path, GOOD) == []
 
 
+@pytest.mark.unit
 def test_unknown_parent_flow(tmp_path):
     assert problems(tmp_path, GOOD.replace("parentFlow: make", "parentFlow: mkae")) == [
         "spec.steps[1].mappedParameters.values.parentFlow: unknown parent flow 'mkae' "
@@ -81,6 +83,7 @@ def test_unknown_parent_flow(tmp_path):
     ]
 
 
+@pytest.mark.unit
 def test_mapping_onto_a_parameter_the_child_does_not_take(tmp_path):
     assert problems(tmp_path, GOOD.replace("    values: {", "    vals: {")) == [
         "spec.steps[1].mappedParameters.vals: the flow of step 'total' takes no parameter "
@@ -88,6 +91,7 @@ def test_mapping_onto_a_parameter_the_child_does_not_take(tmp_path):
     ]
 
 
+@pytest.mark.unit
 def test_parameter_both_set_and_mapped(tmp_path):
     steps = GOOD.replace(
         "  flowRef: {name: total}\n", "  flowRef: {name: total}\n  parameters: {values: [1]}\n"
@@ -98,11 +102,13 @@ def test_parameter_both_set_and_mapped(tmp_path):
     ]
 
 
+@pytest.mark.unit
 def test_duplicate_step_names(tmp_path):
     steps = GOOD.replace("- name: total", "- name: make")
     assert "spec.steps: step names must be unique: make repeated" in problems(tmp_path, steps)
 
 
+@pytest.mark.unit
 def test_cycle(tmp_path):
     steps = GOOD.replace(
         "  parameters: {n: 5}\n",
@@ -113,6 +119,7 @@ def test_cycle(tmp_path):
     ]
 
 
+@pytest.mark.unit
 def test_unknown_flow_ref(tmp_path):
     assert problems(tmp_path, GOOD.replace("flowRef: {name: total}", "flowRef: {name: sum}")) == [
         "spec.steps[1].flowRef.name: LumeFlow 'sum' not found in namespace 'default' "
@@ -120,6 +127,7 @@ def test_unknown_flow_ref(tmp_path):
     ]
 
 
+@pytest.mark.unit
 def test_db_mapping_is_valid(tmp_path):
     assert (
         problems(tmp_path, GOOD.replace("parentFlow: make,", "parentFlow: make, mapType: db,"))
@@ -127,6 +135,7 @@ def test_db_mapping_is_valid(tmp_path):
     )
 
 
+@pytest.mark.unit
 def test_step_needs_exactly_one_flow(tmp_path):
     steps = GOOD.replace("  flowRef: {name: make}\n", "")
     assert problems(tmp_path, steps) == [
@@ -134,6 +143,7 @@ def test_step_needs_exactly_one_flow(tmp_path):
     ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("parents", "cycle"),
     [

@@ -15,6 +15,8 @@ import pytest
 
 from tests.pss import pod_templates, pss_restricted_problems
 
+pytestmark = pytest.mark.unit
+
 
 def good_pod() -> dict[str, Any]:
     """A pod spec that passes `restricted`, with each kind of container and allowed volumes."""

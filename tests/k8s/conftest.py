@@ -7,7 +7,10 @@
 - `kubectl`: ``kubectl("get", "lf", "-o", "yaml")`` runs the real binary, returns the
   CompletedProcess (``check=True`` raises with stderr on failure).
 - `run_kopf_operator`: starts a real kopf operator against the emulator and stops it at
-  teardown; see `KopfOperator`.
+  teardown; see `KopfOperator`. `kopf_registry()` makes a fresh registry that can log in.
+- `shared_prefect_server`: one real Prefect server for the whole session, emptied (no flow
+  runs, deployments, flows or work pools) before each test that asks for it. Tests that stop
+  or restart Prefect start their own `PrefectServer` instead.
 """
 
 from __future__ import annotations
@@ -29,12 +32,18 @@ from typing import Any, Protocol
 import kopf
 import pytest
 import yaml
-from kopf._core.intents.causes import Activity  # not re-exported by kopf
+from prefect.logging.configuration import ensure_logging_setup
 
 from tests.k8s.emulator import EmulatorServer
+from tests.k8s.prefect_server import PrefectServer
 from tests.k8s.tools import kubectl_path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# Importing the operator (it imports Prefect) configures logging with `dictConfig`, which drops
+# every root handler, pytest's `caplog` handler among them: a test that starts the first
+# in-process operator would see no log record after that. Configure it now, once.
+ensure_logging_setup()
 
 
 class Kubectl(Protocol):
@@ -97,13 +106,24 @@ def kubectl(kubeconfig: Path, tmp_path: Path) -> Kubectl:
     return run
 
 
+def kopf_registry() -> kopf.OperatorRegistry:
+    """A fresh registry for handlers defined in a test, with a login handler that reads
+    KUBECONFIG when called (a bare `kopf.OperatorRegistry` has none, and cannot log in)."""
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(kopf.login_with_kubeconfig)
+    return registry
+
+
 class KopfOperator:
     """A real kopf operator against the emulator, in a thread or in a subprocess.
 
     Thread mode (a registry or an imported module) shares the test's process, so handlers
-    defined in the test can record what they saw. Subprocess mode (``in_subprocess=True``, a
-    module name or a file path) runs ``kopf run`` as users do and can be killed hard
-    (`kill()`), e.g. to prove that a restarted operator does not repeat work.
+    defined in the test can record what they saw. The registry must have a login handler:
+    make it with `kopf_registry()`; a module must register its own `@kopf.on.login` in kopf's
+    default registry (`lume_operator.handlers.operator` does). Subprocess mode
+    (``in_subprocess=True``, a module name or a file path) runs ``kopf run`` as users do and
+    can be killed hard (`kill()`), e.g. to prove that a restarted operator does not repeat
+    work.
 
     Both are standalone (no peering) unless ``peering=...`` names a peering object, and
     clusterwide unless ``namespaces`` are given. `start()` returns once the operator has
@@ -154,7 +174,9 @@ class KopfOperator:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive:
-                raise RuntimeError(f"the kopf operator exited during startup:\n{self.output()}")
+                raise RuntimeError(
+                    f"the kopf operator exited during startup: {self._failure!r}\n{self.output()}"
+                ) from self._failure
             if any(e.action == "watch" for e in self.server.emulator.log[seen:]):
                 return self
             time.sleep(0.05)
@@ -169,6 +191,18 @@ class KopfOperator:
         if self._proc is not None:
             return self._proc.poll() is None
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def pid(self) -> int:
+        """The subprocess's process id (subprocess mode only)."""
+        assert self._proc is not None, "pid needs in_subprocess=True"
+        return int(self._proc.pid)
+
+    @property
+    def returncode(self) -> int | None:
+        """The subprocess's exit code; None while it runs (subprocess mode only)."""
+        assert self._proc is not None, "returncode needs in_subprocess=True"
+        return self._proc.poll()
 
     def stop(self, timeout: float = 20) -> None:
         """Ask the operator to exit gracefully; kill it (subprocess) if it does not."""
@@ -207,13 +241,11 @@ class KopfOperator:
         target = self.target
         if isinstance(target, str):
             target = importlib.import_module(target)
-        registry = (
-            target if isinstance(target, kopf.OperatorRegistry) else kopf.get_default_registry()
-        )
-        # A bare OperatorRegistry has no login handler; this one reads KUBECONFIG when called.
-        if not registry._activities.get_handlers(Activity.AUTHENTICATION):
-            kopf.on.login(registry=registry)(kopf.login_with_kubeconfig)
-        return registry
+        # Without a login handler kopf fails at startup (LoginError: "Ran out of valid
+        # credentials"), and start() raises with it; see the class docstring.
+        if isinstance(target, kopf.OperatorRegistry):
+            return target
+        return kopf.get_default_registry()
 
     def _start_thread(self) -> None:
         registry = self._registry()
@@ -294,3 +326,21 @@ def run_kopf_operator(
             errors.append(e)
     if errors:
         raise errors[0]
+
+
+@pytest.fixture(scope="session")
+def _session_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    server = PrefectServer(tmp_path_factory.mktemp("shared-prefect-server")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def shared_prefect_server(_session_prefect_server: PrefectServer) -> PrefectServer:
+    """The session's Prefect server, emptied for this test: what a test finds there (runs,
+    deployments, flows, work pools, counted or by name) is only what it made itself."""
+    server = _session_prefect_server
+    if not server.alive:  # a test must not stop it; if one did, fail that one, not the rest
+        server.start()
+    server.reset()
+    return server

@@ -2,18 +2,21 @@
 
 What `SubprocessASGIServer` does (uvicorn on Prefect's app factory, SQLite under PREFECT_HOME),
 but owned by the test, so an outage is a real outage: connections refused, then the same
-database back.
+database back. One server can serve many tests in turn: `reset()` empties it between them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -32,6 +35,10 @@ class PrefectServer:
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def start(self, timeout: float = 60) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -69,3 +76,53 @@ class PrefectServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+    # ---- sharing one server between tests ------------------------------------------------------
+
+    # What the operator (and the flows it runs) make in Prefect, in an order that deletes
+    # dependents first; a work pool's queues go with it.
+    RESET_ORDER = (("flow_runs", "id"), ("deployments", "id"), ("flows", "id"))
+    RESET_ORDER += (("work_pools", "name"),)
+
+    def _call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
+        """One API call; a 503 (SQLite busy, e.g. while a run that just ended still writes)
+        is retried until `timeout`."""
+        data = None if body is None else json.dumps(body).encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            request = urllib.request.Request(
+                f"{self.api_url}/{path}",
+                data=data,
+                method=method,
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as reply:
+                    text = reply.read()
+                return json.loads(text) if text else None
+            except urllib.error.HTTPError as error:
+                if error.code != 503 or time.monotonic() > deadline:
+                    raise AssertionError(f"{method} {path}: {error}: {error.read()!r}") from error
+            time.sleep(0.2)  # poll interval of the retry, not a wait for a condition
+
+    def _list(self, collection: str) -> list[dict[str, Any]]:
+        return self._call("POST", f"{collection}/filter", {"limit": 200})
+
+    def reset(self) -> None:
+        """Delete every flow run, deployment, flow and work pool, then check none is left, so
+        the next test sees only what it makes (counts and names mean what they say)."""
+        for collection, key in self.RESET_ORDER:
+            for _ in range(100):
+                found = self._list(collection)
+                if not found:
+                    break
+                for item in found:
+                    try:
+                        self._call("DELETE", f"{collection}/{item[key]}")
+                    except AssertionError as error:
+                        cause = error.__cause__
+                        if not (isinstance(cause, urllib.error.HTTPError) and cause.code == 404):
+                            raise  # gone already (a cascade) is fine, nothing else
+        left = {c: [i[k] for i in self._list(c)] for c, k in self.RESET_ORDER}
+        if any(left.values()):
+            raise RuntimeError(f"the shared Prefect server is not empty after reset: {left}")

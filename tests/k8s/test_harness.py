@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 import yaml
 
-from tests.k8s.conftest import Kubectl
+from tests.k8s.conftest import Kubectl, kopf_registry
 from tests.k8s.emulator import EmulatorServer, wait_until
 from tests.k8s.tools import helm_path, kubectl_path
 
@@ -194,7 +194,7 @@ def test_namespaces_hold_their_objects(kubectl: Kubectl) -> None:
 def test_kopf_operator_create_handler_status_visible_to_kubectl(
     kubectl: Kubectl, k8s_emulator: EmulatorServer, run_kopf_operator: Any
 ) -> None:
-    registry = kopf.OperatorRegistry()
+    registry = kopf_registry()
     seen: list[str] = []
 
     @kopf.on.create("lume.dev", "v1alpha1", "lumeflows", registry=registry)
@@ -218,7 +218,7 @@ def test_kopf_operator_create_handler_status_visible_to_kubectl(
 def test_kopf_delete_handler_holds_deletion_until_done(
     kubectl: Kubectl, k8s_emulator: EmulatorServer, run_kopf_operator: Any
 ) -> None:
-    registry = kopf.OperatorRegistry()
+    registry = kopf_registry()
     deleted: list[str] = []
 
     @kopf.on.delete("lume.dev", "v1alpha1", "lumeflows", registry=registry)

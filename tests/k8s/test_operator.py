@@ -4,7 +4,6 @@ and a worker started from the agent Deployment the operator rendered."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,13 @@ pytestmark = pytest.mark.prefect
 
 
 @pytest.fixture
-def prefect_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrefectServer]:
-    server = PrefectServer(tmp_path / "prefect-server").start()
-    monkeypatch.setenv("PREFECT_API_URL", server.api_url)
+def prefect_server(
+    shared_prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch
+) -> PrefectServer:
+    """The session's Prefect server, empty; operators started after this point use it."""
+    monkeypatch.setenv("PREFECT_API_URL", shared_prefect_server.api_url)
     monkeypatch.setenv("LUME_OPERATOR_FOLLOW_INTERVAL", "1")
-    yield server
-    server.stop()
+    return shared_prefect_server
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,11 +52,15 @@ spec:
 
 
 @pytest.fixture
-def prefect_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrefectServer]:
-    server = PrefectServer(tmp_path / "prefect-server").start()
-    monkeypatch.setenv("PREFECT_API_URL", server.api_url)
-    yield server
-    server.stop()
+def prefect_server(
+    shared_prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch
+) -> PrefectServer:
+    """The session's Prefect server, empty; operators started after this point use it."""
+    monkeypatch.setenv("PREFECT_API_URL", shared_prefect_server.api_url)
+    # Follow each 1 s (the default is 5). In thread mode the operator module reads this when
+    # first imported in the test process, so it holds only if no earlier test imported it.
+    monkeypatch.setenv("LUME_OPERATOR_FOLLOW_INTERVAL", "1")
+    return shared_prefect_server
 
 
 def test_a_flow_of_flows_runs_in_the_cluster_with_per_step_status(

@@ -18,7 +18,6 @@ import json
 import logging
 import re
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -96,6 +95,7 @@ SCHEMA_CASES = [m for m in CORPUS_ITEMS if m.expect == "schema"]
 STALLED_CASES = [m for m in CORPUS_ITEMS if m.expect == "stalled"]
 
 
+@pytest.mark.unit
 def test_corpus_is_big_enough_and_covers_every_kind() -> None:
     assert len(CORPUS_ITEMS) >= 60
     for expect in ("schema", "stalled"):
@@ -186,6 +186,7 @@ def cel_messages(schema: Any) -> list[str]:
     return found + [m for value in schema.values() for m in cel_messages(value)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("manifest", SCHEMA_CASES, ids=lambda m: m.name)
 def test_the_crd_schema_refuses_it_naming_the_field(manifest: BadManifest) -> None:
     errors = schema_errors(manifest.body)
@@ -193,6 +194,7 @@ def test_the_crd_schema_refuses_it_naming_the_field(manifest: BadManifest) -> No
     assert any(e.startswith(manifest.field) for e in errors), errors
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("manifest", STALLED_CASES, ids=lambda m: m.name)
 def test_only_the_models_or_cel_can_refuse_it(manifest: BadManifest) -> None:
     """A `stalled` case really passes the schema (else it belongs to the schema cases); when a
@@ -202,6 +204,7 @@ def test_only_the_models_or_cel_can_refuse_it(manifest: BadManifest) -> None:
         assert any(manifest.cel in m for m in cel_messages(SCHEMAS[manifest.kind])), manifest.cel
 
 
+@pytest.mark.unit
 def test_valid_examples_pass_the_schema() -> None:
     """The strict schema check itself refuses nothing valid."""
     for path in [EXAMPLE / "backend.yaml", EXAMPLE / "lumeflow.yaml"]:
@@ -211,6 +214,7 @@ def test_valid_examples_pass_the_schema() -> None:
             assert schema_errors(body) == [], body["metadata"]["name"]
 
 
+@pytest.mark.unit
 def test_models_check_label_patterns() -> None:
     for name in sorted(MODEL_GAPS):
         body = yaml.safe_load((CORPUS / f"{name}.yaml").read_text())
@@ -218,6 +222,7 @@ def test_models_check_label_patterns() -> None:
         assert any(p.path.startswith("spec.labels") for p in problems), name
 
 
+@pytest.mark.unit
 def test_an_invalid_cron_says_why() -> None:
     body = yaml.safe_load((CORPUS / "lf-invalid-timezone.yaml").read_text())
     _resource, problems = parse_resource(body, "lf-invalid-timezone")
@@ -271,6 +276,8 @@ def recording_prefect(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingPref
     with RecordingPrefect() as recorder:
         monkeypatch.setenv("PREFECT_API_URL", recorder.api_url)
         monkeypatch.setenv("LUME_PREFECT_API_URL", recorder.api_url)
+        # Timers each 1 s, not 5 (read when the operator module is first imported here).
+        monkeypatch.setenv("LUME_OPERATOR_FOLLOW_INTERVAL", "1")
         yield recorder
 
 
@@ -320,8 +327,25 @@ def test_the_operator_stalls_on_every_bad_manifest_without_calling_prefect(
     missing = {(m.kind, m.object_name) for m in cases} - warned
     assert not missing, f"no InvalidSpec event for {sorted(missing)}"
 
-    # Timers and retries get their chance to call Prefect; none may.
-    time.sleep(3)
+    # Timers and retries get their chance to call Prefect; none may. Each object has one
+    # timer; wait until each timer ran twice per object of its kind since all were stalled.
+    objects = {kind: sum(m.kind == kind for m in cases) for kind in RESOURCES}
+    timers = {
+        "backend_health": objects["SchedulingBackend"],
+        "flow_follow": objects["LumeFlow"],
+        "composition_follow": objects["FlowOfFlows"],
+    }
+    stalled_at = len(caplog.records)
+
+    def timer_rounds() -> dict[str, int]:
+        messages = [r.getMessage() for r in caplog.records[stalled_at:]]
+        return {timer: messages.count(f"Timer {timer!r} succeeded.") for timer in timers}
+
+    wait_until(
+        lambda: all(timer_rounds()[t] >= 2 * n for t, n in timers.items()) or None,
+        timeout=60,
+        interval=0.2,
+    )
     assert recording_prefect.requests == []
     assert operator.alive
     failures = [
@@ -348,12 +372,13 @@ def _leaks(text: str) -> list[str]:
 
 
 @pytest.fixture
-def prefect_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrefectServer]:
-    server = PrefectServer(tmp_path / "prefect-server").start()
+def prefect_server(
+    shared_prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch
+) -> PrefectServer:
+    """The session's Prefect server, empty; reached only through the backend's `apiUrl`."""
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("LUME_OPERATOR_FOLLOW_INTERVAL", "1")  # timers read Prefect with the key
-    yield server
-    server.stop()
+    return shared_prefect_server
 
 
 def _get_json(url: str) -> Any:
@@ -367,7 +392,12 @@ def test_a_canary_api_key_appears_nowhere_but_in_its_secret(
     k8s_emulator: EmulatorServer,
     kubectl: Kubectl,
     run_kopf_operator: Callable[..., KopfOperator],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The operator's import of Prefect sets the root logger to WARNING, whatever `kopf run
+    # --verbose` asked for; INFO (kopf's handler and timer records) is checked below. Not
+    # DEBUG: there `kubernetes.client.rest` logs each response body, the Secret's included.
+    monkeypatch.setenv("PREFECT_LOGGING_ROOT_LEVEL", "INFO")
     operator = run_kopf_operator(OPERATOR, in_subprocess=True)
     secret = {
         "apiVersion": "v1",
@@ -397,7 +427,21 @@ def test_a_canary_api_key_appears_nowhere_but_in_its_secret(
         timeout=90,
         interval=0.5,
     )
-    time.sleep(3)  # a few timer rounds (health, follow), each with the key
+
+    # A few timer rounds (health, follow), each with the key.
+    def rounds(timer: str, log: str) -> int:
+        return log.count(f"Timer {timer!r} succeeded.")
+
+    before = operator.output()
+    wait_until(
+        lambda: (
+            (log := operator.output())
+            and rounds("backend_health", log) >= rounds("backend_health", before) + 2
+            and rounds("flow_follow", log) >= rounds("flow_follow", before) + 2
+        ),
+        timeout=30,
+        interval=0.2,
+    )
     assert operator.alive, operator.output()[-4000:]
     # It did read the key (else this test would prove nothing).
     secret_path = f"/api/v1/namespaces/default/secrets/{SECRET_NAME}"
@@ -417,7 +461,7 @@ def test_a_canary_api_key_appears_nowhere_but_in_its_secret(
             checked += 1
     assert checked > 10
 
-    # 2. The operator's log (`kopf run --verbose`).
+    # 2. The operator's log (`kopf run --verbose`, INFO and above).
     log = operator.output()
     assert "flow_reconcile" in log, log[-2000:]
     assert not _leaks(log), [line for line in log.splitlines() if _leaks(line)][:5]

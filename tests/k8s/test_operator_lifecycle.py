@@ -80,14 +80,27 @@ spec:
 """
 
 
-@pytest.fixture
-def prefect_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrefectServer]:
-    """A Prefect server of this test; operators started after this point follow it each 1 s."""
-    server = PrefectServer(tmp_path / "prefect-server").start()
+def _use(server: PrefectServer, monkeypatch: pytest.MonkeyPatch) -> PrefectServer:
+    """Operators started after this point use `server` and follow it each 1 s."""
     monkeypatch.setenv("PREFECT_API_URL", server.api_url)
     monkeypatch.setenv("LUME_OPERATOR_FOLLOW_INTERVAL", "1")
     monkeypatch.delenv(FAILPOINT_ENV, raising=False)
-    yield server
+    return server
+
+
+@pytest.fixture
+def prefect_server(
+    shared_prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch
+) -> PrefectServer:
+    """The session's Prefect server, empty (no pool, deployment, flow or run of another test)."""
+    return _use(shared_prefect_server, monkeypatch)
+
+
+@pytest.fixture
+def own_prefect_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrefectServer]:
+    """A Prefect server of this test alone, for the tests that stop and start it again."""
+    server = PrefectServer(tmp_path / "prefect-server").start()
+    yield _use(server, monkeypatch)
     server.stop()
 
 
@@ -221,7 +234,7 @@ def test_killed_operator_restarts_without_a_second_flow_run(
         on_prefect(prefect_server, lambda c: c.set_flow_run_state(run_id, failed, force=True))
 
     wait_until(lambda: not first.alive, timeout=TIMEOUT)
-    assert first._proc.returncode == 137, first.output()[-3000:]
+    assert first.returncode == 137, first.output()[-3000:]
     # Killed before its status patch: nothing of that step reached the object.
     killed_status = status_of(k8s_emulator, LF, FLOW)
     if failpoint.startswith("backend-"):
@@ -319,7 +332,7 @@ def test_deletion_removes_what_the_operator_created_in_prefect(
 
 
 def test_deletion_waits_for_prefect_to_come_back(
-    prefect_server: PrefectServer,
+    own_prefect_server: PrefectServer,
     k8s_emulator: EmulatorServer,
     kubectl: Kubectl,
     run_kopf_operator: Callable[..., KopfOperator],
@@ -330,7 +343,7 @@ def test_deletion_waits_for_prefect_to_come_back(
     wait_backend_ready(k8s_emulator)
     wait_until(lambda: status_of(k8s_emulator, LF, FLOW).get("deploymentId"), timeout=TIMEOUT)
 
-    prefect_server.stop()
+    own_prefect_server.stop()
     kubectl("delete", "lf", FLOW, "--wait=false")
     # Three refused attempts (1 s, then 2 s apart): the object is held all that time.
     wait_until(
@@ -342,9 +355,9 @@ def test_deletion_waits_for_prefect_to_come_back(
     assert held["metadata"].get("deletionTimestamp")
     assert FINALIZER in held["metadata"]["finalizers"]
 
-    prefect_server.start()
+    own_prefect_server.start()
     wait_until(lambda: k8s_emulator.emulator.get_object(LF, "default", FLOW) is None, TIMEOUT)
-    assert deployment_or_none(prefect_server) is None
+    assert deployment_or_none(own_prefect_server) is None
     assert operator.alive
 
 
@@ -352,19 +365,19 @@ def test_deletion_waits_for_prefect_to_come_back(
 
 
 def test_prefect_outage_turns_ready_false_and_recovers_without_a_restart(
-    prefect_server: PrefectServer,
+    own_prefect_server: PrefectServer,
     k8s_emulator: EmulatorServer,
     kubectl: Kubectl,
     run_kopf_operator: Callable[..., KopfOperator],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     operator = start_operator(run_kopf_operator, monkeypatch)
-    pid = operator._proc.pid
+    pid = operator.pid
     apply(kubectl, backend_manifest())
     before = wait_backend_ready(k8s_emulator)
     assert before["agentReadyReplicas"] == 0
 
-    prefect_server.stop()
+    own_prefect_server.stop()
     down = wait_status(k8s_emulator, SB, "local", lambda s: ready(s).get("status") == "False")
     assert ready(down)["reason"] == "PrefectUnreachable", down
     assert "unreachable" in ready(down)["message"]
@@ -379,20 +392,20 @@ def test_prefect_outage_turns_ready_false_and_recovers_without_a_restart(
     assert "unreachable" in ready(waiting)["message"]
     assert not waiting.get("deploymentId")
 
-    prefect_server.start()
+    own_prefect_server.start()
     after = wait_backend_ready(k8s_emulator)
     assert ready(after)["reason"] == "Reconciled"
     assert after["workPoolId"] == before["workPoolId"]
     deployed = wait_status(k8s_emulator, LF, FLOW, lambda s: ready(s).get("status") == "True")
     assert ready(deployed)["reason"] == "Deployed"
     assert deployed["phase"] == "Ready"
-    deployment = deployment_or_none(prefect_server)
+    deployment = deployment_or_none(own_prefect_server)
     assert deployment is not None and deployed["deploymentId"] == str(deployment.id)
-    assert operator.alive and operator._proc.pid == pid
+    assert operator.alive and operator.pid == pid
 
 
 def test_prefect_outage_during_a_flow_run_clears_when_prefect_is_back(
-    prefect_server: PrefectServer,
+    own_prefect_server: PrefectServer,
     k8s_emulator: EmulatorServer,
     kubectl: Kubectl,
     run_kopf_operator: Callable[..., KopfOperator],
@@ -405,16 +418,16 @@ def test_prefect_outage_during_a_flow_run_clears_when_prefect_is_back(
     apply(kubectl, backend_manifest() + "---" + flow_manifest("OnChange"))
     created = wait_status(k8s_emulator, LF, FLOW, lambda s: (s.get("lastRun") or {}).get("id"))
     run_id = UUID(created["lastRun"]["id"])
-    on_prefect(prefect_server, lambda c: c.set_flow_run_state(run_id, Running(), force=True))
+    on_prefect(own_prefect_server, lambda c: c.set_flow_run_state(run_id, Running(), force=True))
     running = wait_status(
         k8s_emulator, LF, FLOW, lambda s: (s.get("lastRun") or {}).get("state") == "Running"
     )
     assert running["phase"] == "Running"
     assert ready(running)["reason"] == "FlowRunning"
 
-    prefect_server.stop()
+    own_prefect_server.stop()
     wait_status(k8s_emulator, LF, FLOW, lambda s: ready(s).get("reason") == "PrefectUnreachable")
-    prefect_server.start()
+    own_prefect_server.start()
     back = wait_status(k8s_emulator, LF, FLOW, lambda s: ready(s).get("reason") == "FlowRunning")
     assert back["phase"] == "Running"
     assert back["lastRun"]["id"] == str(run_id) and back["lastRun"]["state"] == "Running"
