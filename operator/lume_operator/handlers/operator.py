@@ -307,6 +307,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # On deletion kopf waits for our timers to stop; one caught mid-call (a health check) is
     # re-checked after this many seconds, which would otherwise hold the finalizer for 60 s.
     settings.background.cancellation_polling = 1.0
+    # The Kubernetes client logs whole response bodies at DEBUG, Secrets (API keys) included:
+    # never below INFO, whatever level the operator runs at.
+    logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
     lume = OperatorSettings()
     memo["lume"] = State(
         settings=lume, kube=Kube.configured(), slots=asyncio.Semaphore(lume.prefect_concurrency)
