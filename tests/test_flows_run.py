@@ -187,6 +187,8 @@ def test_the_original_format_validates_and_graphs(project):
     result = run_cli(
         "validate",
         "-f",
+        str(project / "backend.yaml"),
+        "-f",
         str(project / "flows.yaml"),
         "-f",
         str(project / "record.yaml"),

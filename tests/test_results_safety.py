@@ -70,7 +70,7 @@ def test_a_json_record_is_read_without_importing_what_it_names():
         "result": json.dumps({"x": value}),
     }
     assert json_result(json.dumps(record).encode(), "w") == {"x": value}
-    with pytest.raises(ResultRefused, match="not a JSON result record"):
+    with pytest.raises(ResultRefused, match="is not JSON"):
         json_result(b"\x80\x04garbage", "w")
 
 

@@ -347,7 +347,7 @@ def test_deletion_waits_for_prefect_to_come_back(
     kubectl("delete", "lf", FLOW, "--wait=false")
     # Three refused attempts (1 s, then 2 s apart): the object is held all that time.
     wait_until(
-        lambda: operator.output().count("waiting for Prefect to delete deployment") >= 3,
+        lambda: operator.output().count("waiting to delete the Prefect deployment") >= 3,
         timeout=TIMEOUT,
     )
     held = k8s_emulator.emulator.get_object(LF, "default", FLOW)

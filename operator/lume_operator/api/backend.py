@@ -141,9 +141,9 @@ class SchedulingBackendSpec(Model):
         description="The DB result store of flows on this backend. Default: a SQLite file in each "
         "run's results directory.",
     )
-    deletion_policy: Literal["Delete", "Orphan"] = Field(
-        default="Delete",
-        description="On deletion: Delete removes the work pool it created (the finalizer holds "
+    deletion_policy: Literal["Delete", "Orphan"] | None = Field(
+        default=None,
+        description="On deletion (default Delete): Delete removes the work pool it created (the finalizer holds "
         "until Prefect confirms); Orphan leaves it.",
     )
 

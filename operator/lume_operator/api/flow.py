@@ -156,9 +156,9 @@ class LumeFlowSpec(Model):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     run: RunPolicy | None = Field(default=None, description="When flow runs are created.")
-    deletion_policy: Literal["Delete", "Orphan"] = Field(
-        default="Delete",
-        description="On deletion: Delete cancels runs in flight and removes the Prefect "
+    deletion_policy: Literal["Delete", "Orphan"] | None = Field(
+        default=None,
+        description="On deletion (default Delete): Delete cancels runs in flight and removes the Prefect "
         "deployment (the finalizer holds until Prefect confirms); Orphan leaves both.",
     )
 

@@ -99,15 +99,15 @@ class FlowOfFlowsSpec(Model):
         description="Backend of the composition's parent run. Default: the first step's.",
     )
     labels: list[Label] | None = Field(default=None, description="Labels, as on a LumeFlow.")
-    step_timeout_seconds: int = Field(
-        default=86400,
+    step_timeout_seconds: int | None = Field(
+        default=None,
         ge=1,
-        description="Longest wait for any step whose flow and step set no timeoutSeconds: the "
-        "parent run never waits without bound.",
+        description="Longest wait for any step whose flow and step set no timeoutSeconds "
+        "(default 86400, a day): the parent run never waits without bound.",
     )
-    deletion_policy: Literal["Delete", "Orphan"] = Field(
-        default="Delete",
-        description="On deletion: Delete cancels the parent run and its steps' runs and removes "
+    deletion_policy: Literal["Delete", "Orphan"] | None = Field(
+        default=None,
+        description="On deletion (default Delete): Delete cancels the parent run and its steps' runs and removes "
         "the Prefect deployments it made; Orphan leaves them.",
     )
 

@@ -43,6 +43,10 @@ def steps_with_mapped_tasks(fof: FlowOfFlows) -> set[str]:
     }
 
 
+# A day: the longest a FlowOfFlows parent waits for a step that sets no deadline.
+DEFAULT_STEP_TIMEOUT = 86400
+
+
 def _run_limits(fof: FlowOfFlows, step: Step, flow: LumeFlow) -> dict[str, Any]:
     """A step's deadline and retries: its own, else its flow's; the deadline is never unset
     (the composition's stepTimeoutSeconds), so the parent never waits without bound."""
@@ -55,7 +59,7 @@ def _run_limits(fof: FlowOfFlows, step: Step, flow: LumeFlow) -> dict[str, Any]:
         else (run.retry_delay_seconds if run else 0)
     )
     return {
-        "timeout": timeout or fof.spec.step_timeout_seconds,
+        "timeout": timeout or fof.spec.step_timeout_seconds or DEFAULT_STEP_TIMEOUT,
         "retries": retries,
         "retryDelay": delay,
     }

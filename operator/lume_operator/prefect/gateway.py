@@ -200,7 +200,7 @@ class PrefectGateway:
     async def health(self) -> None:
         error = await self._call(self.client.api_healthcheck(), "health check")
         if error is not None:
-            raise translate(error, f"Prefect API {self.api_url} is not healthy")
+            raise translate(error, "health check")
 
     async def ensure_work_pool(
         self,
