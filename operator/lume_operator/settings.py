@@ -47,6 +47,13 @@ class OperatorSettings(BaseSettings):
         le=600,
         description="Seconds between a FlowOfFlows parent run's reads of a running step.",
     )
+    secret_ttl: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="Seconds a Secret's value (a Prefect API key) is used before it is read "
+        "again: a rotated key takes effect within this time.",
+    )
     cancel_grace: float = Field(
         default=60.0,
         ge=0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ import kopf
 from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.common import Model
 from lume_operator.handlers.kube import Kube, SecretMissing
+from lume_operator.prefect.batching import Batched, RunReader
 from lume_operator.prefect.gateway import PrefectGateway
 from lume_operator.prefect.port import PrefectNotConfigured, PrefectPort
 from lume_operator.reconcile.backend import api_url_of
@@ -27,13 +29,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class State:
-    """One operator run's settings and clients, kept in kopf's memo."""
+    """One operator run's settings and clients, kept in kopf's memo.
+
+    One Prefect client (and connection pool) per API and credentials for the operator's
+    lifetime, one `RunReader` per API (runs in flight read once per interval for every
+    object), and Secret values kept `settings.secret_ttl` seconds: following a thousand runs
+    costs requests per backend, not per object.
+    """
 
     settings: OperatorSettings
     kube: Kube
     slots: asyncio.Semaphore
     # Steps of composition runs already seen final (see follow_composition).
     observed: dict[str, dict[str, StepObservation]] = field(default_factory=dict)
+    clients: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    gateways: dict[tuple[str, str | None, str | None], PrefectGateway] = field(default_factory=dict)
+    readers: dict[str, RunReader] = field(default_factory=dict)
+    secrets: dict[tuple[str, str, str], tuple[str, float]] = field(default_factory=dict)
+    _opening: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @contextlib.asynccontextmanager
     async def connect(self, backend: SchedulingBackend) -> AsyncIterator[PrefectPort]:
@@ -60,19 +73,43 @@ class State:
         default_auth = self.settings.default_api_auth_string
         if auth is None and default_auth and not (prefect and prefect.api_url):
             auth = default_auth.get_secret_value()  # the operator's own default API
-        async with (
-            self.slots,
-            PrefectGateway.connect(
-                api_url=api_url,
-                api_key=api_key,
-                auth_string=auth,
-                timeout=self.settings.prefect_timeout,
-            ) as gateway,
-        ):
-            yield gateway
+        gateway = await self._gateway(api_url, api_key, auth)
+        reader = self.readers.get(api_url)
+        if reader is None:
+            reader = self.readers[api_url] = RunReader(max_age=self.settings.follow_interval * 0.9)
+        async with self.slots:
+            yield Batched(gateway, reader)
+
+    async def _gateway(self, api_url: str, api_key: str | None, auth: str | None) -> PrefectGateway:
+        key = (api_url, api_key, auth)
+        if key not in self.gateways:
+            async with self._opening:
+                if key not in self.gateways:
+                    self.gateways[key] = await self.clients.enter_async_context(
+                        PrefectGateway.connect(
+                            api_url=api_url,
+                            api_key=api_key,
+                            auth_string=auth,
+                            timeout=self.settings.prefect_timeout,
+                        )
+                    )
+        return self.gateways[key]
 
     async def _secret(self, namespace: str, ref: Any) -> str | None:
-        return await self.kube.secret_value(namespace, ref.name, ref.key) if ref else None
+        if ref is None:
+            return None
+        key = (namespace, ref.name, ref.key)
+        cached = self.secrets.get(key)
+        if cached and time.monotonic() - cached[1] < self.settings.secret_ttl:
+            return cached[0]
+        value = await self.kube.secret_value(namespace, ref.name, ref.key)
+        self.secrets[key] = (value, time.monotonic())
+        return value
+
+    async def close(self) -> None:
+        """Close the Prefect clients (at the operator's end)."""
+        await self.clients.aclose()
+        self.gateways.clear()
 
 
 def state_of(memo: kopf.Memo) -> State:

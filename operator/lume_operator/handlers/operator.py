@@ -285,6 +285,13 @@ async def composition_delete(
 # ---- the operator -----------------------------------------------------------------------------
 
 
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    """Close the Prefect clients kept for the operator's lifetime."""
+    if "lume" in memo:
+        await state_of(memo).close()
+
+
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """In a pod the service account; elsewhere $KUBECONFIG (or ~/.kube/config)."""

@@ -168,11 +168,11 @@ class FakePrefect:
         del self.pools[name]
         self.writes += 1
 
-    async def ensure_deployment(self, spec: DeploymentSpec) -> str:
+    async def ensure_deployment(self, spec: DeploymentSpec, *, fresh: bool = False) -> str:
         self._enter("ensure_deployment")
         key = (spec.flow_name, spec.name)
         found = self.deployments.get(key)
-        if found is not None and not spec.differs_from(found[1]):
+        if not fresh and found is not None and not spec.differs_from(found[1]):
             return found[1].id
         view = DeploymentView(
             id=found[1].id if found else str(uuid.uuid4()),

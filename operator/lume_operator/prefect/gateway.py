@@ -150,6 +150,7 @@ class PrefectGateway:
         self.client = client
         self.timeout = timeout
         self.writes = 0
+        self._flow_ids: dict[str, UUID] = {}
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -305,12 +306,30 @@ class PrefectGateway:
         current = await self._read_deployment(flow_name, name)
         return deployment_view(current, flow_name) if current else None
 
-    async def ensure_deployment(self, spec: DeploymentSpec) -> str:
+    async def ensure_deployment(self, spec: DeploymentSpec, *, fresh: bool = False) -> str:
+        if not fresh:
+            current = await self.read_deployment(spec.flow_name, spec.name)
+            if current is not None and not spec.differs_from(current):
+                return current.id
+        try:
+            return await self._write_deployment(spec)
+        except PrefectRejected as error:
+            if error.status_code not in (404, 409) or spec.flow_name not in self._flow_ids:
+                raise
+            self._flow_ids.pop(spec.flow_name)  # the flow was deleted in Prefect meanwhile
+            return await self._write_deployment(spec)
+
+    async def _flow_id(self, flow_name: str, what: str) -> UUID:
+        """A flow's id, created on first use and kept: flows are never renamed."""
+        if flow_name not in self._flow_ids:
+            flow_id = await self._call(self.client.create_flow_from_name(flow_name), what)
+            self._flow_ids[flow_name] = flow_id
+        return self._flow_ids[flow_name]
+
+    async def _write_deployment(self, spec: DeploymentSpec) -> str:
+        """Prefect's deployment create is an upsert by (flow, name): one request either way."""
         what = f"deployment {spec.flow_name}/{spec.name}"
-        current = await self.read_deployment(spec.flow_name, spec.name)
-        if current is not None and not spec.differs_from(current):
-            return current.id
-        flow_id = await self._call(self.client.create_flow_from_name(spec.flow_name), what)
+        flow_id = await self._flow_id(spec.flow_name, what)
         deployment_id = await self._call(
             self.client.create_deployment(
                 flow_id=flow_id,

@@ -187,8 +187,9 @@ class PrefectPort(Protocol):
         as deleted."""
         ...
 
-    async def ensure_deployment(self, spec: DeploymentSpec) -> str:
-        """Upsert a deployment, with no write when nothing would change; its id."""
+    async def ensure_deployment(self, spec: DeploymentSpec, *, fresh: bool = False) -> str:
+        """Upsert a deployment, with no write when nothing would change; its id. `fresh`: the
+        caller has never made it, so it is written without reading it first."""
         ...
 
     async def delete_deployment(self, flow_name: str, name: str) -> None:

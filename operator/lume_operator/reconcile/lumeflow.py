@@ -240,7 +240,7 @@ async def reconcile_flow(
         except ValueError as error:  # an override this backend refuses (a hostPath volume)
             return invalid(status, str(error), generation, phase="Failed")
         async with connect(found) as prefect:
-            deployment_id = await prefect.ensure_deployment(made.spec)
+            deployment_id = await prefect.ensure_deployment(made.spec, fresh=first_deploy)
             failpoints.hit("flow-deployment-ensured")
             status.deployment_id = deployment_id
             if first_deploy:
