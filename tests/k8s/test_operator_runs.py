@@ -328,7 +328,7 @@ def test_forbid_skips_a_request_while_a_run_is_in_flight(
     skipped = status["runs"][0]
     assert skipped["state"] == "Skipped" and skipped["reason"] == "ConcurrencyForbid"
     assert status["lastRun"]["id"] == first
-    assert [r.id for r in runs_of(env, "sleeper")] == [first]
+    assert [str(r.id) for r in runs_of(env, "sleeper")] == [first]
     events = json.loads(kubectl("get", "events", "-o", "json").stdout)["items"]
     assert "RunSkipped" in {e["reason"] for e in events}
     # A spec change alone starts no OnRequest run.
@@ -514,8 +514,8 @@ def test_one_owner_per_work_pool(
     env, k8s_emulator, kubectl: Kubectl, run_kopf_operator, monkeypatch
 ):
     start_operator(run_kopf_operator, monkeypatch)
-    kubectl("create", "namespace", "team-a")
-    kubectl("create", "namespace", "team-b")
+    for namespace in ("team-a", "team-b"):  # YAML: the emulator takes no protobuf
+        apply(kubectl, f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}}}\n")
     shared = "  workPool: {name: shared}\n  agent: {replicas: 0}\n"
     first, second = (
         backend("local", ns, shared).replace("  agent: {replicas: 1}\n", "")
@@ -552,7 +552,20 @@ def test_one_owner_per_work_pool(
 def test_an_agent_name_already_taken_is_never_adopted(
     env, k8s_emulator, kubectl: Kubectl, run_kopf_operator, monkeypatch
 ):
-    kubectl("create", "deployment", "local-agent", "--image=registry.example/someone-else:1")
+    apply(
+        kubectl,
+        """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: local-agent, namespace: default}
+spec:
+  selector: {matchLabels: {app: someone-else}}
+  template:
+    metadata: {labels: {app: someone-else}}
+    spec:
+      containers: [{name: app, image: "registry.example/someone-else:1"}]
+""",
+    )
     start_operator(run_kopf_operator, monkeypatch)
     apply(kubectl, backend())
     status = wait_for(

@@ -38,6 +38,7 @@ from lume_operator.reconcile.outcome import status_of
 from lume_operator.settings import OperatorSettings
 
 PACE = OperatorSettings()
+KOPF_PREFIX = f"kopf.{GROUP}"
 BACKENDS, FLOWS, COMPOSITIONS = (
     PLURALS[k] for k in ("SchedulingBackend", "LumeFlow", "FlowOfFlows")
 )
@@ -303,9 +304,12 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Our finalizer and annotation names, quiet event posting, fast reconnects; this run's
     settings and clients into the memo (a kubeconfig may differ from the last run's)."""
     settings.persistence.finalizer = f"{GROUP}/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    # kopf's own annotations under a prefix of their own: kopf leaves every annotation under
+    # its storage prefix out of the changes it reacts to, and users' `lume.dev/run-request`
+    # must start runs.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
+        prefix=KOPF_PREFIX, key="last-handled-configuration"
     )
     # Our transitions are posted as events with kopf.event; kopf's own handler logs are not.
     settings.posting.level = logging.WARNING
