@@ -6,6 +6,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 
@@ -31,6 +33,10 @@ def prefect_api(startup_timeout: int = 120) -> Iterator[tuple[str, bool]]:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url, True
     finally:
+        # Logs and events still queued for the API go now, while it is up: sent after it
+        # stopped, Prefect retries them for a minute before the process can exit.
+        APILogWorker.drain_all(timeout=5)
+        EventsWorker.drain_all(timeout=5)
         if previous is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
