@@ -215,6 +215,29 @@ def running(server: EmulatorServer, name: str) -> dict[str, Any]:
     )
 
 
+def long_study_running(server: EmulatorServer, kubectl: Kubectl) -> dict[str, Any]:
+    """A FlowOfFlows of one long step, applied; its status once the step runs."""
+    apply(kubectl, lumeflow("sleeper", "sleepy", "{policy: OnRequest}"))
+    wait_for(server, LF, "sleeper", lambda s: s.get("deploymentId"))
+    apply(
+        kubectl,
+        """
+apiVersion: lume.dev/v1alpha1
+kind: FlowOfFlows
+metadata: {name: long-study, namespace: default}
+spec:
+  steps:
+    - {name: wait, flowRef: {name: sleeper}}
+""",
+    )
+    return wait_for(
+        server,
+        FOF,
+        "long-study",
+        lambda s: any(step.get("phase") == "Running" for step in s.get("steps") or []),
+    )
+
+
 # ---- cancellation -----------------------------------------------------------------------
 
 
@@ -242,25 +265,7 @@ def test_deleting_a_flow_of_flows_cancels_its_parent_and_steps(
     start_operator(run_kopf_operator, monkeypatch)
     apply(kubectl, backend())
     worker()
-    apply(kubectl, lumeflow("sleeper", "sleepy", "{policy: OnRequest}"))
-    wait_for(k8s_emulator, LF, "sleeper", lambda s: s.get("deploymentId"))
-    apply(
-        kubectl,
-        """
-apiVersion: lume.dev/v1alpha1
-kind: FlowOfFlows
-metadata: {name: long-study, namespace: default}
-spec:
-  steps:
-    - {name: wait, flowRef: {name: sleeper}}
-""",
-    )
-    status = wait_for(
-        k8s_emulator,
-        FOF,
-        "long-study",
-        lambda s: any(step.get("phase") == "Running" for step in s.get("steps") or []),
-    )
+    status = long_study_running(k8s_emulator, kubectl)
     parent = status["run"]["id"]
     child = next(step["run"]["id"] for step in status["steps"] if step.get("run"))
     pid = pid_of(project, child)
@@ -645,25 +650,7 @@ def test_killed_in_a_flow_of_flows_deletion_leaves_nothing(
     _restart(run_kopf_operator, monkeypatch, None)
     apply(kubectl, backend())
     worker()
-    apply(kubectl, lumeflow("sleeper", "sleepy", "{policy: OnRequest}"))
-    wait_for(k8s_emulator, LF, "sleeper", lambda s: s.get("deploymentId"))
-    apply(
-        kubectl,
-        """
-apiVersion: lume.dev/v1alpha1
-kind: FlowOfFlows
-metadata: {name: long-study, namespace: default}
-spec:
-  steps:
-    - {name: wait, flowRef: {name: sleeper}}
-""",
-    )
-    status = wait_for(
-        k8s_emulator,
-        FOF,
-        "long-study",
-        lambda s: any(step.get("phase") == "Running" for step in s.get("steps") or []),
-    )
+    status = long_study_running(k8s_emulator, kubectl)
     parent = status["run"]["id"]
     dying = _restart(run_kopf_operator, monkeypatch, "composition-runs-cancelled")
     kubectl("delete", "fof", "long-study", "--wait=false")

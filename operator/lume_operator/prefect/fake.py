@@ -21,8 +21,8 @@ from lume_operator.prefect.port import (
     PrefectError,
     PrefectRejected,
     RunState,
-    WorkPoolOwnedElsewhere,
     WorkPoolView,
+    check_pool,
     owned_by,
     owner_mark,
 )
@@ -138,15 +138,7 @@ class FakePrefect:
             )
             self.pools[name] = pool
             self.writes += 1
-        if pool.type != pool_type:
-            raise PrefectRejected(
-                f"work pool {name!r} exists with type {pool.type!r}, not {pool_type!r}"
-            )
-        if not adopt and owner and not owned_by(pool.description, owner):
-            raise WorkPoolOwnedElsewhere(
-                f"work pool {name!r} exists and was not created by this backend: set "
-                "workPool.adopt to use it as it is, or name another pool"
-            )
+        check_pool(name, pool_type, pool.type, pool.description, owner=owner, adopt=adopt)
         if not adopt and (
             pool.base_job_template != base_job_template
             or pool.concurrency_limit != concurrency_limit

@@ -99,6 +99,28 @@ class PrefectNotConfigured(PrefectError):
         self.reason = reason
 
 
+def check_pool(
+    name: str,
+    pool_type: str,
+    current_type: str,
+    description: str | None,
+    *,
+    owner: str | None,
+    adopt: bool,
+) -> None:
+    """Whether an existing work pool is this backend's to use: its type, and (unless adopted)
+    its owner's mark; the error says which is wrong."""
+    if current_type != pool_type:
+        raise PrefectRejected(
+            f"work pool {name!r} exists with type {current_type!r}, not {pool_type!r}"
+        )
+    if not adopt and owner and not owned_by(description, owner):
+        raise WorkPoolOwnedElsewhere(
+            f"work pool {name!r} exists and was not created by this backend: set "
+            "workPool.adopt to use it as it is, or name another pool"
+        )
+
+
 def is_outage_status(status_code: int) -> bool:
     """HTTP statuses that say "try again later" rather than "no"."""
     return status_code >= 500 or status_code in (408, 429)
