@@ -200,6 +200,12 @@ def _by_run_id(documents: list[dict[str, Any]], run_id: str, where: str) -> Targ
         status = _status(doc)
         if doc["kind"] == "LumeFlow" and same(status.get("lastRun")):
             return _whole(doc)
+        if doc["kind"] == "LumeFlow":  # an older run, from the history (status.runs)
+            for run in status.get("runs") or []:
+                if same(run):
+                    return Target(
+                        "LumeFlow", _namespace(doc), _name(doc), _results(run.get("results"))
+                    )
         if doc["kind"] == "FlowOfFlows":
             if same(status.get("run")):
                 return _whole(doc)
@@ -213,7 +219,7 @@ def _by_run_id(documents: list[dict[str, Any]], run_id: str, where: str) -> Targ
                         step=step.get("name"),
                     )
     raise ResultsCLIError(
-        f"flow run {run_id} is in no status in {where} (looked at each LumeFlow's last run, "
+        f"flow run {run_id} is in no status in {where} (looked at each LumeFlow's runs, "
         "each FlowOfFlows' run and its steps' runs)"
     )
 
