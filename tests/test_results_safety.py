@@ -121,3 +121,28 @@ def test_a_pickled_flow_result_is_refused_and_its_payload_never_runs(
     ready = next(c for c in document["status"]["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "ResultsInvalid" and "pickle" in ready["message"]
     assert list(markers.iterdir()) == [], "the pickled payload ran"
+
+
+@pytest.mark.unit
+def test_a_custom_file_type_named_in_a_result_is_not_imported(tmp_path, monkeypatch):
+    """Checking a completed run's results reads descriptions as data: the module a
+    `File[module:Serializer]` names is not imported (its top-level code would run in the
+    operator)."""
+    from lume_operator.api.flow import ResultSpec
+    from lume_operator.reconcile.flowrun import result_statuses
+
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_serializer.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "data.bin"
+    data.write_text("x")
+    description = {
+        "filename": str(data),
+        "filesystem_identifier": "local",
+        "file_type_string": "File[evil_serializer:Serializer]",
+    }
+    (status,) = result_statuses({"out": description}, [ResultSpec(name="out")], None)
+    assert status.type == "File[evil_serializer:Serializer]" and status.location == str(data)
+    assert not marker.exists(), "the module a stored description names was imported"

@@ -223,7 +223,8 @@ async def test_parent_deployment_and_one_run_in_prefect(fake, connect):
     assert spec.job_variables["env"] == {**RESULT_ENV, "OMP_NUM_THREADS": "1"}
     assert spec.description == "FlowOfFlows default/beam-study, managed by lume-operator."
     assert spec.parameters == {}
-    assert fake.calls == {"ensure_deployment": 1, "create_flow_run": 1}
+    # a new generation asks for parent runs in flight (to cancel), then starts its own
+    assert fake.calls == {"ensure_deployment": 1, "active_runs": 1, "create_flow_run": 1}
     assert len(fake.deployments) == 1  # referenced LumeFlows deploy themselves
 
     (run,) = fake.runs.values()
@@ -968,3 +969,19 @@ async def test_deployments_made_before_a_refused_run_are_deleted(connect, settin
     assert fake.deployments
     await delete(body, refused.status, connect)
     assert not fake.deployments
+
+
+@pytest.mark.asyncio
+async def test_a_new_generation_cancels_the_parent_run_in_flight(fake, connect):
+    settings = make_settings()
+    first = await reconcile(
+        composition_manifest(generation=1), FlowOfFlowsStatus(), connect, settings
+    )
+    old = first.status.run.id
+    fake.set_state(old, "RUNNING")
+    child = fake.add_child(old, first.status.deployment_id, ["lume.dev/step=beam"])
+    fake.set_state(child, "RUNNING")
+    second = await reconcile(composition_manifest(generation=2), first.status, connect, settings)
+    assert second.status.run.id != old and second.status.run.generation == 2
+    assert fake.runs[old].view.state.type == "CANCELLING"
+    assert fake.runs[child].view.state.type == "CANCELLING"

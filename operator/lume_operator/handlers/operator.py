@@ -175,6 +175,7 @@ async def flow_follow(
         backend=_backend_of(body, backend_index),
         connect=state_of(memo).connect,
         now=datetime.now(UTC),
+        grace=state_of(memo).settings.cancel_grace,
     )
     apply_outcome(outcome, body, status, patch)
 

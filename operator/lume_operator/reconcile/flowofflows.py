@@ -265,9 +265,15 @@ async def reconcile_composition(
             flow_run = None
             if not (status.run and status.run.generation == generation and status.run.id):
                 uid = fof.metadata.uid or ""
+                key = idempotency_key(uid, generation, 0)
+                # A new generation supersedes the old: its parent run and steps are cancelled.
+                for old in await prefect.active_runs(deployment_id):
+                    if old.idempotency_key != key:
+                        for run in [old, *await prefect.child_runs(old.id)]:
+                            await prefect.cancel_flow_run(run.id)
                 flow_run = await prefect.create_flow_run(
                     deployment_id,
-                    idempotency_key=idempotency_key(uid, generation, 0),
+                    idempotency_key=key,
                     parameters={
                         "steps": plan_steps(fof, by_step, uid),
                         "poll_interval": settings.step_poll_interval,

@@ -12,9 +12,9 @@ from lume_operator.prefect.serializer import is_unencodable, unencodable_message
 from lume_operator.results import (
     FileDescriptionError,
     FilesystemError,
+    described_file,
     find_file_descriptions,
     is_file_description,
-    load_file,
 )
 from lume_operator.results.discover import find_values
 from lume_operator.results.store import find_db_locations, is_db_location
@@ -94,8 +94,9 @@ def result_statuses(
     for item in found:
         if is_file_description(item.value):
             try:
-                file = load_file(item.value)
-                exists = file.exists()
+                # As data: a File[module:Serializer] named in stored data is not imported.
+                file = described_file(item.value)
+                exists = file.exists
             except (FileDescriptionError, FilesystemError) as error:
                 raise ResultError(f"result {item.name!r}: {error}") from None
             if expected.get(item.name) and expected[item.name] != file.file_type_string:

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Self, TypeVar
 
@@ -242,8 +243,8 @@ class File(BaseModel, Generic[SerializerT]):
         return (load_file, (self.description(),))
 
 
-def load_file(description: dict[str, Any] | str) -> File[Any]:
-    """Rebuild the File a description (dict or its JSON string) was made from."""
+def _valid_description(description: dict[str, Any] | str) -> dict[str, str]:
+    """A description's three strings, or FileDescriptionError saying what is wrong."""
     if isinstance(description, str):
         try:
             description = json.loads(description)
@@ -267,6 +268,16 @@ def load_file(description: dict[str, Any] | str) -> File[Any]:
         raise FileDescriptionError(
             f"invalid file description (not strings: {', '.join(not_strings)})"
         )
+    return description
+
+
+def load_file(description: dict[str, Any] | str) -> File[Any]:
+    """Rebuild the File a description (dict or its JSON string) was made from.
+
+    It imports the module a `File[module:Serializer]` names: only for descriptions the caller
+    trusts (its own flows). To check one read back from storage, use `described_file`.
+    """
+    description = _valid_description(description)
     cls = file_type(description["file_type_string"])
     return cls(
         filename=description["filename"],
@@ -413,3 +424,31 @@ def result_path(name: str) -> str:
     if relative.is_absolute() or ".." in relative.parts:
         raise ValueError(f"result name must be a relative path inside the results dir: {name!r}")
     return str(results_dir() / relative)
+
+
+@dataclass(frozen=True)
+class DescribedFile:
+    """What a description says and whether its file is there, known without its class."""
+
+    filename: str
+    filesystem_identifier: str
+    file_type_string: str
+    exists: bool
+
+
+def described_file(description: dict[str, Any] | str) -> DescribedFile:
+    """Check a description as data: its keys, a file type that is known or well-formed
+    (`File[module:Serializer]`, never imported here), and whether its file exists."""
+    description = _valid_description(description)
+    type_string = description["file_type_string"]
+    with _types_lock:
+        known = type_string in _types_by_name
+    if not known and _FILE_TYPE_PATTERN.match(type_string) is None:
+        file_type(type_string)  # raises UnknownFileTypeError, naming the known types
+    filesystem = get_filesystem(description["filesystem_identifier"])
+    return DescribedFile(
+        description["filename"],
+        description["filesystem_identifier"],
+        type_string,
+        filesystem.resolve(description["filename"]).exists(),
+    )
