@@ -20,6 +20,7 @@ from lume_operator.reconcile.outcome import (
     Outcome,
     held,
     invalid,
+    orphaned,
     parse_object,
     prefect_trouble,
     set_conditions,
@@ -183,8 +184,7 @@ async def delete_backend(
     if problem or (backend.spec.work_pool and backend.spec.work_pool.adopt):
         return Outcome(status)
     if backend.spec.deletion_policy == "Orphan":
-        message = f"work pool {backend.work_pool_name!r} left in Prefect (Orphan)"
-        return Outcome(status, [Event("Normal", "Orphaned", message)])
+        return orphaned(status, f"work pool {backend.work_pool_name!r}")
     try:
         async with connect(backend) as prefect:
             await prefect.delete_work_pool(

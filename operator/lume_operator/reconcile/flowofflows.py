@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from lume_operator import failpoints
-from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.flow import FlowRunStatus, LumeFlow, ResultStatus
 from lume_operator.api.flowofflows import FlowOfFlows, FlowOfFlowsStatus, StepStatus
 from lume_operator.api.manifests import parse_resource
@@ -27,7 +26,7 @@ from lume_operator.prefect.port import (
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.deploy import composition_deployment, flow_deployment
 from lume_operator.reconcile.flowrun import phase_of, run_outcome, run_status
-from lume_operator.reconcile.lumeflow import find_backend
+from lume_operator.reconcile.lumeflow import backend_for_deletion, find_backend
 from lume_operator.reconcile.outcome import (
     TROUBLE,
     Connect,
@@ -37,6 +36,7 @@ from lume_operator.reconcile.outcome import (
     Waiting,
     held,
     invalid,
+    orphaned,
     parse_object,
     prefect_trouble,
     set_conditions,
@@ -355,21 +355,13 @@ async def delete_composition(
     if problem or not status.deployment_id:
         return Outcome(status)
     if fof.spec.deletion_policy == "Orphan":
-        message = f"deployment {status.deployment_id} and its runs left in Prefect (Orphan)"
-        return Outcome(status, [Event("Normal", "Orphaned", message)])
+        return orphaned(status, f"deployment {status.deployment_id} and its runs")
     namespace = fof.metadata.namespace
     by_step = step_flows(fof, {n: f for n, (f, _) in _flows(flows, namespace).items()})
     name = _backend_name(fof, by_step) or ""
-    entry = backends.get(name)
-    backend, _problems = (
-        parse_resource(entry.body, f"SchedulingBackend {namespace}/{name}") if entry else (None, [])
-    )
+    backend = backend_for_deletion(backends.get(name), namespace, name, settings)
     if backend is None:
-        if not settings.default_api_url:
-            return Outcome(status)
-        backend = SchedulingBackend.model_validate(
-            {"metadata": {"name": name, "namespace": namespace}, "spec": {"type": "process"}}
-        )
+        return Outcome(status)
     force = waited >= settings.cancel_grace
     try:
         async with connect(backend) as prefect:

@@ -32,6 +32,7 @@ from lume_operator.reconcile.outcome import (
     Waiting,
     held,
     invalid,
+    orphaned,
     parse_object,
     prefect_trouble,
     set_conditions,
@@ -514,14 +515,19 @@ async def follow_flow(
         return prefect_trouble(status, error, retry_in=None)
 
 
-def _default_backend(flow: LumeFlow) -> SchedulingBackend:
-    """A stand-in for a backend already deleted: the operator's default Prefect API."""
-    return SchedulingBackend.model_validate(
-        {
-            "metadata": {"name": flow.spec.backend_ref.name, "namespace": flow.metadata.namespace},
-            "spec": {"type": "process"},
-        }
-    )
+def backend_for_deletion(
+    found: Found | None, namespace: str, name: str, settings: OperatorSettings
+) -> SchedulingBackend | None:
+    """The backend whose Prefect API a deletion goes to, ready or not. One already deleted
+    (first, or with it) is stood in for by the operator's default API, where the objects may
+    still be; None when there is none."""
+    where = f"SchedulingBackend {namespace}/{name}"
+    backend, _problems = parse_resource(found.body, where) if found else (None, [])
+    if backend is None and settings.default_api_url:
+        backend = SchedulingBackend.model_validate(
+            {"metadata": {"name": name, "namespace": namespace}, "spec": {"type": "process"}}
+        )
+    return backend
 
 
 async def delete_flow(
@@ -541,16 +547,11 @@ async def delete_flow(
     if problem or not status.deployment_id:
         return Outcome(status)
     if flow.spec.deletion_policy == "Orphan":
-        message = f"deployment {status.deployment_id} and its runs left in Prefect (Orphan)"
-        return Outcome(status, [Event("Normal", "Orphaned", message)])
-    where = f"SchedulingBackend {flow.metadata.namespace}/{flow.spec.backend_ref.name}"
-    found, _problems = parse_resource(backend.body, where) if backend else (None, [])
+        return orphaned(status, f"deployment {status.deployment_id} and its runs")
+    namespace, name = flow.metadata.namespace, flow.spec.backend_ref.name
+    found = backend_for_deletion(backend, namespace, name, settings)
     if found is None:
-        # Its backend is gone already (deleted first, or with it): the deployment may still
-        # be there, in the operator's default Prefect API if it has one.
-        if not settings.default_api_url:
-            return Outcome(status)
-        found = _default_backend(flow)
+        return Outcome(status)
     force = waited >= settings.cancel_grace
     try:
         async with connect(found) as prefect:

@@ -181,3 +181,8 @@ def held(
         return Outcome(status, [event], retry_in=settings.max_backoff, retry_message=message)
     set_conditions(status, conditions.progressing(error.reason, message))
     return Outcome(status, retry_in=settings.backoff(retry), retry_message=message)
+
+
+def orphaned(status: StatusT, what: str) -> Outcome[StatusT]:
+    """`deletionPolicy: Orphan`: released at once, `what` left in Prefect, and said so."""
+    return Outcome(status, [Event("Normal", "Orphaned", f"{what} left in Prefect (Orphan)")])
