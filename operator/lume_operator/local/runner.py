@@ -30,7 +30,7 @@ from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.flow import LumeFlow, LumeFlowStatus
 from lume_operator.api.flowofflows import FlowOfFlows, FlowOfFlowsStatus, StepStatus
 from lume_operator.api.manifests import Manifests, Problem
-from lume_operator.backends import get_backend, tags
+from lume_operator.backends import tags
 from lume_operator.flows.convert import load_manifests
 from lume_operator.flows.plan import plan_steps, step_flows, steps_with_mapped_tasks
 from lume_operator.local.checks import (
@@ -47,6 +47,7 @@ from lume_operator.prefect.port import FINAL_STATES, PrefectError, idempotency_k
 from lume_operator.prefect.serializer import LOCAL_RESULT_ENV
 from lume_operator.prefect.server import prefect_api
 from lume_operator.reconcile import conditions
+from lume_operator.reconcile.backend import ensure_pool
 from lume_operator.reconcile.deploy import composition_deployment, flow_deployment
 from lume_operator.reconcile.flowofflows import (
     StepObservation,
@@ -350,21 +351,11 @@ class LocalRunner:
         anyio.run(self.run, planned, compositions)
 
     async def _ensure_pool(self, gateway: Any, backend: SchedulingBackend, queue: str) -> str:
-        runner = get_backend("process")
         pool = backend.work_pool_name
         if pool not in self._pools_ready:
-            adopt = bool(backend.spec.work_pool and backend.spec.work_pool.adopt)
-            limit = backend.spec.work_pool.concurrency_limit if backend.spec.work_pool else None
-            await gateway.ensure_work_pool(
-                pool,
-                runner.work_pool_type,
-                runner.base_job_template(),
-                adopt=adopt,
-                concurrency_limit=limit,
-                queues=backend.spec.labels or [],
-            )
+            await ensure_pool(gateway, backend, "process")
             self._pools_ready.add(pool)
-            self.say(backend.key, f"work pool {pool!r} ({runner.work_pool_type}) ready")
+            self.say(backend.key, f"work pool {pool!r} (process) ready")
         self.queues.setdefault(pool, set()).add(queue)
         return pool
 

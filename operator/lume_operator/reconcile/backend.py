@@ -9,7 +9,12 @@ from lume_operator import failpoints
 from lume_operator.api.backend import SchedulingBackend, SchedulingBackendStatus
 from lume_operator.backends import get_backend
 from lume_operator.backends.agent import agent_name, agent_objects
-from lume_operator.prefect.port import PrefectError, PrefectNotConfigured, pool_owner
+from lume_operator.prefect.port import (
+    PrefectError,
+    PrefectNotConfigured,
+    PrefectPort,
+    pool_owner,
+)
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.outcome import (
     TROUBLE,
@@ -70,6 +75,25 @@ def _agent_conditions(
     return [*overall, agent]
 
 
+async def ensure_pool(
+    prefect: PrefectPort, backend: SchedulingBackend, backend_type: str | None = None
+) -> str:
+    """The backend's work pool as its spec says (type, template, adoption, limit, queues),
+    marked with its uid when it has one; `backend_type` overrides its type (the local runner
+    runs everything as processes)."""
+    runner = get_backend(backend_type or backend.spec.type)
+    work_pool = backend.spec.work_pool
+    return await prefect.ensure_work_pool(
+        backend.work_pool_name,
+        runner.work_pool_type,
+        runner.base_job_template(),
+        adopt=bool(work_pool and work_pool.adopt),
+        concurrency_limit=work_pool.concurrency_limit if work_pool else None,
+        queues=backend.spec.labels or [],
+        owner=pool_owner(backend.metadata.uid),
+    )
+
+
 def wanted_replicas(backend: SchedulingBackend) -> int:
     return backend.spec.agent.replicas if backend.spec.agent else 1
 
@@ -90,20 +114,10 @@ async def reconcile_backend(
         return invalid(status, problem, generation)
     pool = backend.work_pool_name
     status.observed_generation, status.work_pool_name = generation, pool
-    runner = get_backend(backend.spec.type)
-    work_pool = backend.spec.work_pool
     first_time = not status.work_pool_id
     try:
         async with connect(backend) as prefect:
-            pool_id = await prefect.ensure_work_pool(
-                pool,
-                runner.work_pool_type,
-                runner.base_job_template(),
-                adopt=bool(work_pool and work_pool.adopt),
-                concurrency_limit=work_pool.concurrency_limit if work_pool else None,
-                queues=backend.spec.labels or [],
-                owner=pool_owner(backend.metadata.uid or ""),
-            )
+            pool_id = await ensure_pool(prefect, backend)
     except PrefectError as error:
         return prefect_trouble(status, error, retry_in=settings.backoff(retry))
     failpoints.hit("backend-pool-ensured")
@@ -188,7 +202,7 @@ async def delete_backend(
     try:
         async with connect(backend) as prefect:
             await prefect.delete_work_pool(
-                backend.work_pool_name, owner=pool_owner(backend.metadata.uid or "")
+                backend.work_pool_name, owner=pool_owner(backend.metadata.uid)
             )
     except PrefectNotConfigured as error:
         if error.reason == "NoPrefectAPI":

@@ -316,10 +316,18 @@ def needs_following(flow: LumeFlow, status: LumeFlowStatus) -> bool:
         return True
     in_flight = any(r.id and r.state_type not in FINAL_STATES for r in history(status))
     last = status.last_run
-    # A run can already be final when its creation is recorded (it ended while the operator
-    # was down): it is done only once its phase (and results) are written too.
-    unwritten = bool(last and last.id) and status.phase not in ("Completed", "Failed")
-    return in_flight or unwritten
+    return in_flight or (bool(last and last.id) and not end_written(status))
+
+
+def end_written(status: LumeFlowStatus) -> bool:
+    """Whether lastRun's end is decided: a run can already be final when its creation is
+    recorded (it ended while the operator was down); it is done only once its phase (and
+    results) are written too."""
+    last = status.last_run
+    return bool(last and last.state_type in FINAL_STATES) and status.phase in (
+        "Completed",
+        "Failed",
+    )
 
 
 def _elapsed(since: str | None, now: datetime) -> float | None:
@@ -368,10 +376,7 @@ async def follow_run(
             record(status, started, policy.history_limit)
             status.phase = "Running"  # a new run: the last one's end is decided already
     last = status.last_run
-    decided = bool(last and last.state_type in FINAL_STATES) and status.phase in (
-        "Completed",
-        "Failed",
-    )
+    decided = end_written(status)
     entries = history(status)
     open_ids = [r.id for r in entries if r.id and r.state_type not in FINAL_STATES]
     if last and last.id and not decided and last.id not in open_ids:
