@@ -103,7 +103,13 @@ DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
     "v1/configmaps": _resource_info("ConfigMap", "configmap", shortnames=["cm"]),
     "v1/serviceaccounts": _resource_info("ServiceAccount", "serviceaccount", shortnames=["sa"]),
     "v1/events": _resource_info("Event", "event", shortnames=["ev"]),
-    "v1/pods": _resource_info("Pod", "pod", shortnames=["po"], subresources=["status"]),
+    "v1/pods": _resource_info(
+        "Pod", "pod", shortnames=["po"], subresources=["status", "log"]
+    ),
+    "v1/persistentvolumeclaims": _resource_info(
+        "PersistentVolumeClaim", "persistentvolumeclaim", shortnames=["pvc"],
+        subresources=["status"],
+    ),
     "apps/v1/deployments": _resource_info(
         "Deployment", "deployment", shortnames=["deploy"], subresources=["status"]
     ),
@@ -155,6 +161,7 @@ def _error(status: int, reason: str, message: str, **details: Any) -> ApiError:
     )
 
 
+_PODS = kmock.resource("v1/pods")
 _END: dict[str, Any] = {}  # the end-of-stream marker in a watch queue
 
 
@@ -294,6 +301,16 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
     )
     _watchers: list[tuple[rendering.Request, asyncio.Queue[dict[str, Any]]]] = attrs.field(
         factory=list, init=False
+    )
+    # Admission: each is called with (resource, namespace, object) before a create is stored and
+    # raises an `ApiError` to refuse it (the node's Pod Security and ServiceAccount checks).
+    admission: list[Callable[[kmock.resource, str | None, dict[str, Any]], None]] = attrs.field(
+        factory=list, init=False
+    )
+    # Where `pods/log` reads come from: (namespace, pod, container or None) -> the log so far and
+    # whether it can still grow; the node that runs the pods sets it.
+    pod_log: Callable[[str, str, str | None], tuple[str, bool]] | None = attrs.field(
+        default=None, init=False
     )
 
     def __attrs_post_init__(self) -> None:
@@ -439,6 +456,9 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
                 404, "NotFound", f'namespaces "{ns}" not found', name=ns, kind="namespaces"
             )
         existing = self._stored(res, ns, meta["name"])
+        if existing is None and not dry_run:
+            for admit in self.admission:
+                admit(res, ns, body)
         if existing is not None:
             raise _error(
                 409,
@@ -666,7 +686,39 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
             obj = self._stored(request.resource, ns, request.name)
         if obj is None:
             raise self._not_found(request.resource, request.name)
+        if request.subresource == "log" and request.resource == _PODS:
+            return self._serve_pod_log(request)
         return obj
+
+    def _serve_pod_log(self, request: rendering.Request) -> rendering.Response:
+        """A container's output as the kubelet keeps it: text, whole or followed (`follow`)."""
+        assert request.namespace is not None and request.name is not None
+        ns, name = request.namespace, request.name
+        container = request.params.get("container")
+        if self.pod_log is None:
+            raise _error(400, "BadRequest", f'container of pod "{name}" is not running')
+        text, growing = self.pod_log(ns, name, container)
+        headers = {"Content-Type": "text/plain"}
+        tail = request.params.get("tailLines")
+        if tail:
+            text = "".join(text.splitlines(keepends=True)[-int(tail) :])
+        if request.params.get("follow") != "true" or not growing:
+            return rendering.Response(headers=headers, payload=text.encode())
+        source = self.pod_log
+
+        async def follow() -> AsyncIterator[bytes]:
+            sent = text
+            yield sent.encode()
+            while True:
+                await asyncio.sleep(0.2)
+                now, still = source(ns, name, container)
+                if len(now) > len(sent):
+                    yield now[len(sent) :].encode()
+                    sent = now
+                if not still:
+                    return
+
+        return rendering.Response(headers=headers, payload=follow())
 
     @override
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
@@ -949,6 +1001,46 @@ class EmulatorServer:
                 return copy.deepcopy(new)
 
         return self.call(patch)
+
+    def create_object(
+        self, resource: str, namespace: str | None, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Create as a controller would (admission applies; watchers see ADDED)."""
+        emulator = self.emulator
+        res = kmock.resource(resource)
+
+        async def create() -> dict[str, Any]:
+            async with emulator._lock:
+                events: list[tuple[kmock.resource, dict[str, Any]]] = []
+                new = emulator._create(res, namespace, copy.deepcopy(dict(body)), events)
+                emulator._publish(events)
+                return copy.deepcopy(new)
+
+        return self.call(create)
+
+    def delete_object(self, resource: str, namespace: str | None, name: str) -> None:
+        """Delete as a controller would (owned objects are collected); absent is fine."""
+        emulator = self.emulator
+        res = kmock.resource(resource)
+
+        async def delete() -> None:
+            async with emulator._lock:
+                if emulator._stored(res, namespace, name) is None:
+                    return
+                events: list[tuple[kmock.resource, dict[str, Any]]] = []
+                emulator._delete(res, namespace, name, {}, events)
+                emulator._publish(events)
+
+        self.call(delete)
+
+    def list_objects(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Every live object of a resource (deep copies), optionally in one namespace."""
+        res = kmock.resource(resource)
+        return [
+            copy.deepcopy(obj.raw)
+            for (r, ns, _), obj in list(self.emulator._objects.items())
+            if r == res and not obj.deleted and (namespace is None or ns == namespace)
+        ]
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 10, interval: float = 0.05) -> T:
