@@ -405,7 +405,7 @@ def test_rendered_jobs_pass_pss_restricted(variables, monkeypatch):
     from prefect.client.schemas.objects import FlowRun
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
-    from tests.pss import pss_restricted_problems
+    from lume_operator.backends.pss import pss_restricted_problems
 
     backend = get_backend("kubernetes")
     config, _ = backend.run_config(variables)

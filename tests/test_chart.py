@@ -34,7 +34,7 @@ from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.crds import write_chart_crds
 from lume_operator.backends.agent import WORKER_RULES, agent_objects
 from tests.k8s.tools import helm_path
-from tests.pss import pod_templates, pss_restricted_problems
+from lume_operator.backends.pss import pod_templates, pss_restricted_problems
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.pss import pod_templates, pss_restricted_problems
+from lume_operator.backends.pss import pod_templates, pss_restricted_problems
 
 pytestmark = pytest.mark.unit
 

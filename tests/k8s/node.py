@@ -4,7 +4,7 @@ Why: a test world that runs pods as processes of the test, on its disk and as it
 what a cluster separates (a result written to the pod's own filesystem, a secret copied into a
 Job, a pod that fails Pod Security). `Node` plays the parts of a cluster that make pods real:
 
-- admission: a Pod that fails PSS `restricted` (`tests/pss.py`) or names a ServiceAccount that
+- admission: a Pod that fails PSS `restricted` (`lume_operator/backends/pss.py`) or names a ServiceAccount that
   does not exist is refused with 403, as the API server's admission plugins do;
 - the Deployment and Job controllers: pods for Deployments (no ReplicaSet in between) and Jobs
   (with the labels, owner references, backoff, deadline, TTL and status the job controller
@@ -50,7 +50,7 @@ from docker.types import Mount
 from kubernetes.utils import parse_quantity
 
 from tests.k8s.emulator import ApiError, EmulatorServer, _error
-from tests.pss import pss_restricted_problems
+from lume_operator.backends.pss import pss_restricted_problems
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,15 @@
 """The Pod Security Standards' `restricted` profile (with all of `baseline`), checked field by field.
 
-Why our own checker: there is no cluster here, so no Pod Security admission to ask. This follows
-the list at kubernetes.io/docs/concepts/security/pod-security-standards (policy version 1.33)
-control by control, so a failure names the control and the field path, the way admission's own
-message does. Windows-only exemptions (`spec.os.name: windows`) are not modelled: our pods are
-Linux pods.
+Why our own checker: a `jobTemplatePatch` is merged into a work pool's Job template long before
+any Pod reaches admission, and a Job whose pods admission refuses never starts and says so only
+in Events. The operator checks the merged template here and refuses the patch in status instead.
+The tests' cluster (`tests/k8s/node.py`) uses the same checks as its Pod Security admission, and
+the chart's tests on every pod template it renders.
 
-Used on every pod template the chart renders and, by the operator's tests, on the agent
-Deployment and the flow-run Job template the operator creates.
+This follows the list at kubernetes.io/docs/concepts/security/pod-security-standards (policy
+version 1.33) control by control, so a failure names the control and the field path, the way
+admission's own message does. Windows-only exemptions (`spec.os.name: windows`) are not
+modelled: our pods are Linux pods.
 """
 
 from __future__ import annotations
