@@ -65,7 +65,11 @@ def _merge_list(target: list[Any], patch: list[Any], key: str, field: str) -> li
         if not isinstance(item, Mapping) or key not in item:
             raise ValueError(f"{field}: each item needs its merge key {key!r}")
         index = next(
-            (i for i, old in enumerate(merged) if isinstance(old, Mapping) and old.get(key) == item[key]),
+            (
+                i
+                for i, old in enumerate(merged)
+                if isinstance(old, Mapping) and old.get(key) == item[key]
+            ),
             None,
         )
         if item.get(DIRECTIVE) == "delete":
