@@ -33,8 +33,8 @@ import lume_operator
 from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.crds import write_chart_crds
 from lume_operator.backends.agent import WORKER_RULES, agent_objects
-from tests.k8s.tools import helm_path
 from lume_operator.backends.pss import pod_templates, pss_restricted_problems
+from tests.k8s.tools import helm_path
 
 pytestmark = pytest.mark.unit
 

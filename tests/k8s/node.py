@@ -49,8 +49,8 @@ from docker.models.containers import Container
 from docker.types import Mount
 from kubernetes.utils import parse_quantity
 
-from tests.k8s.emulator import ApiError, EmulatorServer, _error
 from lume_operator.backends.pss import pss_restricted_problems
+from tests.k8s.emulator import ApiError, EmulatorServer, _error
 
 log = logging.getLogger(__name__)
 
