@@ -51,6 +51,8 @@ FULL = RunConfig(
         }
     },
     extended_resources={"nvidia.com/gpu": "1"},
+    network_mode="host",
+    read_only_root_filesystem=True,
 )
 # A kubernetes Job takes no hostPath (Pod Security `restricted`): the scratch space is an emptyDir.
 FULL_K8S = FULL.model_copy(
@@ -124,11 +126,31 @@ def test_docker_variables_through_the_real_worker():
     assert config.image == "ghcr.io/lume/impact:1.2"
     assert config.mem_limit == str(4 * 1024**3)
     assert config.volumes == ["lume-data:/data:rw", "/mnt/scratch:/scratch:ro"]
+    assert config.network_mode == "host"
     assert config.container_create_kwargs == {
         "nano_cpus": 2_000_000_000,
         "working_dir": "/opt/project",
+        # Pod Security `restricted` in Docker's terms, and the read-only root asked for.
+        "user": "1000:1000",
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "read_only": True,
+        "tmpfs": {"/tmp": "rw,nosuid,nodev,mode=1777"},
     }
     assert config.labels["team"] == "beam"
+    assert config.env["HOME"] == "/tmp" and config.env["OMP_NUM_THREADS"] == "4"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("cpu", "nano_cpus"), [("0.5", 500_000_000), ("500m", 500_000_000), ("2", 2_000_000_000)]
+)
+def test_docker_cpu_limit_in_nano_cpus(cpu, nano_cpus):
+    backend = get_backend("docker")
+    config, _ = backend.run_config(RunConfig(cpu_limit=cpu))
+    variables = backend.job_variables(config)
+    assert variables["container_create_kwargs"]["nano_cpus"] == nano_cpus
+    assert "read_only" not in variables["container_create_kwargs"]  # only when asked
 
 
 def test_kubernetes_variables_through_the_real_worker():
