@@ -141,18 +141,6 @@ def test_docker_variables_through_the_real_worker():
     assert config.env["HOME"] == "/tmp" and config.env["OMP_NUM_THREADS"] == "4"
 
 
-@pytest.mark.unit
-@pytest.mark.parametrize(
-    ("cpu", "nano_cpus"), [("0.5", 500_000_000), ("500m", 500_000_000), ("2", 2_000_000_000)]
-)
-def test_docker_cpu_limit_in_nano_cpus(cpu, nano_cpus):
-    backend = get_backend("docker")
-    config, _ = backend.run_config(RunConfig(cpu_limit=cpu))
-    variables = backend.job_variables(config)
-    assert variables["container_create_kwargs"]["nano_cpus"] == nano_cpus
-    assert "read_only" not in variables["container_create_kwargs"]  # only when asked
-
-
 def test_kubernetes_variables_through_the_real_worker():
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
