@@ -220,12 +220,23 @@ def _start(root: Path, run: Path, timeout: float) -> DockerEngine:
             )
         if engine.healthy():
             _state_file(run).write_text(json.dumps({"pid": engine.pid, "tcp_port": port}))
+            _prune_containers(engine)
             return engine
         time.sleep(0.2)
     _terminate(process.pid)
     raise EngineUnavailable(
         f"dockerd did not answer in {timeout:.0f}s; its log ends:\n{log_tail(log)}"
     )
+
+
+def _prune_containers(engine: DockerEngine) -> None:
+    """A fresh engine serves no session yet: the stopped containers of earlier sessions (a test
+    that died before its cleanup) go, so they do not pile up in the persistent data root."""
+    client = engine.client
+    try:
+        client.containers.prune()
+    finally:
+        client.close()
 
 
 def _kill_stale_containerd(run: Path) -> None:

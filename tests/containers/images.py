@@ -54,7 +54,8 @@ OPERATOR_INPUTS = ("Dockerfile", ".dockerignore", "requirements/operator.txt", "
 OPERATOR_INPUTS += ("README.md",)
 # What examples/.dockerignore keeps out of the examples image (a local run's leftovers).
 EXAMPLES_SKIP = ("results", ".lume", "lume-results")
-KEEP = 3  # keyed images of each name kept; older ones are removed after a build
+KEEP = 3  # keyed images of each name kept; older ones are removed after a build...
+STALE_AFTER = 24 * 3600  # ...once they are a day old
 
 
 class ImageBuildFailed(RuntimeError):
@@ -179,19 +180,23 @@ def _log(engine: DockerEngine, tag: str) -> Path:
 
 
 def _prune(engine: DockerEngine, name: str, keep: str) -> None:
-    """Remove all but the newest KEEP keyed images of `name` (their layers stay as build cache
-    while a newer image shares them); an image in use is left alone."""
+    """Remove the keyed images of `name` beyond the newest KEEP that are over a day old (a
+    session of another checkout may be about to run a recent one); their layers stay as build
+    cache while a newer image shares them, and an image in use is left alone."""
     import docker
 
+    cutoff = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - STALE_AFTER))
     client = engine.client
     try:
         images = client.images.list(name=name, filters={"label": KEY_LABEL})
         images.sort(key=lambda image: image.attrs.get("Created", ""), reverse=True)
         for image in images[KEEP:]:
+            if image.attrs.get("Created", "") >= cutoff:
+                continue
             for tag in image.tags:
                 if tag != keep:
                     with contextlib.suppress(docker.errors.APIError):
-                        client.images.remove(tag, noprune=False)
+                        client.images.remove(tag)
     finally:
         client.close()
 

@@ -15,6 +15,7 @@ the run config declares.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,16 @@ def prefect_server(
 
 @pytest.fixture
 def flow_containers(docker_engine: DockerEngine) -> Iterator[list[Any]]:
-    """The containers a test's flow runs made (appended by the test); removed afterwards."""
+    """The containers a test's flow runs made (appended by the test); removed afterwards, with
+    the named volumes they used."""
     made: list[Any] = []
     yield made
+    volumes = {m["Name"] for c in made for m in c.attrs["Mounts"] if m["Type"] == "volume"}
     for container in made:
         container.remove(force=True)
+    client = docker_engine.client
+    for name in volumes:
+        client.volumes.get(name).remove(force=True)
 
 
 def status_of(server: EmulatorServer, resource: str, name: str) -> dict[str, Any]:
@@ -68,7 +74,7 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
 
 
-def docker_backend(engine: DockerEngine, results: Path) -> dict[str, Any]:
+def docker_backend(engine: DockerEngine, results: Path, scratch: str) -> dict[str, Any]:
     """A docker backend as an admin would declare it for a Docker host that flows share with
     the operator through one directory (bound at the same path on both sides)."""
     return {
@@ -100,7 +106,13 @@ def docker_backend(engine: DockerEngine, results: Path) -> dict[str, Any]:
                         "name": "results",
                         "mountPath": str(results),
                         "hostPath": {"path": str(results)},
-                    }
+                    },
+                    # A claim is a Docker named volume, private to the Docker host.
+                    {
+                        "name": "scratch",
+                        "mountPath": "/scratch",
+                        "persistentVolumeClaim": {"claimName": scratch},
+                    },
                 ],
             },
         },
@@ -129,7 +141,8 @@ def test_docker_backend_end_to_end(
     results = tmp_path / "results"
     results.mkdir()
     results.chmod(0o777)  # the flow runs as uid 1000, the test as whoever it is
-    backend = docker_backend(docker_engine, results)
+    scratch = f"lume-scratch-{uuid.uuid4().hex[:8]}"
+    backend = docker_backend(docker_engine, results, scratch)
     flow = beam_flow(examples_image)
     run_kopf_operator(OPERATOR)
     kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(backend))
@@ -180,7 +193,10 @@ def test_docker_backend_end_to_end(
     assert host["NanoCpus"] == 500_000_000  # cpuLimit "0.5"
     assert host["Memory"] == 2 * 1024**3  # the LumeFlow's memoryLimit 2Gi over the backend's 1Gi
     assert host["NetworkMode"] == "host"
-    assert host["Binds"] == [f"{results}:{results}:rw"]
+    assert host["Binds"] == [f"{results}:{results}:rw", f"{scratch}:/scratch:rw"]
+    mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
+    assert (mounts["/scratch"]["Type"], mounts["/scratch"]["Name"]) == ("volume", scratch)
+    assert (mounts[str(results)]["Type"], mounts[str(results)]["RW"]) == ("bind", True)
     assert host["ReadonlyRootfs"] is True and "/tmp" in host["Tmpfs"]
     assert config["User"] == "1000:1000"
     assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges"]
