@@ -61,6 +61,19 @@ def _stop_ephemeral_prefect():
 # ---- containers ---------------------------------------------------------------------------------
 
 
+# The first test that needs an image may build them all: about 5 minutes cold on 2 cores (the
+# operator image's pip install is most of it), more than the 300 s every test gets otherwise.
+IMAGE_FIXTURES = frozenset({"operator_image", "examples_image"})
+BUILD_TIMEOUT = 1500
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        if uses & IMAGE_FIXTURES and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT))
+
+
 def _unavailable(message: str) -> None:
     """Where containers cannot run: a skip that says why, but in CI a failure, never silent."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):

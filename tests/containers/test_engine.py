@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _unavailable
+from tests.conftest import BUILD_TIMEOUT, _unavailable
 from tests.containers import images
 from tests.containers.engine import DockerEngine, acquire, release
 
@@ -61,9 +61,12 @@ def test_no_engine_fails_in_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPat
         _unavailable("no Docker Engine for the container tests: dockerd exited")
 
 
-def test_images_are_cached_by_content(docker_engine: DockerEngine, examples_image: str) -> None:
+def test_images_are_cached_by_content(
+    docker_engine: DockerEngine, examples_image: str, request: pytest.FixtureRequest
+) -> None:
     """Built once (by the fixture): asked again, nothing is built; each key changes with what
-    went into its image."""
+    went into its image. A test that may build them has time for it."""
+    assert request.node.get_closest_marker("timeout").args == (BUILD_TIMEOUT,)
     built = images.ensure_examples(docker_engine)
     assert built.tag == examples_image
     assert set(built.timings().values()) == {0.0}, built.timings()
