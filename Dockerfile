@@ -5,30 +5,32 @@
 #
 #   docker build -t lume-operator:0.1.0 .
 #
-# Not built on the machines this was written on (no Docker engine there); checked with hadolint
-# (tests/test_chart.py).
+# Built by the tests exactly so (tests/containers/images.py: the classic builder, which ignores
+# the syntax line, on a stand-in for the slim Python image) and linted with hadolint.
 
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
-# --- build: the project's wheel and a virtualenv with the pinned dependencies ---
+# --- deps: a virtualenv with the pinned dependencies, rebuilt only when the pins change ---
+FROM ${PYTHON_IMAGE} AS deps
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/lume
+# `--no-deps` with a complete lock: nothing unpinned can slip in through a transitive requirement.
+COPY requirements/operator.txt /src/requirements/operator.txt
+RUN /opt/lume/bin/pip install --no-deps --require-virtualenv -r /src/requirements/operator.txt
+
+# --- build: the project's wheel, apart from the dependencies ---
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-RUN python -m venv /opt/lume
-# Dependencies first, in their own layer: it is rebuilt only when the pins change. `--no-deps`
-# with a complete lock: nothing unpinned can slip in through a transitive requirement.
-COPY requirements/operator.txt /src/requirements/operator.txt
 # The build backend is pinned too, and used without build isolation (no unpinned download).
-RUN /opt/lume/bin/pip install --no-deps --require-virtualenv -r requirements/operator.txt \
-    && python -m pip install --no-deps setuptools==80.9.0
+RUN python -m pip install --no-deps setuptools==80.9.0
 COPY pyproject.toml README.md /src/
 COPY operator /src/operator
-RUN python -m pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
-    && /opt/lume/bin/pip install --no-deps /wheels/lume_operator-*.whl \
-    && /opt/lume/bin/pip check \
-    && /opt/lume/bin/lume-operator --help > /dev/null
+RUN python -m pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
 # --- runtime ---
 FROM ${PYTHON_IMAGE}
@@ -38,7 +40,14 @@ LABEL org.opencontainers.image.title="lume-operator" \
 RUN groupadd --system --gid 10001 lume \
     && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \
        --shell /usr/sbin/nologin lume
-COPY --from=build /opt/lume /opt/lume
+# The dependencies, then the project on top: a change of the sources rebuilds only the layers
+# from here on (a small wheel), never the large layer of the dependencies.
+COPY --from=deps /opt/lume /opt/lume
+COPY --from=build /wheels /wheels
+RUN PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+       /opt/lume/bin/pip install --no-deps --require-virtualenv /wheels/lume_operator-*.whl \
+    && /opt/lume/bin/pip check \
+    && /opt/lume/bin/lume-operator --help > /dev/null
 # HOME and PREFECT_HOME under /tmp: the chart mounts an emptyDir there and keeps the root
 # filesystem read-only.
 ENV PATH=/opt/lume/bin:$PATH \

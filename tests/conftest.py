@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.containers.engine import DockerEngine, EngineUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -53,3 +56,64 @@ def _stop_ephemeral_prefect():
     server = SubprocessASGIServer()
     if server.running:
         server.stop()
+
+
+# ---- containers ---------------------------------------------------------------------------------
+
+
+# The first test that needs an image may build them all: about 5 minutes cold on 2 cores (the
+# operator image's pip install is most of it), more than the 300 s every test gets otherwise.
+IMAGE_FIXTURES = frozenset({"operator_image", "examples_image"})
+BUILD_TIMEOUT = 1500
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        if uses & IMAGE_FIXTURES and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT))
+
+
+def _unavailable(message: str) -> None:
+    """Where containers cannot run: a skip that says why, but in CI a failure, never silent."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{message}\n(CI: container tests must run, not skip)", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[DockerEngine]:
+    """The tests' own Docker Engine (`tests/containers/engine.py`): `.unix_host`, `.tcp_host`
+    (for a worker with host networking, by DOCKER_HOST), `.client` (docker SDK). Shared with
+    other pytest sessions on this machine; the last one to finish stops it."""
+    from tests.containers.engine import acquire, release
+
+    try:
+        engine = acquire()
+    except EngineUnavailable as error:
+        _unavailable(f"no Docker Engine for the container tests: {error}")
+    yield engine
+    release(engine)
+
+
+def _image(engine: DockerEngine, ensure_name: str) -> str:
+    from tests.containers import images
+
+    try:
+        return getattr(images, ensure_name)(engine).tag
+    except EngineUnavailable as error:  # a tool missing (debootstrap), not a failed build
+        _unavailable(f"cannot build the test images: {error}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def operator_image(docker_engine: DockerEngine) -> str:
+    """`lume-operator:<key>`: the project's Dockerfile built on the test engine (cached)."""
+    return _image(docker_engine, "ensure_operator")
+
+
+@pytest.fixture(scope="session")
+def examples_image(docker_engine: DockerEngine) -> str:
+    """`lume-examples:<key>`: examples/Dockerfile on the operator image, examples in
+    /opt/examples (cached)."""
+    return _image(docker_engine, "ensure_examples")

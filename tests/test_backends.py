@@ -51,6 +51,8 @@ FULL = RunConfig(
         }
     },
     extended_resources={"nvidia.com/gpu": "1"},
+    network_mode="host",
+    read_only_root_filesystem=True,
 )
 # A kubernetes Job takes no hostPath (Pod Security `restricted`): the scratch space is an emptyDir.
 FULL_K8S = FULL.model_copy(
@@ -124,11 +126,19 @@ def test_docker_variables_through_the_real_worker():
     assert config.image == "ghcr.io/lume/impact:1.2"
     assert config.mem_limit == str(4 * 1024**3)
     assert config.volumes == ["lume-data:/data:rw", "/mnt/scratch:/scratch:ro"]
+    assert config.network_mode == "host"
     assert config.container_create_kwargs == {
         "nano_cpus": 2_000_000_000,
         "working_dir": "/opt/project",
+        # Pod Security `restricted` in Docker's terms, and the read-only root asked for.
+        "user": "1000:1000",
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "read_only": True,
+        "tmpfs": {"/tmp": "rw,nosuid,nodev,mode=1777"},
     }
     assert config.labels["team"] == "beam"
+    assert config.env["HOME"] == "/tmp" and config.env["OMP_NUM_THREADS"] == "4"
 
 
 def test_kubernetes_variables_through_the_real_worker():

@@ -194,6 +194,8 @@ APPLICABLE_FIELDS: dict[str, frozenset[str]] = {
             "volumes",
             "labels",
             "streamOutput",
+            "networkMode",
+            "readOnlyRootFilesystem",
         }
     ),
     "kubernetes": frozenset(
@@ -293,6 +295,18 @@ class RunConfig(Model):
         default=None,
         description="Extended resources as limits (and requests, which Kubernetes requires to "
         "be equal), e.g. {nvidia.com/gpu: '1'} (Kubernetes).",
+    )
+    network_mode: str | None = Field(
+        default=None,
+        description="Network of the run's container (Docker): host, bridge, none, a network's "
+        "name, or container:<name>. Unset: the worker's choice (host when Prefect's API is on "
+        "localhost).",
+        pattern=r"^(container:)?[a-zA-Z0-9][a-zA-Z0-9_.-]*$",
+    )
+    read_only_root_filesystem: bool | None = Field(
+        default=None,
+        description="Run the container with a read-only root filesystem and a private "
+        "writable /tmp (Docker).",
     )
 
     @field_validator("volumes")

@@ -1,0 +1,219 @@
+"""The cluster path with real containers (issue 11): flows run where a cluster runs them.
+
+Each test applies manifests with the real kubectl to the emulated API, runs the real operator
+and a real Prefect server, and lets the backend's own Prefect worker start each flow run as a
+container of an image built from this repository (`tests/containers/images.py`), on the tests'
+own Docker Engine (`tests/containers/engine.py`). What the run and the operator share is only
+what a cluster would let them share: the network (host networking, loopback) and the volumes
+the run config declares.
+
+- `test_docker_backend_end_to_end`: a `docker` SchedulingBackend and the beam example; the
+  prefect-docker worker runs the flow in a container of the examples image, with the limits,
+  volume, env, user and read-only root of the run config; status ends Completed with result
+  locations on the declared volume.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import pytest
+import yaml
+
+from tests.containers.engine import DockerEngine
+from tests.k8s.conftest import Kubectl
+from tests.k8s.emulator import EmulatorServer, wait_until
+from tests.k8s.kubelet import KubeletStandIn
+from tests.k8s.prefect_server import PrefectServer
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "beam"
+OPERATOR = "lume_operator.handlers.operator"
+LF = "lume.dev/v1alpha1/lumeflows"
+SB = "lume.dev/v1alpha1/schedulingbackends"
+RUN_LABEL = "io.prefect.flow-run-id"  # prefect.io/flow-run-id, as prefect-docker writes it
+TIMEOUT = 240.0
+
+pytestmark = pytest.mark.prefect
+
+
+@pytest.fixture
+def prefect_server(
+    shared_prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch
+) -> PrefectServer:
+    """The session's Prefect server, empty; operators started after this point use it."""
+    monkeypatch.setenv("PREFECT_API_URL", shared_prefect_server.api_url)
+    monkeypatch.setenv("LUME_OPERATOR_FOLLOW_INTERVAL", "1")
+    return shared_prefect_server
+
+
+@pytest.fixture
+def flow_containers(docker_engine: DockerEngine) -> Iterator[list[Any]]:
+    """The containers a test's flow runs made (appended by the test); removed afterwards, with
+    the named volumes they used."""
+    made: list[Any] = []
+    yield made
+    volumes = {m["Name"] for c in made for m in c.attrs["Mounts"] if m["Type"] == "volume"}
+    for container in made:
+        container.remove(force=True)
+    client = docker_engine.client
+    for name in volumes:
+        client.volumes.get(name).remove(force=True)
+
+
+def status_of(server: EmulatorServer, resource: str, name: str) -> dict[str, Any]:
+    obj = server.emulator.get_object(resource, "default", name) or {}
+    return obj.get("status") or {}
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
+
+
+def docker_backend(engine: DockerEngine, results: Path, scratch: str) -> dict[str, Any]:
+    """A docker backend as an admin would declare it for a Docker host that flows share with
+    the operator through one directory (bound at the same path on both sides)."""
+    return {
+        "apiVersion": "lume.dev/v1alpha1",
+        "kind": "SchedulingBackend",
+        "metadata": {"name": "docker", "namespace": "default"},
+        "spec": {
+            "type": "docker",
+            "labels": ["cpu"],
+            "agent": {
+                "replicas": 1,
+                # The worker reaches the engine over TCP: no socket mounted into its pod.
+                "env": {"DOCKER_HOST": engine.tcp_host, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+            },
+            "runConfig": {
+                "imagePullPolicy": "Never",  # built here; no registry to pull from
+                "networkMode": "host",
+                "cpuLimit": "0.5",
+                "memoryLimit": "1Gi",
+                "readOnlyRootFilesystem": True,
+                "env": {
+                    "OMP_NUM_THREADS": "1",
+                    # Persisted return values and File results, on the shared volume.
+                    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(results / "prefect"),
+                    "LUME_RESULTS_DIR": str(results / "files"),
+                },
+                "volumes": [
+                    {
+                        "name": "results",
+                        "mountPath": str(results),
+                        "hostPath": {"path": str(results)},
+                    },
+                    # A claim is a Docker named volume, private to the Docker host.
+                    {
+                        "name": "scratch",
+                        "mountPath": "/scratch",
+                        "persistentVolumeClaim": {"claimName": scratch},
+                    },
+                ],
+            },
+        },
+    }
+
+
+def beam_flow(image: str) -> dict[str, Any]:
+    """The beam example, its code in the examples image, on the docker backend."""
+    flow = yaml.safe_load((EXAMPLE / "lumeflow.yaml").read_text())
+    flow["spec"]["backendRef"] = {"name": "docker"}
+    flow["spec"]["source"] = {"image": image, "path": "/opt/examples/beam"}
+    flow["spec"]["parameters"]["n_particles"] = 5000
+    return flow
+
+
+def test_docker_backend_end_to_end(
+    prefect_server: PrefectServer,
+    docker_engine: DockerEngine,
+    examples_image: str,
+    flow_containers: list[Any],
+    k8s_emulator: EmulatorServer,
+    kubectl: Kubectl,
+    run_kopf_operator: Any,
+    tmp_path: Path,
+) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    results.chmod(0o777)  # the flow runs as uid 1000, the test as whoever it is
+    scratch = f"lume-scratch-{uuid.uuid4().hex[:8]}"
+    backend = docker_backend(docker_engine, results, scratch)
+    flow = beam_flow(examples_image)
+    run_kopf_operator(OPERATOR)
+    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(backend))
+    wait_until(lambda: status_of(k8s_emulator, SB, "docker").get("workPoolId"), timeout=60)
+    deployment = k8s_emulator.emulator.get_object("apps/v1/deployments", "default", "docker-agent")
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[3:7] == ["--pool", "default-docker", "--type", "docker"]
+
+    # The agent's worker: the real prefect-docker worker, its command and env as rendered.
+    kubelet = KubeletStandIn(k8s_emulator, "default", "docker-agent", tmp_path).start()
+    try:
+        wait_until(
+            lambda: (
+                condition(status_of(k8s_emulator, SB, "docker"), "Ready").get("status") == "True"
+            ),
+            timeout=60,
+        )
+        kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(flow))
+        try:
+            final = wait_until(
+                lambda: (
+                    (s := status_of(k8s_emulator, LF, "beam-stats")).get("phase")
+                    in ("Completed", "Failed")
+                    and s
+                ),
+                timeout=TIMEOUT,
+                interval=0.5,
+            )
+        finally:
+            run_id = status_of(k8s_emulator, LF, "beam-stats").get("lastRun", {}).get("id")
+            if run_id:
+                client = docker_engine.client
+                flow_containers += client.containers.list(
+                    all=True, filters={"label": f"{RUN_LABEL}={run_id}"}
+                )
+    finally:
+        kubelet.stop()
+    logs = "\n".join(c.logs().decode(errors="replace")[-3000:] for c in flow_containers)
+    assert final["phase"] == "Completed", f"{final}\n{kubelet.log.read_text()[-4000:]}\n{logs}"
+
+    # One container ran the run, as the run config says.
+    assert len(flow_containers) == 1, [c.name for c in flow_containers]
+    container = flow_containers[0]
+    container.reload()
+    config, host = container.attrs["Config"], container.attrs["HostConfig"]
+    assert container.attrs["State"]["ExitCode"] == 0
+    assert config["Image"] == examples_image
+    assert host["NanoCpus"] == 500_000_000  # cpuLimit "0.5"
+    assert host["Memory"] == 2 * 1024**3  # the LumeFlow's memoryLimit 2Gi over the backend's 1Gi
+    assert host["NetworkMode"] == "host"
+    assert host["Binds"] == [f"{results}:{results}:rw", f"{scratch}:/scratch:rw"]
+    mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
+    assert (mounts["/scratch"]["Type"], mounts["/scratch"]["Name"]) == ("volume", scratch)
+    assert (mounts[str(results)]["Type"], mounts[str(results)]["RW"]) == ("bind", True)
+    assert host["ReadonlyRootfs"] is True and "/tmp" in host["Tmpfs"]
+    assert config["User"] == "1000:1000"
+    assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["Privileged"] is False
+    env = dict(item.split("=", 1) for item in config["Env"])
+    assert env["OMP_NUM_THREADS"] == "1" and env["LUME_RESULTS_DIR"] == str(results / "files")
+    assert env["PREFECT_API_URL"] == prefect_server.api_url
+    assert env["PREFECT_RESULTS_DEFAULT_SERIALIZER"] == "json"
+
+    # Status lists where the results are: on the volume, written there by uid 1000.
+    located = {r["name"]: r for r in final["results"]}
+    assert located["emittance"]["type"] == "value"
+    beam = Path(located["beam"]["location"])
+    assert located["beam"]["type"] == "HDF5File" and beam.parent == results / "files"
+    assert beam.stat().st_uid == 1000
+    with h5py.File(beam) as data:
+        assert data["particles"]["x"].shape == (5000,)
+    report = Path(located["report"]["location"]).read_text()
+    assert report.startswith("particles: 5000\n")
+    assert condition(final, "Ready")["status"] == "True"
