@@ -63,7 +63,7 @@ def _stop_ephemeral_prefect():
 
 # The first test that needs an image may build them all: about 5 minutes cold on 2 cores (the
 # operator image's pip install is most of it), more than the 300 s every test gets otherwise.
-IMAGE_FIXTURES = frozenset({"operator_image", "examples_image"})
+IMAGE_FIXTURES = frozenset({"base_image", "operator_image", "examples_image"})
 BUILD_TIMEOUT = 1500
 
 
@@ -104,6 +104,12 @@ def _image(engine: DockerEngine, ensure_name: str) -> str:
     except EngineUnavailable as error:  # a tool missing (debootstrap), not a failed build
         _unavailable(f"cannot build the test images: {error}")
         raise
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_engine: DockerEngine) -> str:
+    """`lume-test-base:<key>`: Debian with python3 (debootstrap), user root, no entrypoint."""
+    return _image(docker_engine, "ensure_base")
 
 
 @pytest.fixture(scope="session")

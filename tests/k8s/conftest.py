@@ -344,16 +344,3 @@ def shared_prefect_server(_session_prefect_server: PrefectServer) -> PrefectServ
         server.start()
     server.reset()
     return server
-
-
-# ---- TEMPORARY (until the engine fixtures land) ----
-@pytest.fixture(scope="session")
-def docker_client() -> Any:
-    import docker
-
-    return docker.DockerClient(base_url=os.environ["LUME_DEV_DOCKER_HOST"])
-
-
-@pytest.fixture(scope="session")
-def base_image() -> str:
-    return os.environ["LUME_DEV_BASE_IMAGE"]

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.containers.engine import DockerEngine
 from tests.k8s.conftest import Kubectl
 from tests.k8s.emulator import EmulatorServer, wait_until
 from tests.k8s.node import Node, pods_of
@@ -54,8 +55,10 @@ print(json.dumps(report))
 
 
 @pytest.fixture
-def node(k8s_emulator: EmulatorServer, docker_client: Any, tmp_path: Path) -> Iterator[Node]:
-    with Node(k8s_emulator, docker_client, tmp_path / "node") as running:
+def node(
+    k8s_emulator: EmulatorServer, docker_engine: DockerEngine, tmp_path: Path
+) -> Iterator[Node]:
+    with Node(k8s_emulator, docker_engine.client, tmp_path / "node") as running:
         yield running
 
 
@@ -183,8 +186,7 @@ def test_admission_refuses_what_pod_security_refuses(
             (
                 e
                 for e in k8s_emulator.list_objects("v1/events", "default")
-                if e["reason"] == "FailedCreate"
-                and e["involvedObject"]["name"] == "privileged"
+                if e["reason"] == "FailedCreate" and e["involvedObject"]["name"] == "privileged"
             ),
             None,
         ),
@@ -268,15 +270,24 @@ def test_claims_are_shared_and_empty_dirs_are_not(
         {"name": "data", "persistentVolumeClaim": {"claimName": "shared"}},
         {"name": "scratch", "emptyDir": {}},
     ]
-    write = "import pathlib; pathlib.Path('/data/out').write_text('42'); " \
+    write = (
+        "import pathlib; pathlib.Path('/data/out').write_text('42'); "
         "pathlib.Path('/scratch/private').write_text('x')"
-    apply(kubectl, claim, job("writer", ["python3", "-c", write], base_image,
-                              container=mounts, volumes=volumes))
+    )
+    apply(
+        kubectl,
+        claim,
+        job("writer", ["python3", "-c", write], base_image, container=mounts, volumes=volumes),
+    )
     assert job_status(k8s_emulator, "writer").get("succeeded") == 1
-    read = "import pathlib; print(pathlib.Path('/data/out').read_text(), " \
+    read = (
+        "import pathlib; print(pathlib.Path('/data/out').read_text(), "
         "sorted(p.name for p in pathlib.Path('/scratch').iterdir()))"
-    apply(kubectl, job("reader", ["python3", "-c", read], base_image,
-                       container=mounts, volumes=volumes))
+    )
+    apply(
+        kubectl,
+        job("reader", ["python3", "-c", read], base_image, container=mounts, volumes=volumes),
+    )
     assert job_status(k8s_emulator, "reader").get("succeeded") == 1
     (pod,) = pods_of(k8s_emulator, "default", {"job-name": "reader"})
     assert kubectl("logs", pod["metadata"]["name"]).stdout == "42 []\n"
@@ -291,14 +302,17 @@ def test_a_deployment_gets_a_ready_pod_and_loses_it_when_deleted(
     from tests.k8s.prefect_server import free_port
 
     port = free_port()
-    pod = job("x", ["python3", "-m", "http.server", str(port), "-d", "/tmp"], base_image,
-              container={
-                  "ports": [{"name": "http", "containerPort": port}],
-                  "readinessProbe": {"httpGet": {"path": "/", "port": "http"},
-                                     "periodSeconds": 1},
-                  "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-              },
-              volumes=[{"name": "tmp", "emptyDir": {}}])["spec"]["template"]
+    pod = job(
+        "x",
+        ["python3", "-m", "http.server", str(port), "-d", "/tmp"],
+        base_image,
+        container={
+            "ports": [{"name": "http", "containerPort": port}],
+            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        },
+        volumes=[{"name": "tmp", "emptyDir": {}}],
+    )["spec"]["template"]
     pod["spec"].update(restartPolicy="Always", terminationGracePeriodSeconds=1)
     pod["metadata"] = {"labels": {"app": "web"}}
     deployment = {
