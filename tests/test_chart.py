@@ -644,7 +644,8 @@ def test_lock_pins_every_runtime_dependency():
             "platform_system": "Linux",
             "extra": "",
         }
-        todo = [Requirement(r) for r in project["dependencies"]]
+        wanted = project["dependencies"] + project["optional-dependencies"]["workers"]
+        todo = [Requirement(r) for r in wanted]
         seen: set[str] = set()
         while todo:
             req = todo.pop()
