@@ -350,6 +350,11 @@ class SchedulingBackendStatus(Model):
     agent_ready_replicas: int | None = Field(
         default=None, description="Ready replicas of the agent Deployment."
     )
+    result_storage_block: str | None = Field(
+        default=None,
+        description="The Prefect block (remote-file-system/<name>) that points the runs' "
+        "persisted results at the object store; it holds no credential.",
+    )
 
 
 class SchedulingBackend(Resource):

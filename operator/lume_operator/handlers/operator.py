@@ -176,6 +176,7 @@ async def flow_follow(
         connect=state_of(memo).connect,
         now=datetime.now(UTC),
         grace=state_of(memo).settings.cancel_grace,
+        open_storage=state_of(memo).storage,
     )
     apply_outcome(outcome, body, status, patch)
 
@@ -253,6 +254,7 @@ async def composition_follow(
         backends=in_namespace(backend_index, namespace),
         connect=state.connect,
         memory=state.observed,
+        open_storage=state.storage,
     )
     apply_outcome(outcome, body, status, patch)
 
