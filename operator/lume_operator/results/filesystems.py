@@ -95,6 +95,9 @@ class Filesystem(BaseModel, ABC):
     def read_bytes(self, filename: str) -> bytes:
         return self.resolve(filename).read_bytes()
 
+    def size(self, filename: str) -> int:
+        return self.resolve(filename).stat().st_size
+
     @contextlib.contextmanager
     def reading(self, filename: str) -> Iterator[Path]:
         """A local path holding the file's content while the block runs."""
@@ -194,6 +197,7 @@ class ObjectStoreFilesystem(Filesystem):
     endpoint_url: str | None = None
     region: str | None = None
     _credentials: tuple[str, str] | None = PrivateAttr(default=None)
+    _profile: str | None = PrivateAttr(default=None)
 
     @field_validator("url")
     @classmethod
@@ -204,6 +208,12 @@ class ObjectStoreFilesystem(Filesystem):
         """This store, read with these keys rather than the ambient ones."""
         copy = self.model_copy()
         copy._credentials = (access_key_id, secret_access_key)
+        return copy
+
+    def with_profile(self, profile: str) -> Self:
+        """This store, read with a profile of the standard AWS configuration."""
+        copy = self.model_copy()
+        copy._profile = profile
         return copy
 
     @property
@@ -226,6 +236,8 @@ class ObjectStoreFilesystem(Filesystem):
         options = self.options()
         if self._credentials is not None:
             options["key"], options["secret"] = self._credentials
+        if self._profile is not None:
+            options["profile"] = self._profile
         # Bounded waits: a store that does not answer fails a read in seconds, not minutes.
         options["config_kwargs"] = {
             "connect_timeout": 5,
@@ -259,6 +271,11 @@ class ObjectStoreFilesystem(Filesystem):
         key = self.key(filename)
         with self._errors(filename):
             return bytes(self.filesystem().cat_file(key))
+
+    def size(self, filename: str) -> int:
+        key = self.key(filename)
+        with self._errors(filename):
+            return int(self.filesystem().size(key))
 
     @contextlib.contextmanager
     def reading(self, filename: str) -> Iterator[Path]:
