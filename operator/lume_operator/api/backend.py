@@ -218,7 +218,7 @@ class SharedVolume(Model):
     @field_validator("mount_path")
     @classmethod
     def _clean_path(cls, value: str) -> str:
-        if posixpath.normpath(value) != value or value in ("/",):
+        if posixpath.normpath(value) != value:
             raise ValueError(f"{value!r} must be a normalized absolute path (no '.', '..', '//')")
         return value
 
