@@ -180,3 +180,64 @@ def test_repeated_volume_and_result_names_are_named_at_their_list():
         "spec.runConfig.volumes: volume names must be unique: d repeated",
         "spec.results: result names must be unique: beam repeated",
     ]
+
+
+STORAGE = BACKEND + "  resultStorage: %s\n"
+
+
+@pytest.mark.parametrize(
+    ("kind", "storage", "expected"),
+    [
+        ("kubernetes", "{}", "spec.resultStorage: resultStorage needs exactly one of objectStore "
+         "or volume (neither)"),
+        ("kubernetes", "{objectStore: {url: 's3://bk1/p'}, volume: {claimName: c, mountPath: /r}}",
+         "spec.resultStorage: resultStorage needs exactly one of objectStore or volume (both)"),
+        ("kubernetes", "{objectStore: {url: 'https://bucket'}}",
+         "spec.resultStorage.objectStore.url: 'https://bucket' is not s3://bucket or "
+         "s3://bucket/prefix"),
+        ("kubernetes", "{objectStore: {url: 's3://bk1/a/../b'}}",
+         "spec.resultStorage.objectStore.url: 's3://bk1/a/../b': the prefix may not contain"),
+        ("kubernetes", "{objectStore: {url: 's3://bk1', endpointUrl: 'http://me:pw@minio'}}",
+         "spec.resultStorage.objectStore.endpointUrl: must not carry a user or password"),
+        ("kubernetes", "{objectStore: {url: 's3://bk1', credentialsSecretRef: {}}}",
+         "spec.resultStorage.objectStore.credentialsSecretRef.name: required field is missing"),
+        ("kubernetes", "{volume: {claimName: c, mountPath: /r/../x}}",
+         "spec.resultStorage.volume.mountPath: '/r/../x' must be a normalized absolute path"),
+        ("docker", "{objectStore: {url: 's3://bk1', credentialsSecretRef: {name: s3}}}",
+         "spec: resultStorage.objectStore.credentialsSecretRef: a docker backend cannot give a "
+         "Secret to its flow-run containers"),
+    ],
+)  # fmt: skip
+def test_result_storage_problems_name_the_field(kind, storage, expected):
+    [problem] = problems_of(STORAGE % (kind, storage))
+    assert problem.startswith(expected), problem
+
+
+def test_result_storage_accepted_shapes():
+    from lume_operator.api.backend import SchedulingBackend
+
+    text = STORAGE % (
+        "kubernetes",
+        "{objectStore: {url: 's3://lume-results/beam/', endpointUrl: 'http://minio:9000', "
+        "region: us-east-1, credentialsSecretRef: {name: s3}}}",
+    )
+    assert problems_of(text) == []
+    backend = SchedulingBackend.model_validate(yaml.safe_load(text))
+    storage = backend.spec.result_storage
+    assert storage.object_store.url == "s3://lume-results/beam"  # a trailing / dropped
+    assert storage.identifier == storage.root == "s3://lume-results/beam"
+    ref = storage.object_store.credentials_secret_ref
+    assert (ref.access_key_id_key, ref.secret_access_key_key) == (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    )
+    # docker: a volume, or an object store with ambient credentials
+    for storage_yaml in (
+        "{volume: {claimName: r, mountPath: /results}}",
+        "{objectStore: {url: 's3://bk1'}}",
+    ):
+        assert problems_of(STORAGE % ("docker", storage_yaml)) == []
+    volume = SchedulingBackend.model_validate(
+        yaml.safe_load(STORAGE % ("process", "{volume: {claimName: r, mountPath: /results}}"))
+    ).spec.result_storage
+    assert (volume.identifier, volume.root) == ("pvc/r", "/results")

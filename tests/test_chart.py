@@ -132,6 +132,8 @@ def test_helm_lint(name):
         ("imageTag=1", "additional properties 'imageTag'"),
         ("prefectApiUrl=prefect:4200", "/prefectApiUrl"),
         ("resources.limits.memory=lots", "/resources/limits/memory"),
+        ("resultVolumes[0].claimName=Beam_Results", "/resultVolumes/0/claimName"),
+        ("resultVolumes[0].namespace=team-a", "missing property 'claimName'"),
         (
             "prefectServer.enabled=true,prefectServer.auth.existingSecret=a,"
             "prefectServer.database.type=postgresql",
@@ -239,6 +241,29 @@ def test_operator_command_and_probes():
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert "PREFECT_API_URL" not in _env(deployment)
+
+
+def test_result_volumes_are_mounted_read_only_where_the_operator_looks():
+    from lume_operator.settings import OperatorSettings
+
+    assert "LUME_OPERATOR_VOLUMES_ROOT" not in _env(operator_deployment(rendered("defaults.yaml")))
+    deployment = operator_deployment(rendered("result-volumes.yaml"))
+    pod = deployment["spec"]["template"]["spec"]
+    root = _env(deployment)["LUME_OPERATOR_VOLUMES_ROOT"]
+    assert root == str(OperatorSettings.model_fields["volumes_root"].default)
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim") for v in pod["volumes"]}
+    seen = {
+        mounts[name]["mountPath"]: (claim["claimName"], mounts[name]["readOnly"])
+        for name, claim in claims.items()
+        if claim
+    }
+    assert seen == {
+        f"{root}/{NAMESPACE}/results": ("results", True),
+        f"{root}/team-a/beam-results": ("team-a-beam-results", True),
+    }
+    assert all(claim["readOnly"] for claim in claims.values() if claim)
 
 
 def test_cluster_wide_is_explicit():

@@ -10,6 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from lume_operator.api.backend import DOCKER_NO_SECRET, S3_URL_PATTERN
 from lume_operator.api.crds import render_all
 from lume_operator.api.manifests import read_documents
 
@@ -149,3 +150,18 @@ def test_crd_schema_rejects_unknown_backend_type():
 @pytest.mark.unit
 def test_committed_crds_are_the_files_kubectl_applies():
     assert sorted(p.name for p in Path(CRDS).glob("*.yaml")) == sorted(render_all())
+
+
+@pytest.mark.unit
+def test_result_storage_rules_are_in_the_crd():
+    spec = schema_of("SchedulingBackend")["properties"]["spec"]
+    assert [rule["message"] for rule in spec["x-kubernetes-validations"]] == [DOCKER_NO_SECRET]
+    storage = spec["properties"]["resultStorage"]
+    assert storage["x-kubernetes-validations"] == [
+        {
+            "rule": "has(self.objectStore) != has(self.volume)",
+            "message": "resultStorage needs exactly one of objectStore or volume",
+        }
+    ]
+    url = storage["properties"]["objectStore"]["properties"]["url"]
+    assert url["pattern"] == S3_URL_PATTERN

@@ -84,6 +84,22 @@ async def contract(port) -> None:
     await port.delete_work_pool("pool")
     await port.delete_work_pool("pool")
 
+    # An object-store backend's block: created once, rewritten only when its fields change.
+    fields = {
+        "basepath": "s3://lume-results/beam/prefect",
+        "settings": {"endpoint_url": "http://m"},
+    }
+    block = await port.ensure_result_storage("lume-results-default-local-0a1b2c3d", fields)
+    writes = port.writes
+    assert await port.ensure_result_storage("lume-results-default-local-0a1b2c3d", fields) == block
+    assert port.writes == writes
+    moved = {**fields, "basepath": "s3://lume-results/other/prefect"}
+    await port.ensure_result_storage("lume-results-default-local-0a1b2c3d", moved)
+    assert port.writes == writes + 1
+    await port.delete_result_storage("lume-results-default-local-0a1b2c3d")
+    await port.delete_result_storage("lume-results-default-local-0a1b2c3d")  # gone is done
+    assert port.writes == writes + 2
+
 
 @pytest.mark.prefect
 def test_the_gateway_keeps_the_port_contract_on_the_real_server(prefect_home):

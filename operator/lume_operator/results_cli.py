@@ -8,13 +8,15 @@ nor kubectl nor SQL to get a result back. Every failure is one line and exit 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import posixpath
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -86,11 +88,24 @@ class Target:
     name: str
     results: list[Result]
     step: str | None = None
+    # The result storages the namespace's SchedulingBackends declare, by filesystem
+    # identifier (read from the cluster): where an object store is and how to reach it.
+    storages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         where = f"{self.namespace}/{self.name}" if self.namespace else self.name
         return f"{self.kind} {where}" + (f" step {self.step}" if self.step else "")
+
+
+@dataclass(frozen=True)
+class Access:
+    """How to reach result storage from here: options over what the backend declares and the
+    standard AWS configuration (environment, ~/.aws); never a key on the command line."""
+
+    endpoint_url: str | None = None
+    profile: str | None = None
+    volume_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -284,9 +299,36 @@ def read_cluster(source: Source, kind: str | None, name: str) -> tuple[list[dict
         raise ResultsCLIError(
             f"cannot reach the cluster at {server}: {_connection_reason(error)}"
         ) from None
+    try:
+        backends = [
+            {**item, "kind": "SchedulingBackend"}  # list items may come without their kind
+            for item in api.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, ALL_PLURALS["SchedulingBackend"], _request_timeout=30
+            ).get("items", [])
+        ]
+    except Exception:  # not allowed to read them: options and the AWS configuration say
+        backends = []
     finally:
         api_client.close()
-    return documents, namespace, where
+    return [*documents, *backends], namespace, where
+
+
+def declared_storages(documents: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The result storages of the SchedulingBackends among `documents`, by identifier."""
+    from lume_operator.api.backend import ResultStorage
+
+    storages: dict[str, dict[str, Any]] = {}
+    for doc in documents:
+        if doc.get("kind") != "SchedulingBackend":
+            continue
+        declared = (doc.get("spec") or {}).get("resultStorage")
+        try:
+            storage = ResultStorage.model_validate(declared) if declared else None
+        except ValueError:
+            continue
+        if storage is not None:
+            storages[storage.identifier] = storage.to_wire()
+    return storages
 
 
 def _context_namespace(config_file: str | None, context: str | None) -> str:
@@ -321,7 +363,8 @@ def find_target(source: Source, text: str) -> Target:
     kind, name = parse_target(text)
     if source.in_cluster:
         documents, namespace, where = read_cluster(source, kind, name)
-        return select_target(documents, kind, name, namespace, where)
+        found = select_target(documents, kind, name, namespace, where)
+        return replace(found, storages=declared_storages(documents))
     assert source.status_file is not None
     documents = read_status_file(source.status_file)
     where = f"status file {str(source.status_file)!r}"
@@ -405,21 +448,68 @@ def _refuse_missing_sqlite(url: Any) -> None:
         )
 
 
-def file_path(result: Result) -> Path:
-    """Where a file result is in this process (its filesystem's mount, for mounted ones)."""
-    from lume_operator.results import FilesystemError, get_filesystem
+def filesystem_for(result: Result, target: Target, access: Access) -> Any:
+    """The filesystem a file result (or a value's record) is read from here: an object store
+    reached with the options, the backend's declared endpoint and the AWS configuration; a
+    claim where `--volume-path` says it is mounted here; else as the status names it."""
+    from lume_operator.results import (
+        FilesystemError,
+        LocalFilesystem,
+        MountedFilesystem,
+        ObjectStoreFilesystem,
+        get_filesystem,
+    )
+
+    identifier = result.filesystem or "local"
+    location = result.location.rpartition("#")[0] if result.type == "value" else result.location
+    if location.startswith("s3://"):
+        declared = next(
+            (
+                spec["objectStore"]
+                for root, spec in target.storages.items()
+                if "objectStore" in spec and location.startswith(root.rstrip("/") + "/")
+            ),
+            {},
+        )
+        bucket = location.removeprefix("s3://").partition("/")[0]
+        store = ObjectStoreFilesystem(
+            identifier=identifier,
+            url=declared.get("url") or f"s3://{bucket}",
+            endpoint_url=access.endpoint_url or declared.get("endpointUrl"),
+            region=declared.get("region"),
+        )
+        return store.with_profile(access.profile) if access.profile else store
+    if identifier in target.storages and "volume" in target.storages[identifier]:
+        if access.volume_path is None:
+            return LocalFilesystem()  # where the claim is mounted at the runs' own path
+        mount = target.storages[identifier]["volume"]["mountPath"]
+        return MountedFilesystem(
+            identifier=identifier, mount_path=access.volume_path, mount_alias=mount
+        )
+    try:
+        return get_filesystem(identifier)
+    except FilesystemError as error:
+        if identifier.startswith("pvc/"):
+            return LocalFilesystem()  # a claim read where it is mounted at the same path
+        raise ResultsCLIError(f"result {result.key!r}: {error}") from None
+
+
+def _local_path(filesystem: Any, location: str) -> str | None:
+    from lume_operator.results import FilesystemError
 
     try:
-        return get_filesystem(result.filesystem or "local").resolve(result.location)
-    except FilesystemError as error:
-        raise ResultsCLIError(f"result {result.key!r}: {error}") from None
+        return str(filesystem.resolve(location))
+    except FilesystemError:
+        return None
 
 
 def is_file(result: Result) -> bool:
     return result.type not in ("DBResult", "value")
 
 
-def details(result: Result, target: Target, store_url: str | None) -> dict[str, Any]:
+def details(
+    result: Result, target: Target, store_url: str | None, access: Access | None = None
+) -> dict[str, Any]:
     """What `show` prints: where the result is and, for a DB result, the document's metadata."""
     info: dict[str, Any] = {"resource": target.label.split(" step ")[0], **result.as_dict()}
     if result.type == "DBResult":
@@ -436,24 +526,57 @@ def details(result: Result, target: Target, store_url: str | None) -> dict[str, 
             **({"files": document.files} if document.files else {}),
         }
     elif is_file(result):
-        path = file_path(result)
-        info["path"] = str(path)
-        info["exists"] = path.is_file()
-        if info["exists"]:
-            info["size"] = path.stat().st_size
+        filesystem = filesystem_for(result, target, access or Access())
+        local = _local_path(filesystem, result.location)
+        if local is not None:
+            info["path"] = local
+        with _storage_errors(result):
+            info["exists"] = filesystem.exists(result.location)
+            if info["exists"]:
+                info["size"] = filesystem.size(result.location)
     return info
 
 
-def read_value(result: Result) -> Any:
-    """A plain value from the Prefect result file its location names (`KEY#PATH`), if local."""
+@contextlib.contextmanager
+def _storage_errors(result: Result) -> Iterator[None]:
+    """A storage's failure (unreachable, access denied, outside its root) as one line."""
+    from lume_operator.results import FilesystemError
+
+    try:
+        yield
+    except FilesystemError as error:
+        raise ResultsCLIError(f"result {result.key!r}: {error}") from None
+
+
+def read_value(result: Result, target: Target | None = None, access: Access | None = None) -> Any:
+    """A plain value from the Prefect result record its location names (`KEY#PATH`): a file
+    here, or a record in the backend's object store."""
     storage_key, _, key_path = result.location.rpartition("#")
-    path = Path(storage_key)
-    if not storage_key or not path.is_file():
-        raise ResultsCLIError(
-            f"result {result.key!r} is a plain value kept by Prefect at {result.location!r}, "
-            "which is not a file here: `get` fetches it only where that storage is local"
-        )
-    value = _stored_value(result, storage_key, path)
+    if storage_key.startswith("s3://") and target is not None:
+        filesystem = filesystem_for(result, target, access or Access())
+        with _storage_errors(result):
+            try:
+                content = filesystem.read_bytes(storage_key)
+            except FileNotFoundError:
+                raise ResultsCLIError(
+                    f"result {result.key!r}: Prefect result {storage_key!r} does not exist"
+                ) from None
+        value = _stored_value(result, storage_key, content)
+    else:
+        path = Path(storage_key)
+        if not storage_key or not path.is_file():
+            raise ResultsCLIError(
+                f"result {result.key!r} is a plain value kept by Prefect at "
+                f"{result.location!r}, which is not a file here: `get` fetches it only where "
+                "that storage is local or an object store"
+            )
+        try:
+            content = path.read_bytes()
+        except OSError as error:
+            raise ResultsCLIError(
+                f"result {result.key!r}: Prefect result {storage_key!r}: {_first_line(error)}"
+            ) from None
+        value = _stored_value(result, storage_key, content)
     try:
         value = walk(value, split(key_path))
     except KeyPathError as error:
@@ -463,59 +586,75 @@ def read_value(result: Result) -> Any:
     return value
 
 
-def _stored_value(result: Result, storage_key: str, path: Path) -> Any:
-    """The value in a Prefect result file, read as the operator reads it (JSON only, nothing
-    unpickled or imported: prefect/records.py)."""
+def _stored_value(result: Result, storage_key: str, content: bytes) -> Any:
+    """The value in a Prefect result record, read as the operator reads it (JSON only,
+    nothing unpickled or imported: prefect/records.py)."""
     # Prefect's serializers take a second to import: only `get` of a value needs them.
     from lume_operator.prefect.records import ResultRefused, json_result
 
     where = f"result {result.key!r}: Prefect result {storage_key!r}"
     try:
-        return json_result(path.read_bytes(), where)
-    except OSError as error:
-        raise ResultsCLIError(f"{where}: {_first_line(error)}") from None
+        return json_result(content, where)
     except ResultRefused as error:
         raise ResultsCLIError(str(error)) from None
 
 
-def copy_file(result: Result, output: Path | None, force: bool) -> tuple[Path, int]:
-    """Copy a file result to `output` (default: its name in the cwd), after checking it loads."""
-    from lume_operator.results import load_file
+def copy_file(
+    result: Result,
+    output: Path | None,
+    force: bool,
+    target: Target | None = None,
+    access: Access | None = None,
+) -> tuple[Path, int]:
+    """Copy a file result to `output` (default: its name in the cwd), after checking it loads;
+    from an object store it is downloaded once, checked, then put in place."""
+    from lume_operator.results import file_type
 
-    source = file_path(result)
-    if not source.is_file():
-        where = "" if str(source) == result.location else f" at {str(source)!r}"
-        raise ResultsCLIError(
-            f"result {result.key!r}: file {result.location!r} (filesystem "
-            f"{result.filesystem or 'local'!r}) does not exist{where}"
-        )
-    if result.type in CHECKED_TYPES:
-        description = {
-            "filename": result.location,
-            "filesystem_identifier": result.filesystem or "local",
-            "file_type_string": result.type,
-        }
+    filesystem = filesystem_for(result, target or Target("", None, "", []), access or Access())
+    location = result.location
+    local = _local_path(filesystem, location)
+    where = "" if local in (None, location) else f" at {local!r}"
+    name = posixpath.basename(location.rstrip("/")) or "result"
+    destination = output if output is not None else Path.cwd() / name
+    if destination.is_dir():
+        destination = destination / name
+    if (
+        local is not None
+        and destination.exists()
+        and destination.resolve() == Path(local).resolve()
+    ):
+        raise ResultsCLIError(f"{str(destination)!r} is the result file itself; choose another -o")
+    if destination.exists() and not force:
+        raise ResultsCLIError(f"{str(destination)!r} exists; pass --force to overwrite it")
+    if not destination.parent.is_dir():
+        raise ResultsCLIError(f"directory {str(destination.parent)!r} does not exist")
+    missing = ResultsCLIError(
+        f"result {result.key!r}: file {location!r} (filesystem "
+        f"{result.filesystem or 'local'!r}) does not exist{where}"
+    )
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_storage_errors(result))
         try:
-            load_file(description).read()
-        except Exception as error:
+            source = stack.enter_context(filesystem.reading(location))
+        except FileNotFoundError:
+            raise missing from None
+        if not source.is_file():
+            raise missing
+        if result.type in CHECKED_TYPES:
+            try:  # a known type's own serializer: nothing named by the data is imported
+                file_type(result.type).serializer_class().deserialize(str(source))
+            except Exception as error:
+                raise ResultsCLIError(
+                    f"result {result.key!r}: {local or location!r} does not load as a "
+                    f"{result.type}: {_first_line(error)}"
+                ) from None
+        try:
+            shutil.copyfile(source, destination)
+        except OSError as error:
             raise ResultsCLIError(
-                f"result {result.key!r}: {str(source)!r} does not load as a {result.type}: "
-                f"{_first_line(error)}"
+                f"cannot write {str(destination)!r}: {error.strerror or error}"
             ) from None
-    target = output if output is not None else Path.cwd() / source.name
-    if target.is_dir():
-        target = target / source.name
-    if target.exists() and target.resolve() == source.resolve():
-        raise ResultsCLIError(f"{str(target)!r} is the result file itself; choose another -o")
-    if target.exists() and not force:
-        raise ResultsCLIError(f"{str(target)!r} exists; pass --force to overwrite it")
-    if not target.parent.is_dir():
-        raise ResultsCLIError(f"directory {str(target.parent)!r} does not exist")
-    try:
-        shutil.copyfile(source, target)
-    except OSError as error:
-        raise ResultsCLIError(f"cannot write {str(target)!r}: {error.strerror or error}") from None
-    return target, target.stat().st_size
+    return destination, destination.stat().st_size
 
 
 def _plain(value: Any) -> Any:
@@ -682,10 +821,36 @@ def _shorten(text: str, room: int) -> str:
     return f"{text[:head]}…{text[len(text) - (keep - head) :]}"
 
 
+def _storage_options(command: Callable[..., None]) -> Callable[..., None]:
+    options = [
+        click.option(
+            "--endpoint-url",
+            help="Endpoint of the S3-compatible store of s3:// results (MinIO, Ceph). Default: "
+            "the backend's resultStorage.objectStore.endpointUrl (read from the cluster), else "
+            "the AWS configuration (AWS_ENDPOINT_URL_S3, ~/.aws/config).",
+        ),
+        click.option(
+            "--profile",
+            help="AWS profile whose credentials read s3:// results. Default: the standard AWS "
+            "credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials).",
+        ),
+        click.option(
+            "--volume-path",
+            type=click.Path(path_type=Path, file_okay=False),
+            help="Where the backend's result volume (its claim) is mounted here. Default: "
+            "at the path the runs mount it.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @results_group.command("show")
 @click.argument("target")
 @click.argument("name")
 @_source_options
+@_storage_options
 @click.option("--store-url", help="Store URL with password, for DB locations that mask it.")
 @click.option(
     "-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
@@ -698,19 +863,24 @@ def show_command(
     kubeconfig: str | None,
     context: str | None,
     namespace: str | None,
+    endpoint_url: str | None,
+    profile: str | None,
+    volume_path: Path | None,
     store_url: str | None,
     output: str,
 ) -> None:
     """Where result NAME (STEP/NAME in a FlowOfFlows) is; for a DB result, its document's metadata."""
     found = find_target(_source(status_file, kubeconfig, context, namespace), target)
     result = find_result(found, name)
-    click.echo(dump(details(result, found, store_url), output), nl=False)
+    access = Access(endpoint_url, profile, volume_path)
+    click.echo(dump(details(result, found, store_url, access), output), nl=False)
 
 
 @results_group.command("get")
 @click.argument("target")
 @click.argument("name")
 @_source_options
+@_storage_options
 @click.option(
     "-o",
     "--output",
@@ -736,6 +906,9 @@ def get_command(
     kubeconfig: str | None,
     context: str | None,
     namespace: str | None,
+    endpoint_url: str | None,
+    profile: str | None,
+    volume_path: Path | None,
     output: Path | None,
     force: bool,
     fmt: str,
@@ -744,14 +917,15 @@ def get_command(
     """Fetch result NAME: copy a file, or print a DB document's outputs (or a plain value)."""
     found = find_target(_source(status_file, kubeconfig, context, namespace), target)
     result = find_result(found, name)
+    access = Access(endpoint_url, profile, volume_path)
     if is_file(result):
-        path, size = copy_file(result, output, force)
+        path, size = copy_file(result, output, force, found, access)
         _err_console().print(escape(f"{result.type} {result.key} -> {path} ({size} bytes)"))
         return
     if result.type == "DBResult":
         value = load_document(result, store_url).outputs
     else:
-        value = read_value(result)
+        value = read_value(result, found, access)
     text = dump(value, fmt)
     if output is None:
         click.echo(text, nl=False)

@@ -6,6 +6,8 @@ variable's name instead of misbehaving later.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -60,6 +62,11 @@ class OperatorSettings(BaseSettings):
         le=3600,
         description="Seconds a deletion waits for cancelled runs to stop (their worker ends "
         "them) before marking them Cancelled in Prefect itself.",
+    )
+    volumes_root: Path = Field(
+        default=Path("/var/run/lume/volumes"),
+        description="Where the operator finds the claims of backends with volume result "
+        "storage: <root>/<namespace>/<claimName> (the chart's resultVolumes mounts them).",
     )
     default_api_url: str | None = Field(
         default=None,

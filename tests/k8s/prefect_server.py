@@ -80,9 +80,10 @@ class PrefectServer:
     # ---- sharing one server between tests ------------------------------------------------------
 
     # What the operator (and the flows it runs) make in Prefect, in an order that deletes
-    # dependents first; a work pool's queues go with it.
+    # dependents first; a work pool's queues go with it; block documents are the result
+    # storage blocks of object-store backends.
     RESET_ORDER = (("flow_runs", "id"), ("deployments", "id"), ("flows", "id"))
-    RESET_ORDER += (("work_pools", "name"),)
+    RESET_ORDER += (("work_pools", "name"), ("block_documents", "id"))
 
     def _call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
         """One API call; a 503 (SQLite busy, e.g. while a run that just ended still writes)

@@ -9,8 +9,9 @@ the run config declares.
 
 - `test_docker_backend_end_to_end`: a `docker` SchedulingBackend and the beam example; the
   prefect-docker worker runs the flow in a container of the examples image, with the limits,
-  volume, env, user and read-only root of the run config; status ends Completed with result
-  locations on the declared volume.
+  volume, env, user and read-only root of the run config; the backend's result storage is a
+  volume (a Docker named volume of the claim's name, bound here to a directory the operator
+  reads as that claim); status ends Completed with result locations on it.
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
 
 
-def docker_backend(engine: DockerEngine, results: Path, scratch: str) -> dict[str, Any]:
-    """A docker backend as an admin would declare it for a Docker host that flows share with
-    the operator through one directory (bound at the same path on both sides)."""
+def docker_backend(engine: DockerEngine, claim: str, scratch: str) -> dict[str, Any]:
+    """A docker backend as an admin would declare it: its runs keep results on a volume
+    (`resultStorage.volume`: a Docker named volume of the claim's name at /results) that the
+    operator mounts too."""
     return {
         "apiVersion": "lume.dev/v1alpha1",
         "kind": "SchedulingBackend",
@@ -84,6 +86,7 @@ def docker_backend(engine: DockerEngine, results: Path, scratch: str) -> dict[st
         "spec": {
             "type": "docker",
             "labels": ["cpu"],
+            "resultStorage": {"volume": {"claimName": claim, "mountPath": "/results"}},
             "agent": {
                 "replicas": 1,
                 # The worker reaches the engine over TCP: no socket mounted into its pod.
@@ -95,18 +98,8 @@ def docker_backend(engine: DockerEngine, results: Path, scratch: str) -> dict[st
                 "cpuLimit": "0.5",
                 "memoryLimit": "1Gi",
                 "readOnlyRootFilesystem": True,
-                "env": {
-                    "OMP_NUM_THREADS": "1",
-                    # Persisted return values and File results, on the shared volume.
-                    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(results / "prefect"),
-                    "LUME_RESULTS_DIR": str(results / "files"),
-                },
+                "env": {"OMP_NUM_THREADS": "1"},
                 "volumes": [
-                    {
-                        "name": "results",
-                        "mountPath": str(results),
-                        "hostPath": {"path": str(results)},
-                    },
                     # A claim is a Docker named volume, private to the Docker host.
                     {
                         "name": "scratch",
@@ -137,12 +130,24 @@ def test_docker_backend_end_to_end(
     kubectl: Kubectl,
     run_kopf_operator: Any,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     results = tmp_path / "results"
     results.mkdir()
     results.chmod(0o777)  # the flow runs as uid 1000, the test as whoever it is
+    # The result volume: a Docker named volume over that directory, which the operator finds
+    # where the chart's resultVolumes would mount the claim.
+    claim = f"lume-results-{uuid.uuid4().hex[:8]}"
+    docker_engine.client.volumes.create(
+        name=claim, driver="local",
+        driver_opts={"type": "none", "o": "bind", "device": str(results)},
+    )  # fmt: skip
+    volumes_root = tmp_path / "operator-volumes"
+    (volumes_root / "default").mkdir(parents=True)
+    (volumes_root / "default" / claim).symlink_to(results)
+    monkeypatch.setenv("LUME_OPERATOR_VOLUMES_ROOT", str(volumes_root))
     scratch = f"lume-scratch-{uuid.uuid4().hex[:8]}"
-    backend = docker_backend(docker_engine, results, scratch)
+    backend = docker_backend(docker_engine, claim, scratch)
     flow = beam_flow(examples_image)
     run_kopf_operator(OPERATOR)
     kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(backend))
@@ -193,27 +198,35 @@ def test_docker_backend_end_to_end(
     assert host["NanoCpus"] == 500_000_000  # cpuLimit "0.5"
     assert host["Memory"] == 2 * 1024**3  # the LumeFlow's memoryLimit 2Gi over the backend's 1Gi
     assert host["NetworkMode"] == "host"
-    assert host["Binds"] == [f"{results}:{results}:rw", f"{scratch}:/scratch:rw"]
+    assert host["Binds"] == [f"{scratch}:/scratch:rw", f"{claim}:/results:rw"]
     mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
     assert (mounts["/scratch"]["Type"], mounts["/scratch"]["Name"]) == ("volume", scratch)
-    assert (mounts[str(results)]["Type"], mounts[str(results)]["RW"]) == ("bind", True)
+    assert (mounts["/results"]["Type"], mounts["/results"]["Name"]) == ("volume", claim)
     assert host["ReadonlyRootfs"] is True and "/tmp" in host["Tmpfs"]
     assert config["User"] == "1000:1000"
     assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges"]
     assert host["Privileged"] is False
     env = dict(item.split("=", 1) for item in config["Env"])
-    assert env["OMP_NUM_THREADS"] == "1" and env["LUME_RESULTS_DIR"] == str(results / "files")
+    assert env["OMP_NUM_THREADS"] == "1" and env["LUME_RESULTS_FILESYSTEM"] == f"pvc/{claim}"
+    assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == "/results/prefect"
     assert env["PREFECT_API_URL"] == prefect_server.api_url
     assert env["PREFECT_RESULTS_DEFAULT_SERIALIZER"] == "json"
 
-    # Status lists where the results are: on the volume, written there by uid 1000.
+    # Status lists where the results are: on the volume (its path as the runs see it), written
+    # there by uid 1000, read by the operator through its own mount of the claim.
     located = {r["name"]: r for r in final["results"]}
     assert located["emittance"]["type"] == "value"
-    beam = Path(located["beam"]["location"])
-    assert located["beam"]["type"] == "HDF5File" and beam.parent == results / "files"
+    assert located["emittance"]["location"].startswith("/results/prefect/")
+    assert located["beam"] == {
+        "name": "beam",
+        "type": "HDF5File",
+        "filesystem": f"pvc/{claim}",
+        "location": f"/results/{run_id}/beam.h5",
+    }
+    beam = results / run_id / "beam.h5"
     assert beam.stat().st_uid == 1000
     with h5py.File(beam) as data:
         assert data["particles"]["x"].shape == (5000,)
-    report = Path(located["report"]["location"]).read_text()
+    report = (results / Path(located["report"]["location"]).relative_to("/results")).read_text()
     assert report.startswith("particles: 5000\n")
     assert condition(final, "Ready")["status"] == "True"

@@ -10,6 +10,7 @@ from typing import Any
 
 from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.common import SecretKeyRef
+from lume_operator.backends.base import STORAGE_VOLUME
 
 DEFAULT_WORKER_IMAGE = {
     "kubernetes": "prefecthq/prefect:3-python3.11-kubernetes",
@@ -126,6 +127,20 @@ def worker_env(backend: SchedulingBackend, api_url: str | None) -> list[dict[str
         {"name": "HOME", "value": "/tmp"},
         {"name": "PREFECT_SERVER_ANALYTICS_ENABLED", "value": "false"},
     ]
+    storage = backend.spec.result_storage
+    store = storage.object_store if storage and backend.spec.type == "process" else None
+    if store and store.credentials_secret_ref:
+        # A process worker's runs inherit its environment: the keys reach them only as
+        # references here (kubernetes Jobs get their own, docker containers none).
+        ref = store.credentials_secret_ref
+        env += [
+            _secret_env(
+                "AWS_ACCESS_KEY_ID", SecretKeyRef(name=ref.name, key=ref.access_key_id_key)
+            ),
+            _secret_env(
+                "AWS_SECRET_ACCESS_KEY", SecretKeyRef(name=ref.name, key=ref.secret_access_key_key)
+            ),
+        ]
     agent = backend.spec.agent
     taken = {item["name"] for item in env}
     for name, value in sorted(((agent.env if agent else None) or {}).items()):
@@ -212,6 +227,15 @@ def agent_objects(backend: SchedulingBackend, api_url: str | None) -> list[dict[
     if backend.spec.result_store:
         # Process workers hand their environment to the flows they start.
         container["envFrom"] = [{"secretRef": {"name": backend.spec.result_store.secret_name}}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    storage = backend.spec.result_storage
+    if storage and storage.volume and backend.spec.type == "process":
+        # A process worker's runs write in its own pod: the claim is mounted there.
+        claim = storage.volume
+        volumes.append(
+            {"name": STORAGE_VOLUME, "persistentVolumeClaim": {"claimName": claim.claim_name}}
+        )
+        container["volumeMounts"].append({"name": STORAGE_VOLUME, "mountPath": claim.mount_path})
     if agent and agent.image_pull_policy:
         container["imagePullPolicy"] = agent.image_pull_policy
     objects.append(
@@ -229,7 +253,7 @@ def agent_objects(backend: SchedulingBackend, api_url: str | None) -> list[dict[
                         "automountServiceAccountToken": backend.spec.type == "kubernetes",
                         "securityContext": RESTRICTED_POD,
                         "containers": [container],
-                        "volumes": [{"name": "tmp", "emptyDir": {}}],
+                        "volumes": volumes,
                     },
                 },
             },

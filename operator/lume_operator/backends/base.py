@@ -8,8 +8,12 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
+from lume_operator.api.backend import ResultStorage
 from lume_operator.api.common import Model
 from lume_operator.api.runconfig import APPLICABLE_FIELDS, RunConfig
+
+# The name of the result storage's volume in pods (and its mount in their containers).
+STORAGE_VOLUME = "lume-result-storage"
 
 
 class TypedRunConfig(Model):
@@ -53,6 +57,12 @@ class Backend(ABC):
     @abstractmethod
     def job_variables(self, config: TypedRunConfig) -> dict[str, Any]:
         """The deployment's `job_variables` for this config."""
+
+    def storage_variables(self, storage: ResultStorage) -> dict[str, Any]:
+        """Job variables (besides env) that give each run the backend's result storage: its
+        volume, its credentials by reference. A process run gets both from its worker, whose
+        environment and mounts it inherits (see backends/agent.py)."""
+        return {}
 
     @abstractmethod
     def base_job_template(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from lume_operator.api.backend import ResultStorage
 from lume_operator.api.common import quantity_to_bytes, quantity_to_nano_cpus
 from lume_operator.api.runconfig import Volume
 from lume_operator.backends.base import Backend, TypedRunConfig
@@ -85,6 +86,14 @@ class DockerBackend(Backend):
             create_kwargs["working_dir"] = config.working_dir
         variables["container_create_kwargs"] = create_kwargs
         return variables
+
+    def storage_variables(self, storage: ResultStorage) -> dict[str, Any]:
+        """The claim name as a Docker named volume at the mount path. An object store needs
+        nothing here: a container has only ambient credentials (a Secret cannot reach it, so
+        the API refuses credentialsSecretRef on docker backends)."""
+        if storage.volume:
+            return {"volumes": [f"{storage.volume.claim_name}:{storage.volume.mount_path}:rw"]}
+        return {}
 
     def base_job_template(self) -> dict[str, Any]:
         return vendored_template("docker")

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from lume_operator.api.backend import ResultStorage
 from lume_operator.api.runconfig import (
     Affinity,
     EnvFromSource,
@@ -13,7 +14,7 @@ from lume_operator.api.runconfig import (
     Toleration,
     Volume,
 )
-from lume_operator.backends.base import Backend, TypedRunConfig
+from lume_operator.backends.base import STORAGE_VOLUME, Backend, TypedRunConfig
 from lume_operator.backends.templates import vendored_template
 
 _NAME = {"type": "string", "minLength": 1}
@@ -331,6 +332,32 @@ class KubernetesBackend(Backend):
         if config.affinity:
             variables["affinity"] = config.affinity.to_wire()
         return variables
+
+    def storage_variables(self, storage: ResultStorage) -> dict[str, Any]:
+        """The claim as a pod volume mounted at its path; an object store's keys only as
+        secretKeyRef (never a value in job variables, which every Prefect user can read)."""
+        if storage.volume:
+            return {
+                "volumes": [
+                    {
+                        "name": STORAGE_VOLUME,
+                        "persistentVolumeClaim": {"claimName": storage.volume.claim_name},
+                    }
+                ],
+                "volume_mounts": [{"name": STORAGE_VOLUME, "mountPath": storage.volume.mount_path}],
+            }
+        ref = storage.object_store.credentials_secret_ref if storage.object_store else None
+        if ref is None:
+            return {}  # the pod's ambient credentials (IRSA, instance profile)
+        return {
+            "env_refs": [
+                {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}}
+                for name, key in (
+                    ("AWS_ACCESS_KEY_ID", ref.access_key_id_key),
+                    ("AWS_SECRET_ACCESS_KEY", ref.secret_access_key_key),
+                )
+            ]
+        }
 
     def base_job_template(self) -> dict[str, Any]:
         template = vendored_template("kubernetes")

@@ -14,7 +14,7 @@ from typing import Any
 import kopf
 
 from lume_operator.api.backend import SchedulingBackend
-from lume_operator.api.common import Model
+from lume_operator.api.common import Model, SecretKeyRef
 from lume_operator.handlers.kube import Kube, SecretMissing
 from lume_operator.prefect.batching import Batched, RunReader
 from lume_operator.prefect.gateway import PrefectGateway
@@ -22,6 +22,7 @@ from lume_operator.prefect.port import PrefectNotConfigured, PrefectPort
 from lume_operator.reconcile.backend import api_url_of
 from lume_operator.reconcile.flowofflows import StepObservation
 from lume_operator.reconcile.outcome import Found, Outcome
+from lume_operator.results.storage import RunStorage, reader_storage
 from lume_operator.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,41 @@ class State:
             reader = self.readers[api_url] = RunReader(max_age=self.settings.follow_interval * 0.9)
         async with self.slots:
             yield Batched(gateway, reader)
+
+    async def storage(self, backend: SchedulingBackend) -> RunStorage:
+        """A backend's declared result storage as the operator reads it: an object store with
+        the keys read from its Secret (passed to s3fs, never to env or a log), or the claim
+        where this pod mounts it (`<volumes_root>/<namespace>/<claimName>`)."""
+        declared = backend.spec.result_storage
+        assert declared is not None
+        namespace = backend.metadata.namespace
+        if declared.object_store:
+            ref = declared.object_store.credentials_secret_ref
+            if ref is None:
+                return reader_storage(declared)  # the operator's ambient credentials
+            try:
+                key_id = await self._secret(
+                    namespace, SecretKeyRef(name=ref.name, key=ref.access_key_id_key)
+                )
+                secret = await self._secret(
+                    namespace, SecretKeyRef(name=ref.name, key=ref.secret_access_key_key)
+                )
+            except SecretMissing as error:
+                raise PrefectNotConfigured(
+                    "SecretNotFound", f"result storage credentials: {error}"
+                ) from None
+            assert key_id is not None and secret is not None
+            return reader_storage(declared, credentials=(key_id, secret))
+        assert declared.volume is not None
+        claim = declared.volume.claim_name
+        path = self.settings.volumes_root / namespace / claim
+        if not path.is_dir():
+            raise PrefectNotConfigured(
+                "ResultStorageNotMounted",
+                f"result storage: claim {claim!r} of namespace {namespace!r} is not mounted in "
+                f"the operator at {path}: add it to the chart's resultVolumes",
+            )
+        return reader_storage(declared, volume_path=path)
 
     async def _gateway(self, api_url: str, api_key: str | None, auth: str | None) -> PrefectGateway:
         key = (api_url, api_key, auth)

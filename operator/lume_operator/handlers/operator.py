@@ -176,6 +176,7 @@ async def flow_follow(
         connect=state_of(memo).connect,
         now=datetime.now(UTC),
         grace=state_of(memo).settings.cancel_grace,
+        open_storage=state_of(memo).storage,
     )
     apply_outcome(outcome, body, status, patch)
 
@@ -253,6 +254,7 @@ async def composition_follow(
         backends=in_namespace(backend_index, namespace),
         connect=state.connect,
         memory=state.observed,
+        open_storage=state.storage,
     )
     apply_outcome(outcome, body, status, patch)
 
@@ -322,6 +324,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # The Kubernetes client logs whole response bodies at DEBUG, Secrets (API keys) included:
     # never below INFO, whatever level the operator runs at.
     logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
+    # So do the S3 clients that read result storage (request headers name the access key).
+    for name in ("botocore", "aiobotocore", "s3fs"):
+        logging.getLogger(name).setLevel(logging.INFO)
     lume = OperatorSettings()
     memo["lume"] = State(
         settings=lume, kube=Kube.configured(), slots=asyncio.Semaphore(lume.prefect_concurrency)

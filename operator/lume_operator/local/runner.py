@@ -371,6 +371,7 @@ class LocalRunner:
             entrypoint=item.code.entrypoint,
             working_dir=str(item.code.project_dir),
             parameter_schema=item.schema,
+            storage=False,
         )
         _store_values_as_lume_json(made.spec)
         item.notes.extend(made.notes)
@@ -430,7 +431,7 @@ class LocalRunner:
         steps = plan_steps(fof, flows, uid, job_variables=step_variables)
         # The parent reads `db` mappings from the run's store.
         spec = composition_deployment(
-            fof, backend, backend_type="process", extra_env=self.store_env
+            fof, backend, backend_type="process", extra_env=self.store_env, storage=False
         )
         _store_values_as_lume_json(spec)  # the parent reads its steps' values
         await self._ensure_pool(gateway, backend, spec.work_queue_name)

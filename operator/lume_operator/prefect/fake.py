@@ -63,6 +63,7 @@ class FakePrefect:
     )
     runs: dict[str, _Run] = field(default_factory=dict)
     artifacts: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
+    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)
     # The time new runs are created at (RFC 3339), for deadline decisions.
     now: str = "2026-01-01T00:00:00+00:00"
@@ -82,11 +83,14 @@ class FakePrefect:
         if view.state.final:
             view.end_time = "2026-01-01T00:01:00+00:00"
 
-    def set_result(self, run_id: str, value: Any, key: str | None = None) -> None:
+    def set_result(
+        self, run_id: str, value: Any, key: str | None = None, serializer: str = "json"
+    ) -> None:
         """The run's persisted return value, and where it is (a storage key)."""
         run = self.runs[run_id]
         run.result, run.has_result = value, True
         run.view.result_key = key or f"/results/{run_id}"
+        run.view.result_serializer = serializer
 
     def add_child(self, parent_id: str, deployment_id: str, tags: list[str]) -> str:
         """A run started from inside `parent_id` (a composition's step)."""
@@ -151,6 +155,18 @@ class FakePrefect:
                 pool.queues.append(queue)
                 self.writes += 1
         return pool.id
+
+    async def ensure_result_storage(self, name: str, fields: dict[str, Any]) -> str:
+        self._enter("ensure_result_storage")
+        if self.blocks.get(name) != fields:
+            self.blocks[name] = copy.deepcopy(fields)
+            self.writes += 1
+        return f"block-{name}"
+
+    async def delete_result_storage(self, name: str) -> None:
+        self._enter("delete_result_storage")
+        if self.blocks.pop(name, None) is not None:
+            self.writes += 1
 
     async def delete_work_pool(self, name: str, owner: str | None = None) -> None:
         self._enter("delete_work_pool")

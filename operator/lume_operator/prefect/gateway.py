@@ -39,6 +39,7 @@ from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.filesystems import RemoteFileSystem
 from prefect.results import aresolve_result_storage
 from prefect.settings import get_current_settings
 from prefect.states import Cancelled, Cancelling, Scheduled
@@ -86,6 +87,7 @@ def run_view(flow_run: FlowRun) -> FlowRunView:
         idempotency_key=flow_run.idempotency_key,
         parameters=dict(flow_run.parameters or {}),
         result_key=getattr(metadata, "storage_key", None),
+        result_serializer=getattr(getattr(metadata, "serializer", None), "type", None),
         handle=state,
     )
 
@@ -281,6 +283,42 @@ class PrefectGateway:
         with contextlib.suppress(ObjectNotFound):
             await self._call(
                 self.client.delete_work_pool(name), f"work pool {name!r}", quiet=(ObjectNotFound,)
+            )
+            self.writes += 1
+
+    async def _read_block(self, name: str) -> Any:
+        try:
+            return await self._call(
+                self.client.read_block_document_by_name(
+                    name, block_type_slug=RemoteFileSystem.get_block_type_slug()
+                ),
+                f"result storage block {name!r}",
+                quiet=(ObjectNotFound,),
+            )
+        except ObjectNotFound:
+            return None
+
+    async def ensure_result_storage(self, name: str, fields: dict[str, Any]) -> str:
+        current = await self._read_block(name)
+        if current is not None and current.data == fields:
+            return str(current.id)
+        block = RemoteFileSystem(**fields)
+        block_id = await self._call(
+            block.asave(name, overwrite=True, client=self.client),
+            f"result storage block {name!r}",
+        )
+        self.writes += 1
+        return str(block_id)
+
+    async def delete_result_storage(self, name: str) -> None:
+        current = await self._read_block(name)
+        if current is None:
+            return
+        with contextlib.suppress(ObjectNotFound):
+            await self._call(
+                self.client.delete_block_document(current.id),
+                f"result storage block {name!r}",
+                quiet=(ObjectNotFound,),
             )
             self.writes += 1
 

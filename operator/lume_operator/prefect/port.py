@@ -155,8 +155,10 @@ class FlowRunView:
     expected_start_time: str | None = None
     idempotency_key: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
-    # Where its return value is persisted (a storage key), when it is.
+    # Where its return value is persisted (a storage key), when it is, and the serializer
+    # its record names (read only if JSON: prefect/records.py).
     result_key: str | None = None
+    result_serializer: str | None = None
     # The implementation's own handle (the gateway's Prefect state); never compared.
     handle: Any = field(default=None, repr=False, compare=False)
 
@@ -207,6 +209,16 @@ class PrefectPort(Protocol):
     async def delete_work_pool(self, name: str, owner: str | None = None) -> None:
         """Delete a pool (only one marked with `owner`, when given); one already gone counts
         as deleted."""
+        ...
+
+    async def ensure_result_storage(self, name: str, fields: dict[str, Any]) -> str:
+        """The `remote-file-system` block `name` with these fields (base path and fsspec
+        options of a backend's object store, never a credential): created, brought in line,
+        or (when equal) left alone with no write; its id."""
+        ...
+
+    async def delete_result_storage(self, name: str) -> None:
+        """Delete the block `name`; one already gone counts as deleted."""
         ...
 
     async def ensure_deployment(self, spec: DeploymentSpec, *, fresh: bool = False) -> str:

@@ -30,6 +30,7 @@ from lume_operator.reconcile.outcome import (
     prefect_trouble,
     set_conditions,
 )
+from lume_operator.results.storage import BLOCK_TYPE, block_fields
 from lume_operator.settings import OperatorSettings
 
 BackendOutcome = Outcome[SchedulingBackendStatus]
@@ -94,6 +95,20 @@ async def ensure_pool(
     )
 
 
+async def ensure_storage(
+    prefect: PrefectPort, backend: SchedulingBackend, status: SchedulingBackendStatus
+) -> None:
+    """An object store's block (where Prefect writes the runs' return values: base path and
+    fsspec options, never a credential), or none: one left from an earlier spec is deleted."""
+    storage = backend.spec.result_storage
+    if storage and storage.object_store:
+        await prefect.ensure_result_storage(backend.result_block_name, block_fields(storage))
+        status.result_storage_block = f"{BLOCK_TYPE}/{backend.result_block_name}"
+    elif status.result_storage_block:
+        await prefect.delete_result_storage(status.result_storage_block.partition("/")[2])
+        status.result_storage_block = None
+
+
 def wanted_replicas(backend: SchedulingBackend) -> int:
     return backend.spec.agent.replicas if backend.spec.agent else 1
 
@@ -118,6 +133,7 @@ async def reconcile_backend(
     try:
         async with connect(backend) as prefect:
             pool_id = await ensure_pool(prefect, backend)
+            await ensure_storage(prefect, backend, status)
     except PrefectError as error:
         return prefect_trouble(status, error, retry_in=settings.backoff(retry))
     failpoints.hit("backend-pool-ensured")
@@ -192,18 +208,22 @@ async def delete_backend(
     settings: OperatorSettings,
     retry: int = 0,
 ) -> BackendOutcome:
-    """Remove the work pool we created (never an adopted one); the agent goes by ownership.
-    The finalizer holds (a retry) until Prefect confirms."""
+    """Remove the work pool we created (never an adopted one) and the result storage block;
+    the agent goes by ownership. The finalizer holds (a retry) until Prefect confirms."""
     backend, problem = parse_object(body)
-    if problem or (backend.spec.work_pool and backend.spec.work_pool.adopt):
+    adopted = bool(backend and backend.spec.work_pool and backend.spec.work_pool.adopt)
+    if problem or (adopted and not status.result_storage_block):
         return Outcome(status)
     if backend.spec.deletion_policy == "Orphan":
         return orphaned(status, f"work pool {backend.work_pool_name!r}")
     try:
         async with connect(backend) as prefect:
-            await prefect.delete_work_pool(
-                backend.work_pool_name, owner=pool_owner(backend.metadata.uid)
-            )
+            if status.result_storage_block:
+                await prefect.delete_result_storage(status.result_storage_block.partition("/")[2])
+            if not adopted:
+                await prefect.delete_work_pool(
+                    backend.work_pool_name, owner=pool_owner(backend.metadata.uid)
+                )
     except PrefectNotConfigured as error:
         if error.reason == "NoPrefectAPI":
             return Outcome(status)  # no Prefect API was ever configured: nothing was created

@@ -11,6 +11,7 @@ from lume_operator.api.flowofflows import FlowOfFlows
 from lume_operator.backends import get_backend, tags, work_queue
 from lume_operator.flows.composition import ENTRYPOINT, FLOW_NAME
 from lume_operator.prefect.deployment import DeploymentSpec
+from lume_operator.results.storage import run_env
 
 # What every flow run gets: its return value persisted as JSON, so status can list results.
 RESULT_ENV = {
@@ -34,16 +35,45 @@ class FlowDeployment:
 
 
 def job_variables(
-    backend: SchedulingBackend, overrides: Any, backend_type: str, notes: list[str]
+    backend: SchedulingBackend,
+    overrides: Any,
+    backend_type: str,
+    notes: list[str],
+    *,
+    storage: bool = True,
 ) -> dict[str, Any]:
-    """The backend's defaults with the overrides on top, as the worker's job variables."""
+    """The backend's defaults with the overrides on top, as the worker's job variables, and
+    (unless `storage` is False: the local runner keeps results in its own directory) what
+    gives each run the backend's result storage."""
     runner = get_backend(backend_type)
     config, ignored = runner.run_config(backend.spec.run_config, overrides)
     if ignored:
         notes.append(f"run-config fields that do not apply here: {', '.join(ignored)}")
     variables = runner.job_variables(config)
     variables["env"] = {**RESULT_ENV, **variables.get("env", {})}
+    declared = backend.spec.result_storage
+    if declared is not None and not storage:
+        notes.append(
+            f"backend {backend.metadata.name!r} declares resultStorage; this run keeps its "
+            "results in the local results directory"
+        )
+    elif declared is not None:
+        block = backend.result_block_name if declared.object_store else None
+        variables["env"].update(run_env(declared, block, variables["env"]))
+        for name, extra in runner.storage_variables(declared).items():
+            variables[name] = _merged(variables.get(name, []), extra)
     return variables
+
+
+def _merged(given: list[Any], extra: list[Any]) -> list[Any]:
+    """A list variable with the storage's entries added; a run-config entry of the same name
+    (a volume, a mount, a variable) gives way to the storage's."""
+
+    def name_of(item: Any) -> Any:
+        return item.get("name") if isinstance(item, dict) else item
+
+    taken = {name_of(item) for item in extra}
+    return [item for item in given if name_of(item) not in taken] + extra
 
 
 def flow_deployment(
@@ -54,6 +84,7 @@ def flow_deployment(
     entrypoint: str | None = None,
     working_dir: str | None = None,
     parameter_schema: dict[str, Any] | None = None,
+    storage: bool = True,
 ) -> FlowDeployment:
     """The deployment `<flow name>/<namespace>` of a LumeFlow on its backend.
 
@@ -66,7 +97,7 @@ def flow_deployment(
     kind = backend_type or declared
     if kind != declared:
         notes.append(f"backend {backend.metadata.name!r} is {declared}; runs here as {kind}")
-    variables = job_variables(backend, flow.spec.run_config, kind, notes)
+    variables = job_variables(backend, flow.spec.run_config, kind, notes, storage=storage)
     source = flow.spec.source
     if source and source.image and kind in ("kubernetes", "docker"):
         variables["image"] = source.image
@@ -110,13 +141,15 @@ def composition_deployment(
     *,
     backend_type: str | None = None,
     extra_env: dict[str, str] | None = None,
+    storage: bool = True,
 ) -> DeploymentSpec:
     """The deployment `FlowOfFlows/<namespace>.<name>` of a composition's parent flow.
 
     It runs on the composition's backend, in the queue of its first label; `extra_env` adds to
     its environment (the local runner's result store, which the parent reads `db` mappings from).
     """
-    variables = job_variables(backend, None, backend_type or backend.spec.type, [])
+    kind = backend_type or backend.spec.type
+    variables = job_variables(backend, None, kind, [], storage=storage)
     variables["env"].update(extra_env or {})
     return DeploymentSpec(
         flow_name=FLOW_NAME,

@@ -7,10 +7,12 @@ the operator only creates the parent run (idempotently) and reads what happened.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lume_operator import failpoints
+from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.flow import FlowRunStatus, LumeFlow, ResultStatus
 from lume_operator.api.flowofflows import FlowOfFlows, FlowOfFlowsStatus, StepStatus
 from lume_operator.api.manifests import parse_resource
@@ -25,7 +27,15 @@ from lume_operator.prefect.port import (
 )
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.deploy import composition_deployment, flow_deployment
-from lume_operator.reconcile.flowrun import phase_of, run_outcome, run_status
+from lume_operator.reconcile.flowrun import (
+    OpenStorage,
+    Results,
+    phase_of,
+    results_condition,
+    run_outcome,
+    run_status,
+    storage_for,
+)
 from lume_operator.reconcile.lumeflow import backend_for_deletion, find_backend
 from lume_operator.reconcile.outcome import (
     TROUBLE,
@@ -96,10 +106,12 @@ async def observe_composition(
     parent_id: str,
     flows: dict[str, LumeFlow],
     known: dict[str, StepObservation] | None = None,
+    results: Callable[[LumeFlow], Awaitable[Results]] | None = None,
 ) -> CompositionObservation:
     """Read the parent run and its children; steps already final in `known` are not re-read.
 
-    A completed step's result locations are read (and checked) once, when it completes.
+    A completed step's result locations are read (and checked) once, when it completes, where
+    its flow's backend keeps them (`results`; None: through Prefect, its local default).
     Steps that never got a run are told apart by the parent's outcome table: skipped because
     a parent step failed, or failed before starting (a mapping that did not resolve).
     """
@@ -122,7 +134,9 @@ async def observe_composition(
         if not child.final:
             step.phase = "Running"
         else:
-            outcome = await run_outcome(prefect, child, flows[name].spec.results)
+            flow = flows[name]
+            storage = await results(flow) if results is not None else None
+            outcome = await run_outcome(prefect, child, flow.spec.results, storage)
             step.phase, step.results, step.error = outcome.phase, outcome.results, outcome.error
     observation = CompositionObservation(parent, steps)
     if observation.final:
@@ -202,6 +216,31 @@ def _backend_name(fof: FlowOfFlows, by_step: dict[str, LumeFlow]) -> str | None:
     return first.spec.backend_ref.name if first else None
 
 
+def _results_condition(
+    backend: SchedulingBackend,
+    by_step: dict[str, LumeFlow],
+    backends: dict[str, Found],
+    namespace: str,
+) -> dict[str, Any]:
+    """`ResultsAvailable` of a composition: its own backend's (where the parent reads the
+    steps' values), unless a step runs on a backend whose results nobody can read."""
+    names = sorted(
+        {flow.spec.backend_ref.name for flow in by_step.values()} - {backend.metadata.name}
+    )
+    for name in [backend.metadata.name, *names]:
+        found = backends.get(name)
+        parsed = (
+            parse_resource(found.body, f"SchedulingBackend {namespace}/{name}")[0]
+            if found
+            else None
+        )
+        if parsed is not None:
+            condition = results_condition(parsed)
+            if condition["status"] == "False":
+                return condition
+    return results_condition(backend)
+
+
 async def reconcile_composition(
     body: dict[str, Any],
     status: FlowOfFlowsStatus,
@@ -247,6 +286,8 @@ async def reconcile_composition(
         by_step = step_flows(fof, {name: flow for name, (flow, _) in known.items()})
         backend_name = _backend_name(fof, by_step) or ""
         backend = find_backend(backends.get(backend_name), namespace, backend_name)
+        available = _results_condition(backend, by_step, backends, namespace)
+        set_conditions(status, [available])
         async with connect(backend) as prefect:
             for step in fof.spec.steps:
                 if step.flow is None:
@@ -303,11 +344,13 @@ async def follow_composition(
     backends: dict[str, Found],
     connect: Connect,
     memory: dict[str, dict[str, StepObservation]],
+    open_storage: OpenStorage | None = None,
 ) -> CompositionOutcome | None:
     """Per-step phases, runs and results until the parent run ends; None when unchanged.
 
     `memory` keeps the steps already seen final per parent run, so their results are read
-    from Prefect once; an entry is dropped when its run ends.
+    from Prefect once; an entry is dropped when its run ends. Each step's results are read
+    where its flow's backend keeps them (`open_storage`).
     """
     fof, problem = parse_object(body)
     run = status.run
@@ -320,10 +363,15 @@ async def follow_composition(
     if backend_name is None:
         return None
     key = f"{body['metadata'].get('uid')}/{run.id}"
+
+    async def results(flow: LumeFlow) -> Results:
+        name = flow.spec.backend_ref.name
+        return await storage_for(find_backend(backends.get(name), namespace, name), open_storage)
+
     try:
         backend = find_backend(backends.get(backend_name), namespace, backend_name)
         async with connect(backend) as prefect:
-            seen = await observe_composition(prefect, run.id, by_step, memory.get(key))
+            seen = await observe_composition(prefect, run.id, by_step, memory.get(key), results)
             url = prefect.ui_url(seen.parent.id)
     except Waiting:
         return None

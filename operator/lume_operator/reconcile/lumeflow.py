@@ -22,7 +22,16 @@ from lume_operator.prefect.port import (
 )
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.deploy import flow_deployment
-from lume_operator.reconcile.flowrun import phase_of, run_outcome, run_status
+from lume_operator.reconcile.flowrun import (
+    NoStorage,
+    OpenStorage,
+    Results,
+    phase_of,
+    results_condition,
+    run_outcome,
+    run_status,
+    storage_for,
+)
 from lume_operator.reconcile.outcome import (
     TROUBLE,
     Connect,
@@ -234,6 +243,10 @@ async def reconcile_flow(
     flow_run = None
     try:
         found = find_backend(backend, namespace, flow.spec.backend_ref.name)
+        available = results_condition(found)
+        set_conditions(status, [available])
+        if first_deploy and available["status"] == "False":
+            events.append(Event("Warning", available["reason"], available["message"]))
         try:
             made = flow_deployment(
                 flow, found, working_dir=flow.spec.source.path if flow.spec.source else None
@@ -353,6 +366,7 @@ async def follow_run(
     schedule: bool | None = None,
     retry_run: Retry | None = None,
     grace: float = 60.0,
+    results: Callable[[], Awaitable[Results]] | None = None,
 ) -> FlowOutcome | None:
     """Read the runs in flight into status (one request); the current one past its deadline
     is cancelled (by force once `grace` seconds more have passed), at its end its outcome,
@@ -360,7 +374,8 @@ async def follow_run(
     nothing changed.
 
     `schedule` False: the run in `lastRun` even under a Schedule policy (the local runner
-    starts its own); without `retry_run`, no retries.
+    starts its own); without `retry_run`, no retries. `results` gives where the backend's
+    results are read, asked only at a run's end (None: through Prefect, its local default).
     """
     policy = policy_of(flow)
     if schedule is None:
@@ -404,11 +419,14 @@ async def follow_run(
         set_conditions(status, conditions.failed("DeadlineExceeded", message))
         return Outcome(status)
     failpoints.hit("flow-follow-final")
-    outcome = await run_outcome(prefect, current, flow.spec.results)
+    storage = await results() if results is not None else None
+    outcome = await run_outcome(prefect, current, flow.spec.results, storage)
     if outcome.error is None:
         status.phase, status.results = "Completed", outcome.results or []
         current_entry.results = outcome.results or None
         message = f"flow run {current.name} completed"
+        if isinstance(storage, NoStorage):
+            message += f"; its results were not read: {storage.message}"
         set_conditions(status, conditions.ready(outcome.reason, message))
         return Outcome(status, [Event("Normal", outcome.reason, message)])
     state_type = current.state.type if current.state else ""
@@ -486,8 +504,10 @@ async def follow_flow(
     connect: Connect,
     now: datetime,
     grace: float = 60.0,
+    open_storage: OpenStorage | None = None,
 ) -> FlowOutcome | None:
-    """The operator's periodic read of a LumeFlow's runs; None when nothing changed."""
+    """The operator's periodic read of a LumeFlow's runs; None when nothing changed. A
+    finished run's results are read where its backend keeps them (`open_storage`)."""
     flow, problem = parse_object(body)
     if problem or not needs_following(flow, status):
         return None
@@ -511,8 +531,17 @@ async def follow_flow(
                     start_in=delay or None,
                 )
 
+            async def results() -> Results:
+                return await storage_for(found, open_storage)
+
             return await follow_run(
-                flow, status, prefect, now=now, retry_run=retry_run, grace=grace
+                flow,
+                status,
+                prefect,
+                now=now,
+                retry_run=retry_run,
+                grace=grace,
+                results=results,
             )
     except PrefectError as error:
         if conditions.reason_of(status.conditions) == error.reason:

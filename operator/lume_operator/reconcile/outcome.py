@@ -19,7 +19,6 @@ from lume_operator.prefect.port import (
     PrefectError,
     PrefectPort,
     PrefectRejected,
-    PrefectUnreachable,
 )
 from lume_operator.reconcile import conditions
 
@@ -83,6 +82,8 @@ TROUBLE = frozenset(
         "BackendNotReady",
         "FlowNotFound",
         "FlowNotDeployed",
+        "ResultStorageUnreachable",
+        "ResultStorageNotMounted",
     }
 )
 
@@ -126,7 +127,7 @@ def prefect_trouble(
     error's stable reason; retried after `retry_in` (None: the caller runs again anyway)."""
     reason = error.reason
     message = masked(str(error))
-    if isinstance(error, PrefectUnreachable) and not message.startswith("Prefect"):
+    if error.reason == "PrefectUnreachable" and not message.startswith("Prefect"):
         message = f"Prefect API unreachable: {message}"
     if isinstance(error, PrefectRejected):
         # Prefect said no (401, 403, 422, a pool owned elsewhere): retrying the same request

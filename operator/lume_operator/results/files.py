@@ -6,12 +6,13 @@ Kubernetes status and loaded again anywhere the filesystem is reachable.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import re
-import secrets
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Self, TypeVar
@@ -20,14 +21,17 @@ import h5py
 import numpy as np
 from lume.serializers.base import SerializerBase
 from lume.serializers.hdf5 import HDF5Serializer as LumeHDF5Serializer
-from pydantic import BaseModel, ConfigDict, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
-from .filesystems import Filesystem, get_filesystem
+from .filesystems import Filesystem, FilesystemError, default_identifier, get_filesystem
 
 SerializerT = TypeVar("SerializerT", bound=SerializerBase)
 
 DESCRIPTION_KEYS = ("filename", "filesystem_identifier", "file_type_string")
 RESULTS_DIR_ENV = "LUME_RESULTS_DIR"
+# The filesystem (identifier) `result_path` puts results on, when not the local results dir:
+# the backend's declared result storage (an object store, a shared volume), set in its runs.
+RESULTS_FILESYSTEM_ENV = "LUME_RESULTS_FILESYSTEM"
 
 
 class ResultFileNotFoundError(FileNotFoundError):
@@ -137,7 +141,11 @@ class File(BaseModel, Generic[SerializerT]):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     filename: str
-    filesystem_identifier: str = "local"
+    # Not given: the configured filesystem whose root holds the filename (the backend's result
+    # storage in its runs, so `HDF5File(filename=result_path(...))` lands there), else local.
+    filesystem_identifier: str = Field(
+        default_factory=lambda data: default_identifier(data.get("filename") or "")
+    )
 
     def __class_getitem__(cls, params: Any) -> Any:
         if isinstance(params, type) and not issubclass(params, SerializerBase):
@@ -191,39 +199,38 @@ class File(BaseModel, Generic[SerializerT]):
 
     @property
     def path(self) -> Path:
-        """The local path of the file in this process."""
+        """The local path of the file in this process (an object store's files have none)."""
         return self.filesystem.resolve(self.filename)
 
     def exists(self) -> bool:
-        return self.path.exists()
+        return self.filesystem.exists(self.filename)
 
     def write(self, obj: Any) -> Self:
-        """Serialize `obj` to the file atomically: readers see the old file or the new one.
-
-        The serializer writes a hidden sibling that keeps the target's extension (for
-        serializers that sniff or append it), which is then renamed over the target.
-        """
-        path = self.path
-        if not path.parent.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        staged = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.partial{path.suffix}")
-        try:
+        """Serialize `obj` to the file atomically: readers see the old file or the new one
+        (staged locally, then renamed into place or uploaded whole)."""
+        with self.filesystem.writing(self.filename) as staged:
             self.serializer_class()().serialize(str(staged), obj)
-            os.replace(staged, path)
-        except BaseException:
-            staged.unlink(missing_ok=True)
-            raise
         return self
 
     def read(self) -> Any:
-        path = self.path
+        filesystem = self.filesystem
+        with contextlib.ExitStack() as stack:
+            try:
+                path = stack.enter_context(filesystem.reading(self.filename))
+            except FileNotFoundError:
+                path = None  # an object store's file that is not there
+            if path is not None:
+                try:
+                    return self.serializer_class()().deserialize(str(path))
+                except Exception:
+                    # Checked only on failure: a stat per read is a visible share of a small read.
+                    if path.exists():
+                        raise
         try:
-            return self.serializer_class()().deserialize(str(path))
-        except Exception:
-            # Checked only on failure: a stat per read is a visible share of a small read.
-            if path.exists():
-                raise
-        where = "" if str(path) == self.filename else f" at {str(path)!r}"
+            where = str(filesystem.resolve(self.filename))
+        except FilesystemError:
+            where = self.filename
+        where = "" if where == self.filename else f" at {where!r}"
         raise ResultFileNotFoundError(
             f"result file {self.filename!r} (filesystem {self.filesystem_identifier!r}) "
             f"does not exist{where}"
@@ -419,11 +426,32 @@ def results_dir() -> Path:
 
 
 def result_path(name: str) -> str:
-    """An absolute filename under `results_dir()`; `name` may not escape it."""
+    """Where a result named `name` goes: under the backend's result storage when its runs
+    have one (`<root>/<flow run id>/<name>`, an object store URL or a path in the shared
+    volume), else under `results_dir()`. `name` may not escape either."""
     relative = Path(name)
-    if relative.is_absolute() or ".." in relative.parts:
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
         raise ValueError(f"result name must be a relative path inside the results dir: {name!r}")
+    identifier = os.environ.get(RESULTS_FILESYSTEM_ENV)
+    if identifier:
+        root = get_filesystem(identifier).root
+        if root is None:
+            raise FilesystemError(
+                f"{RESULTS_FILESYSTEM_ENV}={identifier!r} names a filesystem without a root"
+            )
+        return f"{root.rstrip('/')}/{_run_folder()}/{relative.as_posix()}"
     return str(results_dir() / relative)
+
+
+def _run_folder() -> str:
+    """The flow run's id (each run its own folder in a shared storage), as Prefect's workers
+    set it; inside a flow without one, Prefect's runtime; else a fresh id (never a clash)."""
+    run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
+    if not run_id:
+        from prefect.runtime import flow_run  # only outside a worker's run: Prefect loaded
+
+        run_id = flow_run.id
+    return str(run_id or uuid.uuid4())
 
 
 @dataclass(frozen=True)
@@ -436,19 +464,34 @@ class DescribedFile:
     exists: bool
 
 
-def described_file(description: dict[str, Any] | str) -> DescribedFile:
+def described_file(
+    description: dict[str, Any] | str, on: Filesystem | None = None
+) -> DescribedFile:
     """Check a description as data: its keys, a file type that is known or well-formed
-    (`File[module:Serializer]`, never imported here), and whether its file exists."""
+    (`File[module:Serializer]`, never imported here), and whether its file exists.
+
+    `on`: the only filesystem the caller reads (a backend's declared result storage, as the
+    operator reaches it): a description naming another, or a file outside its root, is
+    refused rather than looked up where the stored data says.
+    """
     description = _valid_description(description)
     type_string = description["file_type_string"]
     with _types_lock:
         known = type_string in _types_by_name
     if not known and _FILE_TYPE_PATTERN.match(type_string) is None:
         file_type(type_string)  # raises UnknownFileTypeError, naming the known types
-    filesystem = get_filesystem(description["filesystem_identifier"])
-    return DescribedFile(
-        description["filename"],
-        description["filesystem_identifier"],
-        type_string,
-        filesystem.resolve(description["filename"]).exists(),
-    )
+    identifier, filename = description["filesystem_identifier"], description["filename"]
+    if on is None:
+        filesystem = get_filesystem(identifier)
+    elif identifier != on.identifier:
+        raise FileDescriptionError(
+            f"file {filename!r} is on filesystem {identifier!r}, not the backend's result "
+            f"storage {on.identifier!r}"
+        )
+    elif not on.contains(filename):
+        raise FileDescriptionError(
+            f"file {filename!r} is outside the backend's result storage {on.root!r}"
+        )
+    else:
+        filesystem = on
+    return DescribedFile(filename, identifier, type_string, filesystem.exists(filename))
