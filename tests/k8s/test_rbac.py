@@ -11,10 +11,12 @@ for the operator's kopf login alike.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import kmock
 import kopf
 import pytest
 from kubernetes import client, config
@@ -23,8 +25,17 @@ from kubernetes.config import incluster_config
 
 from lume_operator.handlers.operator import login
 from tests.k8s import rbac
-from tests.k8s.conftest import ROOT, KopfOperator, Kubectl, write_kubeconfig
+from tests.k8s.conftest import (
+    OPERATOR,
+    RELEASE,
+    RELEASE_NAMESPACE,
+    ROOT,
+    KopfOperator,
+    Kubectl,
+    write_kubeconfig,
+)
 from tests.k8s.emulator import EmulatorServer, wait_until
+from tests.k8s.kubelet import KubeletStandIn
 from tests.k8s.tools import kubectl_path
 
 READER = "system:serviceaccount:team-a:reader"
@@ -396,6 +407,184 @@ def test_in_cluster_credentials(
     # The one refusal is the client's list in team-b, above.
     assert [e.path for e in k8s_emulator.emulator.refusals()] == ["/api/v1/namespaces/team-b/pods"]
     assert operator.alive
+
+
+OPERATOR_USER = f"system:serviceaccount:{RELEASE_NAMESPACE}:{RELEASE}-lume-operator"
+SB = "lume.dev/v1alpha1/schedulingbackends"
+
+
+def kubernetes_backend(name: str, namespace: str, extra: str = "") -> str:
+    return f"""
+apiVersion: lume.dev/v1alpha1
+kind: SchedulingBackend
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  type: kubernetes
+  agent:
+    replicas: 1
+    env: {{PREFECT_WORKER_QUERY_SECONDS: "1", PREFECT_WORKER_PREFETCH_SECONDS: "1"}}
+{extra}"""
+
+
+def reason_of(server: EmulatorServer, namespace: str, name: str) -> str | None:
+    obj = server.emulator.get_object(SB, namespace, name) or {}
+    ready = [c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == "Ready"]
+    return ready[0]["reason"] if ready else None
+
+
+@pytest.fixture
+def prefect_env(shared_prefect_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("PREFECT_API_URL", shared_prefect_server.api_url)
+    monkeypatch.setenv("LUME_OPERATOR_FOLLOW_INTERVAL", "1")
+    return shared_prefect_server
+
+
+@pytest.mark.prefect
+def test_operator_holds_only_the_charts_rbac(
+    prefect_env: Any, k8s_emulator: EmulatorServer, kubectl: Kubectl, run_kopf_operator: Any
+):
+    """The operator runs as the chart's ServiceAccount (cluster-wide, Secrets readable in
+    `default` only): it creates a kubernetes backend's agent, Role and RoleBinding included
+    (allowed only because it holds what the Role grants), and a backend whose API-key Secret
+    lies in a namespace it may not read gets `SecretForbidden` in status."""
+    run_kopf_operator(OPERATOR, allow_refusals=True)
+    kubectl(
+        "apply", "--validate=false", "-f", "-",
+        input=kubernetes_backend("k8s", "default") + "---\n" + SECRET_ELSEWHERE,
+    )  # fmt: skip
+    wait_until(lambda: reason_of(k8s_emulator, "team-a", "keyed") == "SecretForbidden", 30)
+    obj = k8s_emulator.emulator.get_object(SB, "team-a", "keyed") or {}
+    (ready,) = [c for c in obj["status"]["conditions"] if c["type"] == "Ready"]
+    assert "rbac.secretNamespaces" in ready["message"] and ready["status"] == "False"
+    roles = "rbac.authorization.k8s.io/v1/roles"
+    wait_until(lambda: k8s_emulator.emulator.get_object(roles, "default", "k8s-agent"), 30)
+    wait_until(lambda: reason_of(k8s_emulator, "default", "k8s") == "AgentNotReady", 30)
+
+    log = k8s_emulator.emulator.log
+    writes = {(e.method, e.path) for e in log if e.user == OPERATOR_USER and e.method == "POST"}
+    assert {
+        ("POST", "/apis/rbac.authorization.k8s.io/v1/namespaces/default/roles"),
+        ("POST", "/apis/rbac.authorization.k8s.io/v1/namespaces/default/rolebindings"),
+        ("POST", "/apis/apps/v1/namespaces/default/deployments"),
+    } <= writes
+    assert {e.user for e in log if e.action == "watch"} == {OPERATOR_USER}
+    # Its one refusal: the Secret it may not read (retried with backoff, never a list).
+    refused = {(e.method, e.path, e.refused) for e in k8s_emulator.emulator.refusals()}
+    assert refused == {("GET", "/api/v1/namespaces/team-a/secrets/prefect-key", 403)}
+
+
+LUMEFLOW_ON_K8S = """
+apiVersion: lume.dev/v1alpha1
+kind: LumeFlow
+metadata: {name: on-k8s, namespace: default}
+spec:
+  backendRef: {name: k8s}
+  entrypoint: flows/beam.py:beam_stats
+  source: {image: lume-example:dev}
+  run: {policy: OnChange}
+"""
+
+
+@pytest.mark.prefect
+def test_kubernetes_worker_needs_only_its_role(
+    prefect_env: Any,
+    k8s_emulator: EmulatorServer,
+    kubectl: Kubectl,
+    run_kopf_operator: Any,
+    tmp_path: Path,
+):
+    """The real prefect-kubernetes worker, as its agent's ServiceAccount, does all it does
+    within the Role the operator gives it (backends.agent.WORKER_RULES): creates the flow
+    run's Job; watches Jobs and Pods in its namespace only; and when the Job fails before the
+    flow started, reads the failed Pod's log, lists the run's Jobs and marks the run Crashed."""
+    run_kopf_operator(OPERATOR)
+    kubectl("apply", "--validate=false", "-f", "-", input=kubernetes_backend("k8s", "default"))
+    emulator = k8s_emulator.emulator
+    deployment = wait_until(
+        lambda: emulator.get_object("apps/v1/deployments", "default", "k8s-agent"), 30
+    )
+    account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    token = emulator.issue_token("default", account)
+    worker_config = write_kubeconfig(k8s_emulator, tmp_path / "agent.yaml", token)
+    agent = f"system:serviceaccount:default:{account}"
+    kubelet = KubeletStandIn(
+        k8s_emulator, "default", "k8s-agent", tmp_path, {"KUBECONFIG": str(worker_config)}
+    )
+    kubelet.start()
+    try:
+        kubectl("apply", "--validate=false", "-f", "-", input=LUMEFLOW_ON_K8S)
+
+        def job() -> dict[str, Any] | None:
+            found = [o for (r, _, _), o in emulator.objects.items()
+                     if r == kmock.resource("batch/v1/jobs") and not o.deleted]  # fmt: skip
+            return found[0].raw if found else None
+
+        try:
+            created = wait_until(job, timeout=60)
+        except AssertionError:
+            calls = [(e.method, e.path, e.refused) for e in emulator.log if e.user == agent]
+            raise AssertionError(
+                f"no Job; the agent's calls: {calls}\nworker log:\n{kubelet.log.read_text()}"
+            ) from None
+        # What the job controller and kubelet would write: its pod, failed; the Job, failed.
+        name = created["metadata"]["name"]
+        template = created["spec"]["template"]
+        labels = {**created["metadata"].get("labels", {}), **template["metadata"]["labels"]}
+        pod = {
+            "metadata": {"name": f"{name}-x1", "labels": {**labels, "job-name": name}},
+            "spec": template["spec"],
+        }
+        k8s_emulator.create("v1/pods", "default", pod)
+        k8s_emulator.patch_status("v1/pods", "default", f"{name}-x1", {"phase": "Failed"})
+        failed = int(created["spec"].get("backoffLimit", 0)) + 1
+        k8s_emulator.patch_status(
+            "batch/v1/jobs", "default", name,
+            {"failed": failed, "conditions": [{"type": "Failed", "status": "True"}]},
+        )  # fmt: skip
+
+        def last_state() -> str | None:
+            flow = emulator.get_object("lume.dev/v1alpha1/lumeflows", "default", "on-k8s") or {}
+            return ((flow.get("status") or {}).get("lastRun") or {}).get("state")
+
+        wait_until(lambda: last_state() == "Crashed", timeout=90)
+    finally:
+        kubelet.stop()
+
+    calls = {(e.method, e.path, e.action) for e in emulator.log if e.user == agent}
+    print("the kubernetes worker's calls:", *sorted(map(str, calls)), sep="\n  ")
+    assert emulator.refusals(agent) == []
+    pods, jobs = "/api/v1/namespaces/default/pods", "/apis/batch/v1/namespaces/default/jobs"
+    assert {
+        ("POST", jobs, "create"),  # the worker: the flow run's Job
+        ("GET", jobs, "watch"),  # the observer (kopf): Jobs and Pods of flow runs
+        ("GET", pods, "watch"),
+        ("GET", jobs, "list"),  # the observer, on the failed Job: other Jobs of the run,
+        ("GET", pods, "list"),  # its pods,
+        ("GET", f"{pods}/{name}-x1/log", "fetch"),  # and their logs
+    } <= calls
+    # Nothing across namespaces: the observer is held to the backend's namespace.
+    across = re.compile(r"/api/v1/[^/]+|/apis/[^/]+/[^/]+/[^/]+")  # a list of all namespaces
+    assert not [c for c in calls if across.fullmatch(c[1])]
+
+
+SECRET_ELSEWHERE = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: team-a}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: prefect-key, namespace: team-a}
+stringData: {key: not-a-real-key}
+---
+apiVersion: lume.dev/v1alpha1
+kind: SchedulingBackend
+metadata: {name: keyed, namespace: team-a}
+spec:
+  type: process
+  prefect:
+    apiKeySecretRef: {name: prefect-key, key: key}
+"""
 
 
 # ---- the rules themselves, without a server -----------------------------------------------------

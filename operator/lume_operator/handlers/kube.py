@@ -22,7 +22,12 @@ from lume_operator.reconcile.outcome import NameTaken
 
 
 class SecretMissing(Exception):
-    """A Secret (or its key) that a spec refers to does not exist."""
+    """A Secret (or its key) that a spec refers to does not exist, or the operator may not
+    read it; `reason` is the condition reason users see."""
+
+    def __init__(self, message: str, reason: str = "SecretNotFound") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,13 @@ class Kube:
         except ApiException as error:
             if error.status == 404:
                 raise SecretMissing(f"Secret {namespace}/{name} not found") from None
+            if error.status == 403:
+                raise SecretMissing(
+                    f"the operator may not read Secret {namespace}/{name}: Secrets are readable "
+                    "only in the namespaces it watches, or (cluster-wide) in the chart's "
+                    "rbac.secretNamespaces",
+                    reason="SecretForbidden",
+                ) from None
             raise
         data = secret.data or {}
         if key not in data:

@@ -78,6 +78,7 @@ TROUBLE = frozenset(
         "PrefectRejected",
         "NoPrefectAPI",
         "SecretNotFound",
+        "SecretForbidden",
         "BackendNotFound",
         "BackendInvalid",
         "BackendNotReady",
