@@ -1,13 +1,16 @@
 """Fixtures for tests against an emulated Kubernetes API: real kubectl, real kopf, no cluster.
 
-- `k8s_emulator`: an `EmulatorServer` (`.url`, `.emulator` with `.log`, `.count()`,
-  `.get_object()`, `.objects`; `.patch_status()` to play a controller).
-- `kubeconfig`: a kubeconfig file for it; also exported as `KUBECONFIG` for the test, so
-  kopf, the kubernetes client and helm can only ever reach the emulator.
-- `kubectl`: ``kubectl("get", "lf", "-o", "yaml")`` runs the real binary, returns the
-  CompletedProcess (``check=True`` raises with stderr on failure).
+- `k8s_emulator`: an `EmulatorServer` (`.url`, and `.https_url`/`.ca_path` over TLS;
+  `.emulator` with `.log`, `.refusals()`, `.count()`, `.get_object()`, `.objects`,
+  `.issue_token()`; `.patch_status()` to play a controller). RBAC is enforced.
+- `kubeconfig`: a cluster-admin kubeconfig file for it; also exported as `KUBECONFIG` for the
+  test, so kopf, the kubernetes client and helm can only ever reach the emulator.
+- `kubectl`: ``kubectl("get", "lf", "-o", "yaml")`` runs the real binary as cluster-admin,
+  returns the CompletedProcess (``check=True`` raises with stderr on failure).
 - `run_kopf_operator`: starts a real kopf operator against the emulator and stops it at
   teardown; see `KopfOperator`. `kopf_registry()` makes a fresh registry that can log in.
+  lume-operator itself runs as the Helm chart's ServiceAccount, held to the chart's RBAC
+  (`install_chart_rbac`); a request of it that RBAC refuses fails the test at teardown.
 - `shared_prefect_server`: one real Prefect server for the whole session, emptied (no flow
   runs, deployments, flows or work pools) before each test that asks for it. Tests that stop
   or restart Prefect start their own `PrefectServer` instead.
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import os
@@ -34,11 +38,25 @@ import pytest
 import yaml
 from prefect.logging.configuration import ensure_logging_setup
 
-from tests.k8s.emulator import EmulatorServer
+from tests.k8s.emulator import ADMIN_TOKEN, EmulatorServer
 from tests.k8s.prefect_server import PrefectServer
-from tests.k8s.tools import kubectl_path
+from tests.k8s.rbac import UserInfo
+from tests.k8s.tools import helm_path, kubectl_path
 
 ROOT = Path(__file__).resolve().parents[2]
+OPERATOR = "lume_operator.handlers.operator"
+CHART = ROOT / "charts" / "lume-operator"
+# The release the operator's RBAC is rendered as: its ServiceAccount lives in RELEASE_NAMESPACE.
+RELEASE, RELEASE_NAMESPACE = "lume", "lume-system"
+# Namespaces whose Secrets the chart lets a cluster-wide operator read (rbac.secretNamespaces).
+SECRET_NAMESPACES = ("default",)
+RBAC_KINDS = {
+    "ServiceAccount": "v1/serviceaccounts",
+    "ClusterRole": "rbac.authorization.k8s.io/v1/clusterroles",
+    "ClusterRoleBinding": "rbac.authorization.k8s.io/v1/clusterrolebindings",
+    "Role": "rbac.authorization.k8s.io/v1/roles",
+    "RoleBinding": "rbac.authorization.k8s.io/v1/rolebindings",
+}
 
 # Importing the operator (it imports Prefect) configures logging with `dictConfig`, which drops
 # every root handler, pytest's `caplog` handler among them: a test that starts the first
@@ -54,33 +72,81 @@ class Kubectl(Protocol):
 
 @pytest.fixture
 def k8s_emulator() -> Iterator[EmulatorServer]:
-    """A fresh emulated API server per test, on 127.0.0.1 and a random port."""
-    with EmulatorServer() as server:
+    """A fresh emulated API server per test, on 127.0.0.1: HTTP and HTTPS, random ports."""
+    with EmulatorServer(tls=True) as server:
         yield server
+
+
+def write_kubeconfig(
+    server: EmulatorServer, path: Path, token: str = ADMIN_TOKEN, namespace: str = "default"
+) -> Path:
+    """A kubeconfig with one context, `emulator`. A ServiceAccount's token goes over HTTPS
+    (with the server's CA): kubectl sends no token over plain HTTP."""
+    cluster: dict[str, Any] = {"server": server.url}
+    if token != ADMIN_TOKEN:
+        assert server.tls, "a ServiceAccount's kubeconfig needs EmulatorServer(tls=True)"
+        cluster = {"server": server.https_url, "certificate-authority": str(server.ca_path)}
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "emulator", "cluster": cluster}],
+        "users": [{"name": "emulator", "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": "emulator",
+                "context": {"cluster": "emulator", "user": "emulator", "namespace": namespace},
+            }
+        ],
+        "current-context": "emulator",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @pytest.fixture
 def kubeconfig(
     k8s_emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Path:
-    """A kubeconfig with one context, `emulator`, namespace `default`; set as KUBECONFIG."""
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "emulator", "cluster": {"server": k8s_emulator.url}}],
-        "users": [{"name": "emulator", "user": {"token": "emulator-token"}}],
-        "contexts": [
-            {
-                "name": "emulator",
-                "context": {"cluster": "emulator", "user": "emulator", "namespace": "default"},
-            }
-        ],
-        "current-context": "emulator",
-    }
-    path = tmp_path / "kubeconfig.yaml"
-    path.write_text(yaml.safe_dump(config))
+    """A cluster-admin kubeconfig, namespace `default`; set as KUBECONFIG."""
+    path = write_kubeconfig(k8s_emulator, tmp_path / "kubeconfig.yaml")
     monkeypatch.setenv("KUBECONFIG", str(path))
     return path
+
+
+@functools.cache
+def chart_rbac(
+    watch_namespaces: tuple[str, ...] = (), secret_namespaces: tuple[str, ...] = SECRET_NAMESPACES
+) -> tuple[dict[str, Any], ...]:
+    """The ServiceAccount, Roles, ClusterRoles and bindings `helm template` renders: cluster-wide,
+    or watching the given namespaces (each with its Role), as release `lume` in `lume-system`."""
+    args = ["template", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE]
+    if watch_namespaces:
+        args += ["--set", f"watchNamespaces={{{','.join(watch_namespaces)}}}"]
+    else:
+        args += ["--set", "clusterWide=true"]
+        args += ["--set", f"rbac.secretNamespaces={{{','.join(secret_namespaces)}}}"]
+    proc = subprocess.run([str(helm_path()), *args], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}")
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] in RBAC_KINDS)
+
+
+def install_chart_rbac(
+    server: EmulatorServer, watch_namespaces: tuple[str, ...] = ()
+) -> tuple[UserInfo, str]:
+    """Apply the chart's RBAC to the emulator, as `helm install` would; return the operator's
+    identity and a token for it (its ServiceAccount's)."""
+    objects = chart_rbac(watch_namespaces)
+    namespaces = {RELEASE_NAMESPACE, *SECRET_NAMESPACES, *watch_namespaces}
+    for namespace in sorted(namespaces):
+        server.create("v1/namespaces", None, {"metadata": {"name": namespace}})
+    for obj in objects:
+        namespace = obj["metadata"].get("namespace")
+        server.create(RBAC_KINDS[obj["kind"]], namespace, obj)
+    (account,) = [o for o in objects if o["kind"] == "ServiceAccount"]
+    name = account["metadata"]["name"]
+    token = server.emulator.issue_token(RELEASE_NAMESPACE, name)
+    return UserInfo.service_account(RELEASE_NAMESPACE, name), token
 
 
 @pytest.fixture
@@ -302,28 +368,64 @@ class KopfOperator:
             )
 
 
+def _is_lume_operator(target: object) -> bool:
+    name = target.__name__ if isinstance(target, types.ModuleType) else target
+    return name == OPERATOR
+
+
 @pytest.fixture
 def run_kopf_operator(
-    k8s_emulator: EmulatorServer, kubeconfig: Path, caplog: pytest.LogCaptureFixture
+    k8s_emulator: EmulatorServer,
+    kubeconfig: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> Iterator[Callable[..., KopfOperator]]:
-    """``run_kopf_operator(registry_or_module, **options)`` -> a started `KopfOperator`."""
+    """``run_kopf_operator(registry_or_module, **options)`` -> a started `KopfOperator`.
+
+    lume-operator runs as the chart's ServiceAccount, with the chart's RBAC applied (watching
+    ``namespaces=`` when given, else cluster-wide); ``as_admin=True`` runs it as
+    cluster-admin instead. Its kubeconfig is the operator process's $KUBECONFIG (in thread
+    mode the test's own too, from then on: kubectl keeps the admin one by flag). At teardown,
+    a request of it that RBAC refused fails the test, unless ``allow_refusals=True``. Other
+    operators (a test's own registry) run as cluster-admin.
+    """
     caplog.set_level(logging.INFO, logger="kopf")
     started: list[KopfOperator] = []
+    held: list[UserInfo] = []  # identities whose refusals fail the test
 
     def start(
-        target: kopf.OperatorRegistry | types.ModuleType | str, **options: Any
+        target: kopf.OperatorRegistry | types.ModuleType | str,
+        *,
+        as_admin: bool = False,
+        allow_refusals: bool = False,
+        **options: Any,
     ) -> KopfOperator:
-        operator = KopfOperator(target, k8s_emulator, kubeconfig, **options)
+        config = kubeconfig
+        if _is_lume_operator(target) and not as_admin:
+            watched = tuple(options.get("namespaces") or ())
+            user, token = install_chart_rbac(k8s_emulator, watched)
+            config = write_kubeconfig(k8s_emulator, tmp_path / "operator-kubeconfig.yaml", token)
+            if not options.get("in_subprocess"):
+                monkeypatch.setenv("KUBECONFIG", str(config))
+            if not allow_refusals:
+                held.append(user)
+        operator = KopfOperator(target, k8s_emulator, config, **options)
         started.append(operator)
         return operator.start()
 
     yield start
-    errors = []
+    errors: list[BaseException] = []
     for operator in reversed(started):
         try:
             operator.stop()
         except Exception as e:  # stop them all, then report
             errors.append(e)
+    for user in {u.name for u in held}:
+        refused = k8s_emulator.emulator.refusals(user)
+        if refused:
+            lines = "\n".join(f"{e.method} {e.path}: {e.refusal}" for e in refused)
+            errors.append(AssertionError(f"RBAC refused the operator's requests:\n{lines}"))
     if errors:
         raise errors[0]
 

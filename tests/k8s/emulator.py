@@ -8,9 +8,16 @@ hold deletion, owner references) cannot be tested without those, so `LumeKuberne
 re-implements every write on top of kmock's object store and keeps kmock's reads, watch
 streams, request recording and fault-injection DSL (``emulator['patch', ...] << 500``).
 
+Requests are authenticated and authorized as a cluster would (`tests/k8s/rbac.py`):
+`ADMIN_TOKEN` (kubectl and the fixtures) is cluster-admin; a token from `issue_token()` is a
+ServiceAccount held to the Roles and bindings stored here (403 otherwise); any other token is
+refused (401). Without a token: cluster-admin on the plain HTTP port (as the API server's old
+insecure port was; kubectl sends no token over plain HTTP), `system:anonymous` over HTTPS.
+
 `EmulatorServer` runs it over HTTP on 127.0.0.1 in a background thread with its own event
 loop, so blocking callers (``subprocess.run([kubectl, ...])``, a kopf operator in another
-thread) can use it from synchronous tests.
+thread) can use it from synchronous tests; with ``tls=True`` also over HTTPS, for pods that
+reach it with an in-cluster config (`write_service_account()`).
 
 What it does not model is listed in `NOT_MODELLED`.
 """
@@ -20,18 +27,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
+import contextvars
 import copy
 import datetime
+import functools
 import json
 import re
 import secrets
+import shutil
+import ssl
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp.test_utils
 import attrs
 import jsonpatch
 import kmock
@@ -39,13 +54,19 @@ import yaml
 from kmock._internal import apps, enums, parsing, rendering
 from typing_extensions import override
 
+from tests.k8s import rbac
+from tests.k8s.tls import make_server_certificate
+
 T = TypeVar("T")
 
 ALL_VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
 NOT_MODELLED = """\
-- No admission: CRD OpenAPI schemas, CEL rules, defaulting, RBAC and authentication are not
-  enforced (use `kubectl apply --validate=false`; check schemas offline instead).
+- No admission: CRD OpenAPI schemas, CEL rules and defaulting are not enforced (use
+  `kubectl apply --validate=false`; check schemas offline instead). RBAC is enforced (see
+  tests/k8s/rbac.py) but for aggregated ClusterRoles, impersonation and other authorizers;
+  authentication is bearer tokens only (no client certificates, no TokenReview, tokens never
+  expire but are revoked with their ServiceAccount).
 - No controllers: Deployments never get Pods or readyReplicas, Jobs never run, nothing
   schedules; tests set such status themselves (`EmulatorServer.patch_status`).
 - Garbage collection is immediate and synchronous (background propagation only; foreground
@@ -70,12 +91,13 @@ def _resource_info(
     shortnames: Iterable[str] = (),
     categories: Iterable[str] = (),
     subresources: Iterable[str] = (),
+    verbs: Iterable[str] = ALL_VERBS,
 ) -> dict[str, Any]:
     return {
         "kind": kind,
         "singular": singular,
         "namespaced": namespaced,
-        "verbs": ALL_VERBS,
+        "verbs": list(verbs),
         "shortnames": list(shortnames),
         "categories": list(categories),
         "subresources": list(subresources),
@@ -135,6 +157,18 @@ DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
 
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public")
 
+# The token of the tests' own clients (kubectl, fixtures): cluster-admin, as no token is.
+ADMIN_TOKEN = "emulator-token"
+SERVICE_ACCOUNTS = kmock.resource("v1/serviceaccounts")
+RBAC_RESOURCES = {
+    kmock.resource(f"{rbac.RBAC_GROUP}/v1/{plural}")
+    for plural in ("roles", "clusterroles", "rolebindings", "clusterrolebindings")
+}
+# Who makes the request being served, for the escalation check deep in a write.
+_REQUESTER: contextvars.ContextVar[rbac.UserInfo | None] = contextvars.ContextVar(
+    "requester", default=None
+)
+
 HISTORY_LIMIT = 100_000  # watch events kept for resuming; older resourceVersions get 410 Gone
 
 _SMP_DIRECTIVE = re.compile(r"^\$(setElementOrder|deleteFromPrimitiveList|retainKeys)(/.*)?$")
@@ -149,6 +183,9 @@ class LoggedRequest:
     query: Mapping[str, str]
     action: str | None  # kmock's guess: list, watch, fetch, create, update, delete
     subresource: str | None
+    user: str | None = None  # who it authenticated as; None when it did not
+    refused: int | None = None  # 401 (unknown token) or 403 (RBAC) when it was refused
+    refusal: str | None = None  # the message the refusal carried
 
 
 class ApiError(kmock.KubernetesError):
@@ -312,14 +349,164 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
     pod_log: Callable[[str, str, str | None], tuple[str, bool]] | None = attrs.field(
         default=None, init=False
     )
+    # token -> (namespace, service account, its uid): a token dies with its ServiceAccount.
+    _tokens: dict[str, tuple[str, str, str]] = attrs.field(factory=dict, init=False)
+    # id(request) -> (user name, refusal code, refusal message), for `log`.
+    _access: dict[int, tuple[str | None, int | None, str | None]] = attrs.field(
+        factory=dict, init=False
+    )
+    # The RBAC objects as a Policy, and each (user, namespace)'s rules; reset on RBAC writes.
+    _policy_cache: rbac.Policy | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.fallback[enums.method.PUT] << self._serve_outcome
+        self.fallback["get /version/"] << self._serve_server_version  # the Python client's
         for key, info in DEFAULT_RESOURCES.items():
             self.resources[key] = copy.deepcopy(info)  # type: ignore[assignment]
         for name in DEFAULT_NAMESPACES:
             self.put_object("v1/namespaces", None, {"metadata": {"name": name}})
+            self.put_object("v1/serviceaccounts", name, {"metadata": {"name": "default"}})
+        for role in rbac.BOOTSTRAP_CLUSTER_ROLES:
+            self.put_object(f"{rbac.RBAC_GROUP}/v1/clusterroles", None, role)
+        for binding in rbac.BOOTSTRAP_CLUSTER_ROLE_BINDINGS:
+            self.put_object(f"{rbac.RBAC_GROUP}/v1/clusterrolebindings", None, binding)
+
+    # ---- identities ----------------------------------------------------------------------------
+
+    def issue_token(self, namespace: str, service_account: str = "default") -> str:
+        """A bearer token for `system:serviceaccount:<namespace>:<service_account>`, as the
+        kubelet mounts one into each pod of that account. The ServiceAccount must exist (the
+        API server refuses a pod whose account does not); the token stops authenticating
+        (401) once the account is deleted, or `revoke_token()` (the pod deleted)."""
+        account = self._stored(SERVICE_ACCOUNTS, namespace, service_account)
+        if account is None:
+            raise ValueError(
+                f"ServiceAccount {namespace}/{service_account} does not exist: create it "
+                "before issuing its token"
+            )
+        token = f"sa.{secrets.token_urlsafe(32)}"
+        self._tokens[token] = (namespace, service_account, account["metadata"]["uid"])
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        """Stop a token authenticating, as deleting the pod it was bound to does."""
+        self._tokens.pop(token, None)
+
+    def refusals(self, user: str | None = None) -> list[LoggedRequest]:
+        """The requests refused (401 or 403), optionally only those of one user."""
+        return [e for e in self.log if e.refused is not None and (user is None or e.user == user)]
+
+    def _authenticate(self, request: rendering.Request) -> rbac.UserInfo:
+        header = next((v for k, v in request.headers.items() if k.lower() == "authorization"), None)
+        if header is None:
+            # The plain HTTP port is like the API server's old insecure port: what comes
+            # without credentials is cluster-admin (kubectl sends no token over plain HTTP).
+            return rbac.ANONYMOUS if request.url.scheme == "https" else rbac.ADMIN
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() == "bearer" and token == ADMIN_TOKEN:
+            return rbac.ADMIN
+        entry = self._tokens.get(token) if scheme.lower() == "bearer" else None
+        if entry is not None:
+            namespace, name, uid = entry
+            account = self._stored(SERVICE_ACCOUNTS, namespace, name)
+            if account is not None and account["metadata"]["uid"] == uid:
+                return rbac.UserInfo.service_account(namespace, name)
+        raise _error(401, "Unauthorized", "Unauthorized")
+
+    def _attributes(self, request: rendering.Request) -> rbac.Attributes:
+        """The request in the authorizer's terms; discovery paths are non-resource requests."""
+        method = request.method.value.upper()
+        res = request.resource
+        if res is None or res.plural is None:
+            return rbac.Attributes(
+                verb=method.lower(), resource_request=False, path=request.url.path
+            )
+        verb = rbac.resource_verb(method, request.name, request.params)
+        namespace = request.namespace or ""
+        if res == kmock.resource("v1/namespaces") and request.name:
+            namespace = request.name  # a namespace is in itself, as the API server sees it
+        return rbac.Attributes(
+            verb=verb,
+            namespace=namespace,
+            api_group=res.group or "",
+            resource=res.plural,
+            subresource=request.subresource or "",
+            name=rbac.name_of(verb, request.name, request.params),
+        )
+
+    def _policy(self) -> rbac.Policy:
+        if self._policy_cache is None:
+            self._policy_cache = rbac.Policy.of(
+                obj.raw
+                for (res, _, _), obj in list(self._objects.items())
+                if res in RBAC_RESOURCES and not obj.deleted
+            )
+        return self._policy_cache
+
+    def _admit(self, request: rendering.Request) -> rbac.UserInfo:
+        """Authenticate and authorize one request, recording who made it and any refusal."""
+        try:
+            user = self._authenticate(request)
+        except ApiError as e:
+            self._access[id(request)] = (None, e.status, e.message)
+            raise
+        if rbac.MASTERS not in user.groups:
+            attrs = self._attributes(request)
+            if not self._policy().allows(user, attrs):
+                message = rbac.forbidden_message(user, attrs)
+                self._access[id(request)] = (user.name, 403, message)
+                details = {"group": attrs.api_group, "kind": attrs.resource}
+                if attrs.name:
+                    details["name"] = attrs.name
+                raise _error(403, "Forbidden", message, **details)
+        self._access[id(request)] = (user.name, None, None)
+        return user
+
+    def _confirm_no_escalation(
+        self, res: kmock.resource, ns: str | None, obj: Mapping[str, Any], url_name: str
+    ) -> None:
+        """Writing a Role takes holding what it grants (or `escalate`); binding a role takes
+        holding what it grants (or `bind` on it), in the namespace it is written to."""
+        user = _REQUESTER.get()
+        if res not in RBAC_RESOURCES or user is None or rbac.MASTERS in user.groups:
+            return
+        policy, namespace = self._policy(), ns or ""
+        if res.plural in ("roles", "clusterroles"):
+            asked = rbac.Attributes("escalate", True, namespace, rbac.RBAC_GROUP, res.plural)
+            if policy.allows(user, replace(asked, name=url_name)):
+                return
+            wanted = list(obj.get("rules") or [])
+        else:
+            ref = obj.get("roleRef") or {}
+            role = "clusterroles" if ref.get("kind") == "ClusterRole" else "roles"
+            asked = rbac.Attributes("bind", True, namespace, rbac.RBAC_GROUP, role)
+            if policy.allows(user, replace(asked, name=ref.get("name", ""))):
+                return
+            found = policy.role_rules(ref, namespace)
+            if found is None:
+                raise _error(
+                    404,
+                    "NotFound",
+                    f'{role}.{rbac.RBAC_GROUP} "{ref.get("name")}" not found',
+                    name=ref.get("name"),
+                    group=rbac.RBAC_GROUP,
+                    kind=role,
+                )
+            wanted = found
+        missing = rbac.not_held(policy.rules_for(user, namespace), wanted)
+        if missing:
+            name = (obj.get("metadata") or {}).get("name", "")
+            raise _error(
+                403,
+                "Forbidden",
+                f'{res.plural}.{rbac.RBAC_GROUP} "{name}" is forbidden: '
+                + rbac.escalation_message(user, missing),
+                name=name,
+                group=rbac.RBAC_GROUP,
+                kind=res.plural,
+            )
 
     # ---- introspection for tests -------------------------------------------------------------
 
@@ -333,8 +520,12 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
                 query=dict(r.params),
                 action=r.action.value.lower() if r.action is not None else None,
                 subresource=r.subresource,
+                user=access[0],
+                refused=access[1],
+                refusal=access[2],
             )
             for r in list(self._requests)
+            for access in [self._access.get(id(r), (None, None, None))]
         ]
 
     def count(self, method: str | None = None, path: str | re.Pattern[str] | None = None) -> int:
@@ -364,11 +555,20 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
         res = kmock.resource(resource)
         obj = self._new_object(res, namespace, dict(body))
         self._objects[res, namespace, obj["metadata"]["name"]] = obj
+        if res in RBAC_RESOURCES:
+            self._policy_cache = None
 
     # ---- writes --------------------------------------------------------------------------------
 
     @override
     async def _handle(self, request: rendering.Request) -> Any:
+        requester = _REQUESTER.set(self._admit(request))
+        try:
+            return await self._handle_admitted(request)
+        finally:
+            _REQUESTER.reset(requester)
+
+    async def _handle_admitted(self, request: rendering.Request) -> Any:
         is_write = request.method in {
             enums.method.POST,
             enums.method.PUT,
@@ -423,6 +623,14 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
         ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
         if current is None:
             if method == enums.method.PATCH and ctype == "application/apply-patch+yaml":
+                # Creating by apply needs `create` as well as `patch`, as in the API server.
+                user = _REQUESTER.get()
+                if user is not None and rbac.MASTERS not in user.groups:
+                    asked = replace(self._attributes(request), verb="create", name="")
+                    if not self._policy().allows(user, asked):
+                        message = rbac.forbidden_message(user, asked)
+                        self._access[id(request)] = (user.name, 403, message)
+                        raise _error(403, "Forbidden", message, group=res.group, kind=res.plural)
                 body.setdefault("metadata", {})["name"] = request.name
                 return 201, self._create(res, ns, body, events, dry_run=dry_run)
             raise self._not_found(res, request.name)
@@ -467,6 +675,7 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
                 name=meta["name"],
                 kind=res.plural,
             )
+        self._confirm_no_escalation(res, ns, body, url_name="")
         obj = self._new_object(res, ns, body)
         if dry_run:
             return obj
@@ -478,6 +687,9 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
         events.append((res, {"type": "ADDED", "object": copy.deepcopy(obj)}))
         if res == kmock.resource("apiextensions.k8s.io/v1/customresourcedefinitions"):
             self._register_crd(obj)
+        if res == kmock.resource("v1/namespaces"):
+            # The serviceaccount controller: every namespace has a `default` account.
+            self._create(SERVICE_ACCOUNTS, meta["name"], {"metadata": {"name": "default"}}, events)
         return obj
 
     def _new_object(
@@ -562,6 +774,15 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
         new["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
         if new == current:  # a no-op write changes nothing, not even the resourceVersion
             return current
+        if res in RBAC_RESOURCES and sub is None:
+            if "roleRef" in current and new.get("roleRef") != current["roleRef"]:
+                raise _error(
+                    422,
+                    "Invalid",
+                    f'{info.kind}.{rbac.RBAC_GROUP} "{new["metadata"]["name"]}" is invalid: roleRef: '
+                    "Invalid value: cannot change roleRef",
+                )
+            self._confirm_no_escalation(res, ns, new, url_name=new["metadata"]["name"])
         new["metadata"]["resourceVersion"] = self._next_rv()
         if dry_run:
             return new
@@ -805,6 +1026,8 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
     def _publish(self, events: list[tuple[kmock.resource, dict[str, Any]]]) -> None:
         """Record events and hand them to matching watches (call under the lock)."""
         for res, event in events:
+            if res in RBAC_RESOURCES:
+                self._policy_cache = None
             rv = int(event["object"]["metadata"]["resourceVersion"])
             self._history.append((rv, res, event))
             for request, queue in self._watchers:
@@ -915,14 +1138,31 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
         raise _error(415, "UnsupportedMediaType", f"the patch type {ctype!r} is not supported")
 
 
+class _TlsTestServer(aiohttp.test_utils.RawTestServer):
+    """aiohttp's test server on a TLS socket (its constructor takes no SSL context)."""
+
+    def __init__(self, handler: Any, *, ssl_context: ssl.SSLContext, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._tls = ssl_context
+
+    async def start_server(self, loop: Any = None, **kwargs: Any) -> None:
+        await super().start_server(loop=loop, ssl=self._tls, **kwargs)
+
+
 class EmulatorServer:
     """`LumeKubernetesEmulator` served over HTTP on 127.0.0.1 from a background thread.
 
     Why a thread: tests call blocking things (the kubectl binary, a kopf operator in another
     thread, `time.sleep` polls); an emulator on the test's own event loop would freeze then.
+
+    With ``tls=True`` the same emulator also listens on a second port over HTTPS
+    (`https_url`, `https_port`), with a certificate for 127.0.0.1 from a CA made for this
+    server (`ca_path`): what a pod's in-cluster config needs (`write_service_account`).
     """
 
-    def __init__(self, emulator: LumeKubernetesEmulator | None = None) -> None:
+    def __init__(
+        self, emulator: LumeKubernetesEmulator | None = None, *, tls: bool = False
+    ) -> None:
         self._factory = (lambda: emulator) if emulator is not None else LumeKubernetesEmulator
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -931,6 +1171,11 @@ class EmulatorServer:
         self._failure: BaseException | None = None
         self.emulator: LumeKubernetesEmulator
         self.url = ""
+        self.tls = tls
+        self._tls_dir: Path | None = None
+        self.ca_path: Path | None = None
+        self.https_url = ""
+        self.https_port = 0
 
     def __enter__(self) -> EmulatorServer:
         self.start()
@@ -950,6 +1195,8 @@ class EmulatorServer:
             self._loop.call_soon_threadsafe(self._stopping.set)
         if self._thread is not None:
             self._thread.join(30)
+        if self._tls_dir is not None:
+            shutil.rmtree(self._tls_dir, ignore_errors=True)
 
     def _main(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
@@ -965,8 +1212,22 @@ class EmulatorServer:
     async def _serve(self) -> None:
         self._stopping = asyncio.Event()
         self.emulator = self._factory()
-        async with self.emulator, kmock.Server(self.emulator) as server:
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self.emulator)
+            server = await stack.enter_async_context(kmock.Server(self.emulator))
             self.url = str(server.url).rstrip("/")
+            if self.tls:
+                self._tls_dir = Path(tempfile.mkdtemp(prefix="emulator-tls-"))
+                files = make_server_certificate(self._tls_dir)
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(files.cert_path, files.key_path)
+                tls_server = functools.partial(_TlsTestServer, ssl_context=context)
+                secure = await stack.enter_async_context(
+                    kmock.Server(self.emulator, server_cls=tls_server)  # type: ignore[arg-type]
+                )
+                self.ca_path = files.ca_path
+                self.https_port = secure.port
+                self.https_url = f"https://127.0.0.1:{secure.port}"
             self._started.set()
             await self._stopping.wait()
             # Close live watch streams first, or the server waits for them on shutdown.
@@ -977,6 +1238,36 @@ class EmulatorServer:
         assert self._loop is not None
         future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(fn(), self._loop)
         return future.result(timeout)
+
+    def create(
+        self, resource: str, namespace: str | None, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Create an object as cluster-admin, as `kubectl create` would (emits ADDED); an
+        existing one is left as it is. For fixtures that set up what a test stands on."""
+        return self.create_object(resource, namespace, body, exist_ok=True)
+
+    def write_service_account(
+        self, namespace: str, service_account: str, directory: Path
+    ) -> dict[str, str]:
+        """What the kubelet gives a pod of this ServiceAccount: `token`, `ca.crt` and
+        `namespace` written into `directory` (mount it at
+        /var/run/secrets/kubernetes.io/serviceaccount), and the environment returned
+        (KUBERNETES_SERVICE_HOST and _PORT: this server's HTTPS listener). Needs ``tls=True``.
+        """
+        if not self.tls or self.ca_path is None:
+            raise RuntimeError("write_service_account needs EmulatorServer(tls=True)")
+        token = self.emulator.issue_token(namespace, service_account)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "token").write_text(token)
+        (directory / "namespace").write_text(namespace)
+        shutil.copyfile(self.ca_path, directory / "ca.crt")
+        port = str(self.https_port)
+        return {
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": port,
+            "KUBERNETES_SERVICE_PORT_HTTPS": port,
+            "KUBERNETES_PORT": f"tcp://127.0.0.1:{port}",
+        }
 
     def patch_status(
         self, resource: str, namespace: str | None, name: str, status: Mapping[str, Any]
@@ -1003,14 +1294,24 @@ class EmulatorServer:
         return self.call(patch)
 
     def create_object(
-        self, resource: str, namespace: str | None, body: Mapping[str, Any]
+        self,
+        resource: str,
+        namespace: str | None,
+        body: Mapping[str, Any],
+        *,
+        exist_ok: bool = False,
     ) -> dict[str, Any]:
-        """Create as a controller would (admission applies; watchers see ADDED)."""
+        """Create as a controller would (admission applies; watchers see ADDED); with
+        `exist_ok`, an object of that name is returned as it is."""
         emulator = self.emulator
         res = kmock.resource(resource)
 
         async def create() -> dict[str, Any]:
             async with emulator._lock:
+                name = (body.get("metadata") or {}).get("name", "")
+                current = emulator._stored(res, namespace, name) if exist_ok else None
+                if current is not None:
+                    return copy.deepcopy(current)
                 events: list[tuple[kmock.resource, dict[str, Any]]] = []
                 new = emulator._create(res, namespace, copy.deepcopy(dict(body)), events)
                 emulator._publish(events)

@@ -228,7 +228,7 @@ async def test_prefect_unreachable_is_retried_with_backoff(
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("reason", ["NoPrefectAPI", "SecretNotFound"])
+@pytest.mark.parametrize("reason", ["NoPrefectAPI", "SecretNotFound", "SecretForbidden"])
 async def test_prefect_not_configured(fake, connect, cluster, settings, reason):
     connect.error = PrefectNotConfigured(reason, f"because {reason}")
     outcome = await reconcile(

@@ -8,10 +8,10 @@
 - apiGroups: ["lume.dev"]
   resources: ["schedulingbackends/status", "lumeflows/status", "flowofflows/status"]
   verbs: ["get", "patch", "update"]
-# Events: posted by kopf and the operator (create, patch); read is held for the workers' Roles.
+# Events: posted by kopf and the operator.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["create", "patch"]
 # The agent of a SchedulingBackend: its ServiceAccount, Deployment, Role and RoleBinding.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
@@ -28,7 +28,7 @@
   verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]

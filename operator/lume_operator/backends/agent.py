@@ -17,8 +17,14 @@ DEFAULT_WORKER_IMAGE = {
     "docker": "prefecthq/prefect:3-python3.11",
     "process": "prefecthq/prefect:3-python3.11",
 }
-# Only kubernetes workers talk to the Kubernetes API: they create a Job per flow run and
-# follow its pod. Process and docker workers need no rules at all, so they get no Role.
+# Only kubernetes workers talk to the Kubernetes API. What prefect-kubernetes 0.8 calls, in its
+# namespace only (PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES): the worker creates a
+# flow run's Job and deletes it to cancel a run it is still submitting; its observer (kopf)
+# lists and watches Jobs and Pods of flow runs, and for a Job that failed before its flow
+# started reads the Job, lists the run's Jobs and Pods and reads the Pods' logs. Nothing
+# gets a single Pod, touches Events or Secrets (the API key goes by Secret reference), or
+# reads Namespaces (tests/k8s/test_rbac.py runs the real worker held to these rules).
+# Process and docker workers need no rules at all, so they get no Role.
 WORKER_RULES: dict[str, list[dict[str, Any]]] = {
     "kubernetes": [
         {
@@ -26,9 +32,8 @@ WORKER_RULES: dict[str, list[dict[str, Any]]] = {
             "resources": ["jobs"],
             "verbs": ["get", "list", "watch", "create", "delete"],
         },
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]},
     ],
 }
 HEALTH_PORT = 8080

@@ -70,7 +70,7 @@ class State:
                 namespace, prefect.auth_string_secret_ref if prefect else None
             )
         except SecretMissing as error:
-            raise PrefectNotConfigured("SecretNotFound", str(error)) from None
+            raise PrefectNotConfigured(error.reason, str(error)) from None
         default_auth = self.settings.default_api_auth_string
         if auth is None and default_auth and not (prefect and prefect.api_url):
             auth = default_auth.get_secret_value()  # the operator's own default API

@@ -9,22 +9,60 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config import incluster_config
 
 from lume_operator import GROUP, VERSION
 from lume_operator.reconcile.outcome import NameTaken
 
 
 class SecretMissing(Exception):
-    """A Secret (or its key) that a spec refers to does not exist."""
+    """A Secret (or its key) that a spec refers to does not exist, or the operator may not
+    read it; `reason` is the condition reason users see."""
+
+    def __init__(self, message: str, reason: str = "SecretNotFound") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PodCredentials:
+    """Where a pod reaches the API server, and as whom."""
+
+    server: str
+    token: str
+    ca_path: str | None
+    namespace: str | None
+
+
+def pod_credentials() -> PodCredentials | None:
+    """The pod's ServiceAccount and API address, read as the Kubernetes client's in-cluster
+    config reads them ($KUBERNETES_SERVICE_HOST and _PORT, the mounted token and CA), so that
+    kopf and the client reach the same server; None outside a pod."""
+    host = os.environ.get(incluster_config.SERVICE_HOST_ENV_NAME)
+    port = os.environ.get(incluster_config.SERVICE_PORT_ENV_NAME)
+    token = Path(incluster_config.SERVICE_TOKEN_FILENAME)
+    if not host or not port or not token.is_file():
+        return None
+    ca = Path(incluster_config.SERVICE_CERT_FILENAME)
+    namespace = token.with_name("namespace")
+    return PodCredentials(
+        server=f"https://{f'[{host}]' if ':' in host else host}:{port}",
+        token=token.read_text().strip(),
+        ca_path=str(ca) if ca.is_file() else None,
+        namespace=namespace.read_text().strip() if namespace.is_file() else None,
+    )
 
 
 def load_config(kubeconfig: str | None = None) -> None:
-    """In-cluster config in a pod, else a kubeconfig (given, $KUBECONFIG or ~/.kube/config)."""
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+    """In-cluster config in a pod, else a kubeconfig (given, $KUBECONFIG or ~/.kube/config);
+    "in a pod" as for kopf's login (`pod_credentials`), so both use the same identity."""
+    if kubeconfig is None and pod_credentials() is not None:
         config.load_incluster_config()
     else:
         # $KUBECONFIG read now: the client library reads it once, at its import.
@@ -116,6 +154,13 @@ class Kube:
         except ApiException as error:
             if error.status == 404:
                 raise SecretMissing(f"Secret {namespace}/{name} not found") from None
+            if error.status == 403:
+                raise SecretMissing(
+                    f"the operator may not read Secret {namespace}/{name}: Secrets are readable "
+                    "only in the namespaces it watches, or (cluster-wide) in the chart's "
+                    "rbac.secretNamespaces",
+                    reason="SecretForbidden",
+                ) from None
             raise
         data = secret.data or {}
         if key not in data:

@@ -30,7 +30,7 @@ from lume_operator.handlers.apply import (
     publish,
     state_of,
 )
-from lume_operator.handlers.kube import Kube
+from lume_operator.handlers.kube import Kube, pod_credentials
 from lume_operator.reconcile import backend as backends
 from lume_operator.reconcile import flowofflows as compositions
 from lume_operator.reconcile import lumeflow as flows
@@ -297,9 +297,22 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In a pod the service account; elsewhere $KUBECONFIG (or ~/.kube/config)."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod its ServiceAccount, at the address Kubernetes gives every pod
+    ($KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT, as the Kubernetes client reaches it);
+    elsewhere $KUBECONFIG (or ~/.kube/config). kopf's own `login_with_service_account` dials
+    https://kubernetes.default.svc:443, which needs cluster DNS (a host-network pod has none)."""
+    pod = pod_credentials()
+    if pod is None:
+        return kopf.login_with_kubeconfig(settings=settings, **kwargs)
+    return kopf.ConnectionInfo(
+        server=pod.server,
+        token=pod.token,
+        ca_path=pod.ca_path,
+        default_namespace=pod.namespace,
+        trust_env=settings.networking.trust_env,
+        priority=20,
+    )
 
 
 @kopf.on.startup()

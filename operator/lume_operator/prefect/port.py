@@ -92,7 +92,8 @@ class WorkPoolOwnedElsewhere(PrefectRejected):
 
 class PrefectNotConfigured(PrefectError):
     """No Prefect API can be reached for this backend yet: no URL, or its API key's Secret is
-    missing. `reason` is the condition reason users see (NoPrefectAPI, SecretNotFound)."""
+    missing or unreadable. `reason` is the condition reason users see (NoPrefectAPI,
+    SecretNotFound, SecretForbidden)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

@@ -77,6 +77,7 @@ TROUBLE = frozenset(
         "PrefectRejected",
         "NoPrefectAPI",
         "SecretNotFound",
+        "SecretForbidden",
         "BackendNotFound",
         "BackendInvalid",
         "BackendNotReady",
