@@ -157,11 +157,14 @@ def test_kubernetes_variables_through_the_real_worker():
         "limits": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
     }
     assert container["workingDir"] == "/opt/project"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["volumeMounts"] == [
+        {"name": "tmp", "mountPath": "/tmp"},  # the only writable place besides volumes
         {"name": "data", "mountPath": "/data", "readOnly": False},
         {"name": "scratch", "mountPath": "/scratch", "readOnly": True},
     ]
     assert pod["volumes"] == [
+        {"name": "tmp", "emptyDir": {}},
         {"name": "data", "persistentVolumeClaim": {"claimName": "lume-data"}},
         {"name": "scratch", "emptyDir": {}},
     ]

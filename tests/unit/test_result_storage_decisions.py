@@ -175,9 +175,13 @@ def test_a_volume_is_mounted_in_jobs_and_containers():
     volume = {"volume": {"claimName": "results", "mountPath": "/results"}}
     k8s = variables_of(volume, "kubernetes")
     assert k8s["volumes"] == [
-        {"name": "lume-result-storage", "persistentVolumeClaim": {"claimName": "results"}}
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "lume-result-storage", "persistentVolumeClaim": {"claimName": "results"}},
     ]
-    assert k8s["volume_mounts"] == [{"name": "lume-result-storage", "mountPath": "/results"}]
+    assert k8s["volume_mounts"] == [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "lume-result-storage", "mountPath": "/results"},
+    ]
     assert k8s["env"]["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == "/results/prefect"
     assert k8s["env"]["LUME_RESULTS_FILESYSTEM"] == "pvc/results"
     docker = variables_of(volume, "docker")

@@ -219,10 +219,16 @@ POD_SECURITY_CONTEXT: dict[str, Any] = {
 }
 CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
     "allowPrivilegeEscalation": False,
+    # Nothing but /tmp (an emptyDir, private to the run) and declared volumes is writable.
+    "readOnlyRootFilesystem": True,
     "capabilities": {"drop": ["ALL"]},
     "runAsNonRoot": True,
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+
+
+TMP_VOLUME: dict[str, Any] = {"name": "tmp", "emptyDir": {}}
+TMP_MOUNT: dict[str, Any] = {"name": "tmp", "mountPath": "/tmp"}
 
 
 class KubernetesRunConfig(TypedRunConfig):
@@ -314,9 +320,9 @@ class KubernetesBackend(Backend):
             variables["labels"] = dict(config.labels)
         if config.image_pull_secrets:
             variables["image_pull_secrets"] = [{"name": n} for n in config.image_pull_secrets]
-        if config.volumes:
-            variables["volumes"] = [pod_volume(v) for v in config.volumes]
-            variables["volume_mounts"] = [volume_mount(v) for v in config.volumes]
+        # The root filesystem is read-only: HOME, PREFECT_HOME and scratch live in /tmp.
+        variables["volumes"] = [TMP_VOLUME, *(pod_volume(v) for v in config.volumes)]
+        variables["volume_mounts"] = [TMP_MOUNT, *(volume_mount(v) for v in config.volumes)]
         variables["resources"] = resources(config)
         if config.env_from:
             variables["env_from"] = [item.to_wire() for item in config.env_from]
