@@ -16,6 +16,10 @@ the run config declares.
 
 from __future__ import annotations
 
+import base64
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +29,13 @@ import h5py
 import pytest
 import yaml
 
+from tests.conftest import S3
 from tests.containers.engine import DockerEngine
 from tests.k8s.conftest import Kubectl
 from tests.k8s.emulator import EmulatorServer, wait_until
 from tests.k8s.kubelet import KubeletStandIn
+from tests.k8s.leaks import assert_no_plain_text
+from tests.k8s.node import Node, pods_of
 from tests.k8s.prefect_server import PrefectServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -230,3 +237,198 @@ def test_docker_backend_end_to_end(
     report = (results / Path(located["report"]["location"]).relative_to("/results")).read_text()
     assert report.startswith("particles: 5000\n")
     assert condition(final, "Ready")["status"] == "True"
+
+
+# ---- the kubernetes backend: pods as containers on the node ----------------------------------
+
+AGENT_USER = "system:serviceaccount:default:kube-agent"
+
+
+@pytest.fixture
+def node(
+    k8s_emulator: EmulatorServer, docker_engine: DockerEngine, tmp_path: Path
+) -> Iterator[Node]:
+    """The cluster's node: every pod a container of its image (tests/k8s/node.py)."""
+    with Node(k8s_emulator, docker_engine.client, tmp_path / "node") as running:
+        yield running
+
+
+def kubernetes_backend(
+    s3: S3, bucket: str, agent_image: str, flow_image: str
+) -> list[dict[str, Any]]:
+    """A kubernetes backend as an admin declares it: the API key and the store's keys only by
+    Secret reference, results on the object store, images from the node (no registry)."""
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "s3-credentials", "namespace": "default"},
+        "type": "Opaque",
+        "data": {
+            "id": base64.b64encode(s3.access_key_id.encode()).decode(),
+            "key": base64.b64encode(s3.secret_access_key.encode()).decode(),
+        },
+    }
+    api_key = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "prefect-api", "namespace": "default"},
+        "type": "Opaque",
+        "data": {"key": base64.b64encode(CANARY.encode()).decode()},
+    }
+    backend = {
+        "apiVersion": "lume.dev/v1alpha1",
+        "kind": "SchedulingBackend",
+        "metadata": {"name": "kube", "namespace": "default"},
+        "spec": {
+            "type": "kubernetes",
+            "labels": ["cpu"],
+            "prefect": {"apiKeySecretRef": {"name": "prefect-api", "key": "key"}},
+            "agent": {
+                "replicas": 1,
+                "image": agent_image,
+                "imagePullPolicy": "Never",
+                "env": {"PREFECT_WORKER_QUERY_SECONDS": "2"},
+            },
+            "runConfig": {
+                "image": flow_image,
+                "imagePullPolicy": "Never",
+                "cpuLimit": "1",
+                "memoryLimit": "1Gi",
+                "env": {"OMP_NUM_THREADS": "1"},
+            },
+            "resultStorage": {
+                "objectStore": {
+                    "url": f"s3://{bucket}/runs",
+                    "endpointUrl": s3.endpoint,
+                    "region": s3.region,
+                    "credentialsSecretRef": {
+                        "name": "s3-credentials",
+                        "accessKeyIdKey": "id",
+                        "secretAccessKeyKey": "key",
+                    },
+                }
+            },
+        },
+    }
+    return [secret, api_key, backend]
+
+
+# The Prefect API key: a value that must never appear in plain text outside its Secret.
+CANARY = "pnu_lume-canary-" + uuid.uuid4().hex
+
+
+def test_kubernetes_backend_end_to_end(
+    prefect_server: PrefectServer,
+    s3: S3,
+    node: Node,
+    operator_image: str,
+    examples_image: str,
+    k8s_emulator: EmulatorServer,
+    kubectl: Kubectl,
+    run_kopf_operator: Any,
+    tmp_path: Path,
+) -> None:
+    """kubectl applies a kubernetes backend and the beam example; the agent pod's container runs
+    the real prefect-kubernetes worker (in-cluster config, its own Role, held to it); it creates
+    the run's Job; the Job's pod container runs the flow as uid 1000 on a read-only root; status
+    reaches Completed with result locations on the object store; `results get` fetches the HDF5
+    file. Neither the API key nor the store's keys appear in plain text anywhere."""
+    bucket = s3.bucket("lume-results")
+    operator = run_kopf_operator(OPERATOR, in_subprocess=True, log_path=tmp_path / "operator.log")
+    manifests = kubernetes_backend(s3, bucket, operator_image, examples_image)
+    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump_all(manifests))
+    flow = beam_flow(examples_image)
+    flow["spec"]["backendRef"] = {"name": "kube"}
+    wait_until(
+        lambda: condition(status_of(k8s_emulator, SB, "kube"), "Ready").get("status") == "True",
+        timeout=120,
+        interval=0.5,
+    )
+    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(flow))
+    (agent,) = pods_of(k8s_emulator, "default", {"lume.dev/backend": "kube"})
+    agent_name = agent["metadata"]["name"]
+
+    def agent_log() -> str:
+        return node.pod_log("default", agent_name, None)[0][-5000:]
+
+    try:
+        final = wait_until(
+            lambda: (
+                (s := status_of(k8s_emulator, LF, "beam-stats")).get("phase")
+                in ("Completed", "Failed")
+                and s
+            ),
+            timeout=TIMEOUT,
+            interval=0.5,
+        )
+    except AssertionError:
+        raise AssertionError(
+            f"{status_of(k8s_emulator, LF, 'beam-stats')}\nagent:\n{agent_log()}"
+        ) from None
+    run_id = final["lastRun"]["id"]
+
+    def finished_job() -> dict[str, Any] | None:
+        # Prefect hears Completed from the flow a moment before its process exits.
+        for job in k8s_emulator.list_objects("batch/v1/jobs", "default"):
+            labels = job["metadata"].get("labels", {})
+            if labels.get("prefect.io/flow-run-id") == run_id and job["status"].get("conditions"):
+                return job
+        return None
+
+    job = wait_until(finished_job, timeout=60, interval=0.5)
+    (pod,) = pods_of(k8s_emulator, "default", {"job-name": job["metadata"]["name"]})
+    job_log = node.pod_log("default", pod["metadata"]["name"], None)[0]
+    assert final["phase"] == "Completed", f"{final}\nagent:\n{agent_log()}\njob:\n{job_log[-4000:]}"
+
+    # The Job's pod ran as a container of the flow image, separated as the template says.
+    assert pod["status"]["phase"] == "Succeeded"
+    assert [c["type"] for c in job["status"]["conditions"]] == ["SuccessCriteriaMet", "Complete"]
+    container = node.container_of("default", pod["metadata"]["name"])
+    config, host = container.attrs["Config"], container.attrs["HostConfig"]
+    assert config["Image"] == examples_image
+    assert config["User"] == "1000:1000"
+    assert host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["NanoCpus"] == 1_000_000_000 and host["Memory"] == 2 * 1024**3
+    mounts = {m["Destination"] for m in container.attrs["Mounts"]}
+    assert mounts == {"/tmp"}  # no token, no host path: only its own scratch
+    spec = job["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    env = {e["name"]: e for e in spec["containers"][0]["env"]}
+    assert env["PREFECT_API_KEY"] == {
+        "name": "PREFECT_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "prefect-api", "key": "key"}},
+    }
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials"
+    # The worker's observer saw the Job's outcome; the worker needed nothing beyond its Role.
+    assert k8s_emulator.emulator.refusals(AGENT_USER) == []
+    assert any(e.user == AGENT_USER and e.action == "watch" for e in k8s_emulator.emulator.log)
+
+    # Results are on the object store, and a user fetches the HDF5 file, which loads.
+    located = {r["name"]: r for r in final["results"]}
+    assert located["beam"]["location"].startswith(f"s3://{bucket}/runs/")
+    assert any(key.endswith(".h5") for key in s3.keys(bucket, "runs/"))
+    user = {"AWS_ACCESS_KEY_ID": s3.access_key_id, "AWS_SECRET_ACCESS_KEY": s3.secret_access_key}
+    got = subprocess.run(
+        [sys.executable, "-m", "lume_operator.cli", "results", "get", "lf/beam-stats", "beam",
+         "--kubeconfig", os.environ["KUBECONFIG"]],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, **user},
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    with h5py.File(tmp_path / "beam.h5") as data:
+        assert data["particles"]["x"].shape == (5000,)
+
+    # The canaries: the Prefect API key and the store's keys, nowhere in plain text.
+    secrets = (CANARY, s3.secret_access_key, s3.access_key_id)
+    logs = {
+        "agent": node.pod_log("default", agent_name, None)[0],
+        "job": job_log,
+        "operator": operator.output(),
+    }
+    assert_no_plain_text(
+        secrets,
+        k8s_emulator,
+        prefect_server,
+        logs,
+        secret_objects=["s3-credentials", "prefect-api"],
+    )
