@@ -145,6 +145,10 @@ DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
         "ClusterRoleBinding", "clusterrolebinding", namespaced=False
     ),
     "coordination.k8s.io/v1/leases": _resource_info("Lease", "lease"),
+    # Stored, not enforced: the node runs every pod on the host network (tests/k8s/node.py).
+    "networking.k8s.io/v1/networkpolicies": _resource_info(
+        "NetworkPolicy", "networkpolicy", shortnames=["netpol"]
+    ),
     "apiextensions.k8s.io/v1/customresourcedefinitions": _resource_info(
         "CustomResourceDefinition", "customresourcedefinition", namespaced=False,
         shortnames=["crd", "crds"], subresources=["status"],

@@ -67,8 +67,8 @@ NOT_MODELLED = """\
 - Restart back-off is short (1 s doubling to 10 s, not 10 s to 5 min), to keep tests fast.
 - Volumes: emptyDir, persistentVolumeClaim (a directory of the node per claim),
   secret, configMap, projected and downwardAPI; hostPath is refused by admission; others fail.
-- Init containers, sidecars, ephemeral containers, lifecycle hooks and startup probes are not
-  run. Liveness and readiness probes: httpGet and tcpSocket.
+- Init containers, sidecars, ephemeral containers and lifecycle hooks are not
+  run. Startup, liveness and readiness probes: httpGet and tcpSocket (exec and grpc pass).
 """
 
 NODE_NAME = "lume-node"
@@ -146,6 +146,7 @@ class Running:
     ready: bool = False
     log: str = ""  # the output of containers already removed
     restart_at: float = 0.0
+    startup: Probe | None = None
     readiness: Probe | None = None
     liveness: Probe | None = None
 
@@ -669,10 +670,13 @@ class Node:
         self._event(pod, "Normal", "Started", f"Started container {spec['name']}", "kubelet")
 
     def _probe(self, record: PodRecord, spec: dict[str, Any], running: Running) -> None:
+        """Startup first; readiness and liveness only once it passed, as the kubelet does."""
         t = time.monotonic()
-        for kind in ("readiness", "liveness"):
+        for kind in ("startup", "readiness", "liveness"):
             probe: Probe | None = getattr(running, kind)
             if probe is None or t < probe.next_at:
+                continue
+            if kind != "startup" and running.startup is not None:
                 continue
             probe.next_at = t + float(probe.spec.get("periodSeconds", 10))
             ok = _check(probe.spec, spec)
@@ -680,7 +684,10 @@ class Node:
                 probe.successes, probe.failures = probe.successes + 1, 0
             else:
                 probe.failures, probe.successes = probe.failures + 1, 0
-            if kind == "readiness":
+            if kind == "startup" and ok:
+                running.startup = None  # passed: the others take over
+                running.ready = running.readiness is None
+            elif kind == "readiness":
                 if ok and probe.successes >= int(probe.spec.get("successThreshold", 1)):
                     running.ready = True
                 elif probe.failures >= int(probe.spec.get("failureThreshold", 3)):

@@ -36,7 +36,8 @@ from tests.k8s.emulator import EmulatorServer, wait_until
 from tests.k8s.kubelet import KubeletStandIn
 from tests.k8s.leaks import assert_no_plain_text
 from tests.k8s.node import Node, pods_of
-from tests.k8s.prefect_server import PrefectServer
+from tests.k8s.prefect_server import PrefectServer, free_port
+from tests.k8s.tools import helm_path
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "beam"
@@ -432,3 +433,89 @@ def test_kubernetes_backend_end_to_end(
         logs,
         secret_objects=["s3-credentials", "prefect-api"],
     )
+
+
+def test_operator_image_runs_the_operator(
+    prefect_server: PrefectServer,
+    node: Node,
+    operator_image: str,
+    examples_image: str,
+    k8s_emulator: EmulatorServer,
+    kubectl: Kubectl,
+) -> None:
+    """The chart's operator Deployment, rendered by helm with the image built from this
+    repository, runs as a pod container: in-cluster credentials, the chart's RBAC and nothing
+    more, its probes answered; it takes up a backend and a LumeFlow."""
+    repository, tag = operator_image.split(":")
+    port = free_port()  # host networking: the port must be free on this machine
+    rendered = subprocess.run(
+        [str(helm_path()), "template", "lume", str(ROOT / "charts" / "lume-operator"),
+         "-n", "lume-system", "--set", f"image.repository={repository}",
+         "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
+         "--set", f"prefectApiUrl={prefect_server.api_url}", "--set", "clusterWide=true",
+         "--set", f"probes.port={port}"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    kubectl("apply", "--validate=false", "-f", str(ROOT / "crds"))
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "lume-system"}}
+    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(namespace))
+    kubectl("apply", "--validate=false", "-f", "-", input=rendered)
+    (deployment,) = k8s_emulator.list_objects("apps/v1/deployments", "lume-system")
+    deployment_name = deployment["metadata"]["name"]
+
+    def ready() -> dict[str, Any] | None:
+        d = k8s_emulator.emulator.get_object("apps/v1/deployments", "lume-system", deployment_name)
+        return d if d and (d.get("status") or {}).get("readyReplicas") == 1 else None
+
+    try:
+        deployment = wait_until(ready, timeout=180, interval=0.5)
+    except AssertionError:
+        pods = [p.get("status") for p in k8s_emulator.list_objects("v1/pods", "lume-system")]
+        events = [e["message"] for e in k8s_emulator.list_objects("v1/events", "lume-system")]
+        raise AssertionError(f"operator pod not ready: {pods}\n{events}") from None
+    (pod,) = pods_of(k8s_emulator, "lume-system", {"app.kubernetes.io/component": "operator"})
+    name = pod["metadata"]["name"]
+
+    def operator_log() -> str:
+        return node.pod_log("lume-system", name, None)[0][-4000:]
+
+    # A kubernetes backend whose agent runs no replica, and the example flow on it.
+    backend = kubernetes_backend_manifest()
+    flow = beam_flow(examples_image)
+    flow["spec"]["backendRef"] = {"name": "kube"}
+    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump_all([backend, flow]))
+    try:
+        wait_until(
+            lambda: status_of(k8s_emulator, LF, "beam-stats").get("deploymentId"),
+            timeout=120,
+            interval=0.5,
+        )
+    except AssertionError:
+        raise AssertionError(
+            f"{status_of(k8s_emulator, LF, 'beam-stats')}\n{operator_log()}"
+        ) from None
+    assert condition(status_of(k8s_emulator, SB, "kube"), "WorkPoolReady")["status"] == "True"
+    agent = k8s_emulator.emulator.get_object("apps/v1/deployments", "default", "kube-agent")
+    assert agent is not None  # created by the operator pod, under the chart's RBAC
+    account = pod["spec"]["serviceAccountName"]
+    user = f"system:serviceaccount:lume-system:{account}"
+    assert k8s_emulator.emulator.refusals(user) == [], operator_log()
+    assert any(e.user == user and e.action == "watch" for e in k8s_emulator.emulator.log)
+
+    # The container: the image's non-root user, read-only root, nothing but what it declares.
+    container = node.container_of("lume-system", name)
+    config, host = container.attrs["Config"], container.attrs["HostConfig"]
+    assert config["Image"] == operator_image and deployment["spec"]["replicas"] == 1
+    assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"]
+    assert config["User"].split(":")[0] == str(pod["spec"]["securityContext"]["runAsUser"])
+    top = container.top()
+    assert all(row[0] != "root" for row in top["Processes"]), top
+
+
+def kubernetes_backend_manifest() -> dict[str, Any]:
+    return {
+        "apiVersion": "lume.dev/v1alpha1",
+        "kind": "SchedulingBackend",
+        "metadata": {"name": "kube", "namespace": "default"},
+        "spec": {"type": "kubernetes", "labels": ["cpu"], "agent": {"replicas": 0}},
+    }
