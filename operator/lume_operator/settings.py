@@ -61,6 +61,12 @@ class OperatorSettings(BaseSettings):
         description="Seconds a deletion waits for cancelled runs to stop (their worker ends "
         "them) before marking them Cancelled in Prefect itself.",
     )
+    scan_cluster: bool = Field(
+        default=True,
+        description="kopf lists and watches CustomResourceDefinitions (and, watching listed "
+        "namespaces, the Namespaces) to notice them change. False where the operator has no "
+        "cluster-wide rights (the chart's namespaced mode): what exists at start is served.",
+    )
     default_api_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("LUME_PREFECT_API_URL", "PREFECT_API_URL"),

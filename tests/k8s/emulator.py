@@ -64,9 +64,9 @@ ALL_VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 NOT_MODELLED = """\
 - No admission: CRD OpenAPI schemas, CEL rules and defaulting are not enforced (use
   `kubectl apply --validate=false`; check schemas offline instead). RBAC is enforced (see
-  tests/k8s/rbac.py) but for aggregated ClusterRoles, impersonation and other authorizers;
-  authentication is bearer tokens only (no client certificates, no TokenReview, tokens never
-  expire but are revoked with their ServiceAccount).
+  tests/k8s/rbac.py) but for aggregated ClusterRoles, impersonation, access reviews
+  (`kubectl auth can-i`) and other authorizers; authentication is bearer tokens only (no client
+  certificates, no TokenReview, tokens never expire but die with their ServiceAccount).
 - No controllers: Deployments never get Pods or readyReplicas, Jobs never run, nothing
   schedules; tests set such status themselves (`EmulatorServer.patch_status`).
 - Garbage collection is immediate and synchronous (background propagation only; foreground

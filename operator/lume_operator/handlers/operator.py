@@ -325,6 +325,10 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=KOPF_PREFIX, key="last-handled-configuration"
     )
+    lume = OperatorSettings()
+    # Without cluster-wide rights kopf's listing of Namespaces is refused, and retried for
+    # nearly a minute (its backoffs, 54 s) before kopf falls back to the namespaces it was given.
+    settings.scanning.disabled = not lume.scan_cluster
     # Our transitions are posted as events with kopf.event; kopf's own handler logs are not.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
@@ -335,7 +339,6 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # The Kubernetes client logs whole response bodies at DEBUG, Secrets (API keys) included:
     # never below INFO, whatever level the operator runs at.
     logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
-    lume = OperatorSettings()
     memo["lume"] = State(
         settings=lume, kube=Kube.configured(), slots=asyncio.Semaphore(lume.prefect_concurrency)
     )
