@@ -625,10 +625,8 @@ spec:
 
 # ---- the rules themselves, without a server -----------------------------------------------------
 
-pytest_unit = pytest.mark.unit
 
-
-@pytest_unit
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("rule", "attrs", "allowed"),
     [
@@ -647,7 +645,7 @@ def test_rule_matching(rule: dict[str, Any], attrs: tuple[str, ...], allowed: bo
     assert rbac.rule_allows(rule, asked) is allowed
 
 
-@pytest_unit
+@pytest.mark.unit
 def test_resource_names_and_urls():
     named = {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["a"], "verbs": ["*"]}
     assert rbac.rule_allows(named, rbac.Attributes("get", True, "ns", "", "configmaps", name="a"))
@@ -659,7 +657,7 @@ def test_resource_names_and_urls():
     assert not rbac.rule_allows(urls, rbac.Attributes("post", False, path="/version"))
 
 
-@pytest_unit
+@pytest.mark.unit
 def test_bindings_grant_where_they_live():
     policy = rbac.Policy.of(
         [
@@ -683,7 +681,7 @@ def test_bindings_grant_where_they_live():
     assert policy.allows(grouped, rbac.Attributes("list", True, "", "", "pods"))
 
 
-@pytest_unit
+@pytest.mark.unit
 def test_escalation_coverage():
     held = [
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "create"]},
