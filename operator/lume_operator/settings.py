@@ -68,6 +68,12 @@ class OperatorSettings(BaseSettings):
         description="Where the operator finds the claims of backends with volume result "
         "storage: <root>/<namespace>/<claimName> (the chart's resultVolumes mounts them).",
     )
+    scan_cluster: bool = Field(
+        default=True,
+        description="kopf lists and watches CustomResourceDefinitions (and, watching listed "
+        "namespaces, the Namespaces) to notice them change. False where the operator has no "
+        "cluster-wide rights (the chart's namespaced mode): what exists at start is served.",
+    )
     default_api_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("LUME_PREFECT_API_URL", "PREFECT_API_URL"),

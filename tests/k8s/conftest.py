@@ -50,12 +50,15 @@ CHART = ROOT / "charts" / "lume-operator"
 RELEASE, RELEASE_NAMESPACE = "lume", "lume-system"
 # Namespaces whose Secrets the chart lets a cluster-wide operator read (rbac.secretNamespaces).
 SECRET_NAMESPACES = ("default",)
-RBAC_KINDS = {
+# What `install_chart_rbac` applies of the chart: its RBAC, and kopf's peering objects.
+CHART_KINDS = {
     "ServiceAccount": "v1/serviceaccounts",
     "ClusterRole": "rbac.authorization.k8s.io/v1/clusterroles",
     "ClusterRoleBinding": "rbac.authorization.k8s.io/v1/clusterrolebindings",
     "Role": "rbac.authorization.k8s.io/v1/roles",
     "RoleBinding": "rbac.authorization.k8s.io/v1/rolebindings",
+    "KopfPeering": "kopf.dev/v1/kopfpeerings",
+    "ClusterKopfPeering": "kopf.dev/v1/clusterkopfpeerings",
 }
 
 # Importing the operator (it imports Prefect) configures logging with `dictConfig`, which drops
@@ -114,11 +117,11 @@ def kubeconfig(
 
 
 @functools.cache
-def chart_rbac(
+def render_chart(
     watch_namespaces: tuple[str, ...] = (), secret_namespaces: tuple[str, ...] = SECRET_NAMESPACES
 ) -> tuple[dict[str, Any], ...]:
-    """The ServiceAccount, Roles, ClusterRoles and bindings `helm template` renders: cluster-wide,
-    or watching the given namespaces (each with its Role), as release `lume` in `lume-system`."""
+    """What `helm template` renders: cluster-wide, or watching the given namespaces (each with
+    its Role), as release `lume` in `lume-system`."""
     args = ["template", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE]
     if watch_namespaces:
         args += ["--set", f"watchNamespaces={{{','.join(watch_namespaces)}}}"]
@@ -128,21 +131,36 @@ def chart_rbac(
     proc = subprocess.run([str(helm_path()), *args], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}")
-    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] in RBAC_KINDS)
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def chart_operator_env(watch_namespaces: tuple[str, ...] = ()) -> dict[str, str]:
+    """The operator's own settings (`LUME_OPERATOR_*`) its chart Deployment sets."""
+    (deployment,) = [
+        o
+        for o in render_chart(watch_namespaces)
+        if o["kind"] == "Deployment" and o["metadata"]["name"] == f"{RELEASE}-lume-operator"
+    ]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {
+        e["name"]: e["value"]
+        for e in container.get("env", [])
+        if e["name"].startswith("LUME_OPERATOR_") and "value" in e
+    }
 
 
 def install_chart_rbac(
     server: EmulatorServer, watch_namespaces: tuple[str, ...] = ()
 ) -> tuple[UserInfo, str]:
-    """Apply the chart's RBAC to the emulator, as `helm install` would; return the operator's
-    identity and a token for it (its ServiceAccount's)."""
-    objects = chart_rbac(watch_namespaces)
+    """Apply the chart's RBAC (and peering objects) to the emulator, as `helm install` would;
+    return the operator's identity and a token for it (its ServiceAccount's)."""
+    objects = [o for o in render_chart(watch_namespaces) if o["kind"] in CHART_KINDS]
     namespaces = {RELEASE_NAMESPACE, *SECRET_NAMESPACES, *watch_namespaces}
     for namespace in sorted(namespaces):
         server.create("v1/namespaces", None, {"metadata": {"name": namespace}})
     for obj in objects:
         namespace = obj["metadata"].get("namespace")
-        server.create(RBAC_KINDS[obj["kind"]], namespace, obj)
+        server.create(CHART_KINDS[obj["kind"]], namespace, obj)
     (account,) = [o for o in objects if o["kind"] == "ServiceAccount"]
     name = account["metadata"]["name"]
     token = server.emulator.issue_token(RELEASE_NAMESPACE, name)
@@ -383,8 +401,9 @@ def run_kopf_operator(
 ) -> Iterator[Callable[..., KopfOperator]]:
     """``run_kopf_operator(registry_or_module, **options)`` -> a started `KopfOperator`.
 
-    lume-operator runs as the chart's ServiceAccount, with the chart's RBAC applied (watching
-    ``namespaces=`` when given, else cluster-wide); ``as_admin=True`` runs it as
+    lume-operator runs as the chart's ServiceAccount, with the chart's RBAC applied and the
+    `LUME_OPERATOR_*` settings of its Deployment (watching ``namespaces=`` when given, else
+    cluster-wide); ``as_admin=True`` runs it as
     cluster-admin instead. Its kubeconfig is the operator process's $KUBECONFIG (in thread
     mode the test's own too, from then on: kubectl keeps the admin one by flag). At teardown,
     a request of it that RBAC refused fails the test, unless ``allow_refusals=True``. Other
@@ -406,6 +425,8 @@ def run_kopf_operator(
             watched = tuple(options.get("namespaces") or ())
             user, token = install_chart_rbac(k8s_emulator, watched)
             config = write_kubeconfig(k8s_emulator, tmp_path / "operator-kubeconfig.yaml", token)
+            for name, value in chart_operator_env(watched).items():
+                monkeypatch.setenv(name, value)
             if not options.get("in_subprocess"):
                 monkeypatch.setenv("KUBECONFIG", str(config))
             if not allow_refusals:

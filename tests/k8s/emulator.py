@@ -64,9 +64,9 @@ ALL_VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 NOT_MODELLED = """\
 - No admission: CRD OpenAPI schemas, CEL rules and defaulting are not enforced (use
   `kubectl apply --validate=false`; check schemas offline instead). RBAC is enforced (see
-  tests/k8s/rbac.py) but for aggregated ClusterRoles, impersonation and other authorizers;
-  authentication is bearer tokens only (no client certificates, no TokenReview, tokens never
-  expire but are revoked with their ServiceAccount).
+  tests/k8s/rbac.py) but for aggregated ClusterRoles, impersonation, access reviews
+  (`kubectl auth can-i`) and other authorizers; authentication is bearer tokens only (no client
+  certificates, no TokenReview, tokens never expire but die with their ServiceAccount).
 - No controllers: Deployments never get Pods or readyReplicas, Jobs never run, nothing
   schedules; tests set such status themselves (`EmulatorServer.patch_status`).
 - Garbage collection is immediate and synchronous (background propagation only; foreground
@@ -359,7 +359,7 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
     _access: dict[int, tuple[str | None, int | None, str | None]] = attrs.field(
         factory=dict, init=False
     )
-    # The RBAC objects as a Policy, and each (user, namespace)'s rules; reset on RBAC writes.
+    # The stored RBAC objects as a Policy, built on first use after each RBAC write.
     _policy_cache: rbac.Policy | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -779,14 +779,15 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
         if new == current:  # a no-op write changes nothing, not even the resourceVersion
             return current
         if res in RBAC_RESOURCES and sub is None:
+            name = new["metadata"]["name"]
             if "roleRef" in current and new.get("roleRef") != current["roleRef"]:
                 raise _error(
                     422,
                     "Invalid",
-                    f'{info.kind}.{rbac.RBAC_GROUP} "{new["metadata"]["name"]}" is invalid: roleRef: '
-                    "Invalid value: cannot change roleRef",
+                    f'{info.kind}.{rbac.RBAC_GROUP} "{name}" is invalid: roleRef: Invalid value: '
+                    "cannot change roleRef",
                 )
-            self._confirm_no_escalation(res, ns, new, url_name=new["metadata"]["name"])
+            self._confirm_no_escalation(res, ns, new, url_name=name)
         new["metadata"]["resourceVersion"] = self._next_rv()
         if dry_run:
             return new
@@ -1257,6 +1258,8 @@ class EmulatorServer:
         `namespace` written into `directory` (mount it at
         /var/run/secrets/kubernetes.io/serviceaccount), and the environment returned
         (KUBERNETES_SERVICE_HOST and _PORT: this server's HTTPS listener). Needs ``tls=True``.
+        Each call issues a new token; `emulator.revoke_token()` of the one in `token` ends it
+        when the pod goes. A pod with `automountServiceAccountToken: false` gets none of this.
         """
         if not self.tls or self.ca_path is None:
             raise RuntimeError("write_service_account needs EmulatorServer(tls=True)")

@@ -473,6 +473,42 @@ def test_operator_holds_only_the_charts_rbac(
     assert refused == {("GET", "/api/v1/namespaces/team-a/secrets/prefect-key", 403)}
 
 
+@pytest.mark.prefect
+@pytest.mark.parametrize("namespaced", [True, False], ids=["namespaced", "cluster-wide"])
+def test_operator_with_peering_under_the_charts_rbac(
+    namespaced: bool,
+    prefect_env: Any,
+    k8s_emulator: EmulatorServer,
+    kubectl: Kubectl,
+    run_kopf_operator: Any,
+):
+    """The chart's two modes as installed: watching one namespace (a Role there, a KopfPeering
+    there) or the cluster (a ClusterRole, a ClusterKopfPeering), kopf peering on; the operator
+    builds a kubernetes backend's agent with no request refused (checked at teardown)."""
+    kubectl("apply", "--validate=false", "-f", "-", input=TEAM_A)
+    namespaces = ["team-a"] if namespaced else None
+    run_kopf_operator(OPERATOR, namespaces=namespaces, peering="lume-operator")
+    kubectl("apply", "--validate=false", "-f", "-", input=kubernetes_backend("k8s", "team-a"))
+    wait_until(lambda: reason_of(k8s_emulator, "team-a", "k8s") == "AgentNotReady", 30)
+    peering = (
+        ("kopf.dev/v1/kopfpeerings", "team-a")
+        if namespaced
+        else ("kopf.dev/v1/clusterkopfpeerings", None)
+    )
+    heartbeat = k8s_emulator.emulator.get_object(*peering, "lume-operator") or {}
+    assert heartbeat.get("status"), "kopf wrote no heartbeat into the chart's peering object"
+    assert k8s_emulator.emulator.get_object(
+        "rbac.authorization.k8s.io/v1/rolebindings", "team-a", "k8s-agent"
+    )
+
+
+TEAM_A = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: team-a}
+"""
+
+
 LUMEFLOW_ON_K8S = """
 apiVersion: lume.dev/v1alpha1
 kind: LumeFlow
@@ -589,10 +625,8 @@ spec:
 
 # ---- the rules themselves, without a server -----------------------------------------------------
 
-pytest_unit = pytest.mark.unit
 
-
-@pytest_unit
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("rule", "attrs", "allowed"),
     [
@@ -611,7 +645,7 @@ def test_rule_matching(rule: dict[str, Any], attrs: tuple[str, ...], allowed: bo
     assert rbac.rule_allows(rule, asked) is allowed
 
 
-@pytest_unit
+@pytest.mark.unit
 def test_resource_names_and_urls():
     named = {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["a"], "verbs": ["*"]}
     assert rbac.rule_allows(named, rbac.Attributes("get", True, "ns", "", "configmaps", name="a"))
@@ -623,7 +657,7 @@ def test_resource_names_and_urls():
     assert not rbac.rule_allows(urls, rbac.Attributes("post", False, path="/version"))
 
 
-@pytest_unit
+@pytest.mark.unit
 def test_bindings_grant_where_they_live():
     policy = rbac.Policy.of(
         [
@@ -647,7 +681,7 @@ def test_bindings_grant_where_they_live():
     assert policy.allows(grouped, rbac.Attributes("list", True, "", "", "pods"))
 
 
-@pytest_unit
+@pytest.mark.unit
 def test_escalation_coverage():
     held = [
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "create"]},

@@ -327,6 +327,10 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=KOPF_PREFIX, key="last-handled-configuration"
     )
+    lume = OperatorSettings()
+    # Without cluster-wide rights kopf's listing of Namespaces is refused, and retried for
+    # nearly a minute (its backoffs, 54 s) before kopf falls back to the namespaces it was given.
+    settings.scanning.disabled = not lume.scan_cluster
     # Our transitions are posted as events with kopf.event; kopf's own handler logs are not.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
@@ -340,7 +344,6 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # So do the S3 clients that read result storage (request headers name the access key).
     for name in ("botocore", "aiobotocore", "s3fs"):
         logging.getLogger(name).setLevel(logging.INFO)
-    lume = OperatorSettings()
     memo["lume"] = State(
         settings=lume, kube=Kube.configured(), slots=asyncio.Semaphore(lume.prefect_concurrency)
     )
