@@ -338,11 +338,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # On deletion kopf waits for our timers to stop; one caught mid-call (a health check) is
     # re-checked after this many seconds, which would otherwise hold the finalizer for 60 s.
     settings.background.cancellation_polling = 1.0
-    # The Kubernetes client logs whole response bodies at DEBUG, Secrets (API keys) included:
-    # never below INFO, whatever level the operator runs at.
-    logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
-    # So do the S3 clients that read result storage (request headers name the access key).
-    for name in ("botocore", "aiobotocore", "s3fs"):
+    # The Kubernetes client logs whole response bodies at DEBUG, Secrets (API keys) included,
+    # and the S3 clients request headers that name the access key: never below INFO.
+    for name in ("kubernetes.client.rest", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(name).setLevel(logging.INFO)
     memo["lume"] = State(
         settings=lume, kube=Kube.configured(), slots=asyncio.Semaphore(lume.prefect_concurrency)
