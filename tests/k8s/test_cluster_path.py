@@ -297,6 +297,10 @@ def kubernetes_backend(
                 "memoryLimit": "1Gi",
                 "env": {"OMP_NUM_THREADS": "1"},
             },
+            # What runConfig has no field for, merged into every run's Job.
+            "jobTemplatePatch": {
+                "spec": {"template": {"metadata": {"annotations": {"lume.dev/team": "beams"}}}}
+            },
             "resultStorage": {
                 "objectStore": {
                     "url": f"s3://{bucket}/runs",
@@ -383,6 +387,7 @@ def test_kubernetes_backend_end_to_end(
 
     # The Job's pod ran as a container of the flow image, separated as the template says.
     assert pod["status"]["phase"] == "Succeeded"
+    assert pod["metadata"]["annotations"]["lume.dev/team"] == "beams"  # the jobTemplatePatch
     assert [c["type"] for c in job["status"]["conditions"]] == ["SuccessCriteriaMet", "Complete"]
     container = node.container_of("default", pod["metadata"]["name"])
     config, host = container.attrs["Config"], container.attrs["HostConfig"]

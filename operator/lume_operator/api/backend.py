@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -319,11 +319,27 @@ class SchedulingBackendSpec(Model):
         "and docker backends to list results (a run's pod or container disk is its own). "
         "Default: each run's local disk, read where the operator shares it (process backends).",
     )
+    job_template_patch: dict[str, Any] | None = Field(
+        default=None,
+        description="kubernetes only: a strategic merge patch of the Job every flow run gets "
+        "(the work pool's base job template), for what runConfig does not cover: annotations, "
+        "priorityClassName, runtimeClassName, a sidecar... Literal values only (no Prefect "
+        "{{ placeholders }}); the patched Job's pods must pass Pod Security restricted.",
+    )
     deletion_policy: Literal["Delete", "Orphan"] | None = Field(
         default=None,
         description="On deletion (default Delete): Delete removes the work pool it created (the finalizer holds "
         "until Prefect confirms); Orphan leaves it.",
     )
+
+    @model_validator(mode="after")
+    def _job_template_patch(self) -> SchedulingBackendSpec:
+        if self.job_template_patch is not None and self.type != "kubernetes":
+            raise ValueError(
+                f"jobTemplatePatch: only kubernetes backends run flows as Jobs (this one is "
+                f"{self.type})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _docker_storage(self) -> SchedulingBackendSpec:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
+from prefect.utilities.templating import apply_values
 from pydantic import Field
 
 from lume_operator.api.backend import ResultStorage
@@ -15,6 +18,8 @@ from lume_operator.api.runconfig import (
     Volume,
 )
 from lume_operator.backends.base import STORAGE_VOLUME, Backend, TypedRunConfig
+from lume_operator.backends.patch import strategic_merge
+from lume_operator.backends.pss import pss_restricted_problems
 from lume_operator.backends.templates import vendored_template
 
 _NAME = {"type": "string", "minLength": 1}
@@ -386,3 +391,55 @@ class KubernetesBackend(Backend):
         container["envFrom"] = "{{ env_from }}"
         container["workingDir"] = "{{ working_dir }}"
         return template
+
+
+PATCH_FIELD = "spec.jobTemplatePatch"
+
+
+def patch_job_template(template: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """The pool's base job template with a backend's `jobTemplatePatch` merged into its Job.
+
+    Refused (ValueError naming the field) when the patch templates anything itself, stops the
+    manifest being a Job, or would make its pods fail Pod Security `restricted`: admission
+    would refuse each pod, and the run would wait for a pod that never comes.
+    """
+    for path, value in _strings(patch, PATCH_FIELD):
+        if "{{" in value:
+            raise ValueError(
+                f"{path}: Prefect placeholders ({{{{ ... }}}}) are not allowed in a patch; "
+                "per-run values belong in runConfig"
+            )
+    job_configuration = template["job_configuration"]
+    try:
+        manifest = strategic_merge(job_configuration["job_manifest"], patch)
+    except ValueError as error:
+        raise ValueError(f"{PATCH_FIELD}: {error}") from None
+    if (manifest.get("apiVersion"), manifest.get("kind")) != ("batch/v1", "Job"):
+        raise ValueError(f"{PATCH_FIELD}: the manifest must stay a batch/v1 Job")
+    defaults = {
+        name: schema.get("default") for name, schema in template["variables"]["properties"].items()
+    }
+    rendered = apply_values(manifest, defaults)
+    pod = (rendered.get("spec") or {}).get("template") or {}
+    problems = pss_restricted_problems(
+        pod.get("spec") or {}, (pod.get("metadata") or {}).get("annotations")
+    )
+    if problems:
+        raise ValueError(
+            f"{PATCH_FIELD}: the Job's pods would fail Pod Security restricted: "
+            + "; ".join(problems)
+        )
+    patched = copy.deepcopy(template)
+    patched["job_configuration"]["job_manifest"] = manifest
+    return patched
+
+
+def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _strings(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{path}[{index}]")

@@ -9,6 +9,7 @@ from lume_operator import failpoints
 from lume_operator.api.backend import SchedulingBackend, SchedulingBackendStatus
 from lume_operator.backends import get_backend
 from lume_operator.backends.agent import agent_name, agent_objects
+from lume_operator.backends.kubernetes import patch_job_template
 from lume_operator.prefect.port import (
     PrefectError,
     PrefectNotConfigured,
@@ -76,6 +77,17 @@ def _agent_conditions(
     return [*overall, agent]
 
 
+def pool_template(backend: SchedulingBackend, backend_type: str) -> dict[str, Any]:
+    """The pool's base job template: the backend type's, with the backend's jobTemplatePatch
+    (kubernetes only; the local runner runs the same backend as processes, without it).
+    Raises ValueError naming the field when the patch cannot be used."""
+    template = get_backend(backend_type).base_job_template()
+    patch = backend.spec.job_template_patch
+    if patch is not None and backend_type == "kubernetes":
+        template = patch_job_template(template, patch)
+    return template
+
+
 async def ensure_pool(
     prefect: PrefectPort, backend: SchedulingBackend, backend_type: str | None = None
 ) -> str:
@@ -87,7 +99,7 @@ async def ensure_pool(
     return await prefect.ensure_work_pool(
         backend.work_pool_name,
         runner.work_pool_type,
-        runner.base_job_template(),
+        pool_template(backend, runner.type),
         adopt=bool(work_pool and work_pool.adopt),
         concurrency_limit=work_pool.concurrency_limit if work_pool else None,
         queues=backend.spec.labels or [],
@@ -127,6 +139,10 @@ async def reconcile_backend(
     backend, problem = parse_object(body)
     if problem:
         return invalid(status, problem, generation)
+    try:
+        pool_template(backend, backend.spec.type)
+    except ValueError as error:  # a jobTemplatePatch that cannot be used
+        return invalid(status, str(error), generation)
     pool = backend.work_pool_name
     status.observed_generation, status.work_pool_name = generation, pool
     first_time = not status.work_pool_id
