@@ -255,10 +255,11 @@ def node(
 
 
 def kubernetes_backend(
-    s3: S3, bucket: str, agent_image: str, flow_image: str
+    s3: S3, bucket: str, agent_image: str, flow_image: str, storage: str
 ) -> list[dict[str, Any]]:
     """A kubernetes backend as an admin declares it: the API key and the store's keys only by
-    Secret reference, results on the object store, images from the node (no registry)."""
+    Secret reference, results on the object store or a shared claim, images from the node (no
+    registry)."""
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -315,6 +316,20 @@ def kubernetes_backend(
             },
         },
     }
+    if storage == "volume":
+        claim = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "results", "namespace": "default"},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+        backend["spec"]["resultStorage"] = {
+            "volume": {"claimName": "results", "mountPath": "/results"}
+        }
+        return [claim, api_key, backend]
     return [secret, api_key, backend]
 
 
@@ -322,7 +337,9 @@ def kubernetes_backend(
 CANARY = "pnu_lume-canary-" + uuid.uuid4().hex
 
 
+@pytest.mark.parametrize("storage", ["objectStore", "volume"])
 def test_kubernetes_backend_end_to_end(
+    storage: str,
     prefect_server: PrefectServer,
     s3: S3,
     node: Node,
@@ -332,15 +349,19 @@ def test_kubernetes_backend_end_to_end(
     kubectl: Kubectl,
     run_kopf_operator: Any,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """kubectl applies a kubernetes backend and the beam example; the agent pod's container runs
     the real prefect-kubernetes worker (in-cluster config, its own Role, held to it); it creates
     the run's Job; the Job's pod container runs the flow as uid 1000 on a read-only root; status
-    reaches Completed with result locations on the object store; `results get` fetches the HDF5
-    file. Neither the API key nor the store's keys appear in plain text anywhere."""
+    reaches Completed with result locations on the object store or the shared claim (which the
+    operator reads where the chart would mount it); `results get` fetches the HDF5 file. Neither
+    the API key nor the store's keys appear in plain text anywhere."""
     bucket = s3.bucket("lume-results")
+    # The operator reads a claim where the chart's resultVolumes mounts it: <root>/<ns>/<claim>.
+    monkeypatch.setenv("LUME_OPERATOR_VOLUMES_ROOT", str(node.root / "claims"))
     operator = run_kopf_operator(OPERATOR, in_subprocess=True, log_path=tmp_path / "operator.log")
-    manifests = kubernetes_backend(s3, bucket, operator_image, examples_image)
+    manifests = kubernetes_backend(s3, bucket, operator_image, examples_image, storage)
     kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump_all(manifests))
     flow = beam_flow(examples_image)
     flow["spec"]["backendRef"] = {"name": "kube"}
@@ -397,7 +418,8 @@ def test_kubernetes_backend_end_to_end(
     assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges"]
     assert host["NanoCpus"] == 1_000_000_000 and host["Memory"] == 2 * 1024**3
     mounts = {m["Destination"] for m in container.attrs["Mounts"]}
-    assert mounts == {"/tmp"}  # no token, no host path: only its own scratch
+    # No token, no host path: its own scratch, and the claim when results go there.
+    assert mounts == ({"/tmp", "/results"} if storage == "volume" else {"/tmp"})
     spec = job["spec"]["template"]["spec"]
     assert spec["automountServiceAccountToken"] is False
     env = {e["name"]: e for e in spec["containers"][0]["env"]}
@@ -405,19 +427,31 @@ def test_kubernetes_backend_end_to_end(
         "name": "PREFECT_API_KEY",
         "valueFrom": {"secretKeyRef": {"name": "prefect-api", "key": "key"}},
     }
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials"
+    if storage == "objectStore":
+        secret_ref = env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]
+        assert secret_ref["name"] == "s3-credentials"
     # The worker's observer saw the Job's outcome; the worker needed nothing beyond its Role.
     assert k8s_emulator.emulator.refusals(AGENT_USER) == []
     assert any(e.user == AGENT_USER and e.action == "watch" for e in k8s_emulator.emulator.log)
 
-    # Results are on the object store, and a user fetches the HDF5 file, which loads.
+    # Results are on the storage, and a user fetches the HDF5 file, which loads.
     located = {r["name"]: r for r in final["results"]}
-    assert located["beam"]["location"].startswith(f"s3://{bucket}/runs/")
-    assert any(key.endswith(".h5") for key in s3.keys(bucket, "runs/"))
-    user = {"AWS_ACCESS_KEY_ID": s3.access_key_id, "AWS_SECRET_ACCESS_KEY": s3.secret_access_key}
+    fetch = ["results", "get", "lf/beam-stats", "beam", "--kubeconfig", os.environ["KUBECONFIG"]]
+    user: dict[str, str] = {}
+    if storage == "objectStore":
+        assert located["beam"]["location"].startswith(f"s3://{bucket}/runs/")
+        assert any(key.endswith(".h5") for key in s3.keys(bucket, "runs/"))
+        user = {
+            "AWS_ACCESS_KEY_ID": s3.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": s3.secret_access_key,
+        }
+    else:
+        assert located["beam"]["location"] == f"/results/{run_id}/beam.h5"
+        claim = node.volume_path("default", "results")
+        assert (claim / run_id / "beam.h5").stat().st_uid == 1000  # written by the Job's pod
+        fetch += ["--volume-path", str(claim)]
     got = subprocess.run(
-        [sys.executable, "-m", "lume_operator.cli", "results", "get", "lf/beam-stats", "beam",
-         "--kubeconfig", os.environ["KUBECONFIG"]],
+        [sys.executable, "-m", "lume_operator.cli", *fetch],
         cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, **user},
     )  # fmt: skip
     assert got.returncode == 0, got.stderr
