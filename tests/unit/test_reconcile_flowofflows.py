@@ -230,10 +230,18 @@ async def test_parent_deployment_and_one_run_in_prefect(fake, connect):
     (run,) = fake.runs.values()
     fof = FlowOfFlows.model_validate(body)
     flows = {n: LumeFlow.model_validate(f.body) for n, f in deployed_flows().items()}
+    # make-beam's save_particles task is mapped by a later step: its run persists task results,
+    # with its deployment's whole env (a run's env replaces its deployment's).
+    persist = {**RESULT_ENV, "OMP_NUM_THREADS": "1", "PREFECT_TASKS_DEFAULT_PERSIST_RESULT": "true"}
     assert run.parameters == {
-        "steps": plan_steps(fof, step_flows(fof, flows), UID),
+        "steps": plan_steps(
+            fof, step_flows(fof, flows), UID, job_variables={"beam": {"env": persist}}
+        ),
         "poll_interval": 0.5,
     }
+    assert [bool(s.get("jobVariables")) for s in run.parameters["steps"]] == [
+        s == "beam" for s in STEPS
+    ]
     assert [s["deployment"] for s in run.parameters["steps"]] == [
         f"{FLOW_OF_STEP[s]}/default" for s in STEPS
     ]

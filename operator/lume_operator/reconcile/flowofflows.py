@@ -17,7 +17,7 @@ from lume_operator.api.flow import FlowRunStatus, LumeFlow, ResultStatus
 from lume_operator.api.flowofflows import FlowOfFlows, FlowOfFlowsStatus, StepStatus
 from lume_operator.api.manifests import parse_resource
 from lume_operator.flows.composition import OUTCOME_DESCRIPTION, step_of
-from lume_operator.flows.plan import plan_steps, step_flows
+from lume_operator.flows.plan import plan_steps, step_flows, steps_with_mapped_tasks
 from lume_operator.flows.validation import composition_problems
 from lume_operator.prefect.port import (
     FlowRunView,
@@ -316,7 +316,12 @@ async def reconcile_composition(
                     deployment_id,
                     idempotency_key=key,
                     parameters={
-                        "steps": plan_steps(fof, by_step, uid),
+                        "steps": plan_steps(
+                            fof,
+                            by_step,
+                            uid,
+                            job_variables=_task_persisting(fof, by_step, backends, namespace),
+                        ),
                         "poll_interval": settings.step_poll_interval,
                     },
                     tags=spec.tags,
@@ -443,3 +448,22 @@ async def delete_composition(
     except PrefectError as error:
         return held(status, error, f"the Prefect deployments of {fof.key}", settings, retry)
     return Outcome(status)
+
+
+def _task_persisting(
+    fof: FlowOfFlows,
+    by_step: dict[str, LumeFlow],
+    backends: dict[str, Found],
+    namespace: str,
+) -> dict[str, dict[str, Any]]:
+    """Job variables of the steps whose task results a later step maps: they persist task
+    results. A run's `env` replaces its deployment's whole, so it carries the deployment's."""
+    variables: dict[str, dict[str, Any]] = {}
+    for name in sorted(steps_with_mapped_tasks(fof)):
+        flow = by_step[name]
+        backend_name = flow.spec.backend_ref.name
+        made = flow_deployment(
+            flow, find_backend(backends.get(backend_name), namespace, backend_name)
+        )
+        variables[name] = {"env": {**made.env, "PREFECT_TASKS_DEFAULT_PERSIST_RESULT": "true"}}
+    return variables
