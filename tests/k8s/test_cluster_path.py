@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "beam"
 OPERATOR = "lume_operator.handlers.operator"
 LF = "lume.dev/v1alpha1/lumeflows"
+FOF = "lume.dev/v1alpha1/flowofflows"
 SB = "lume.dev/v1alpha1/schedulingbackends"
 RUN_LABEL = "io.prefect.flow-run-id"  # prefect.io/flow-run-id, as prefect-docker writes it
 TIMEOUT = 240.0
@@ -558,3 +559,83 @@ def kubernetes_backend_manifest() -> dict[str, Any]:
         "metadata": {"name": "kube", "namespace": "default"},
         "spec": {"type": "kubernetes", "labels": ["cpu"], "agent": {"replicas": 0}},
     }
+
+
+def test_flow_of_flows_across_pods(
+    prefect_server: PrefectServer,
+    s3: S3,
+    node: Node,
+    operator_image: str,
+    examples_image: str,
+    k8s_emulator: EmulatorServer,
+    kubectl: Kubectl,
+    run_kopf_operator: Any,
+    tmp_path: Path,
+) -> None:
+    """The example pipeline on a kubernetes backend: the parent run and each step run in pods of
+    their own, whose only common ground is the object store. Mappings of a file in a return
+    value, of a task's file (parentTask) and of raw values all cross pods through it."""
+    bucket = s3.bucket("lume-results")
+    run_kopf_operator(OPERATOR, in_subprocess=True, log_path=tmp_path / "operator.log")
+    manifests = kubernetes_backend(s3, bucket, operator_image, examples_image, "objectStore")
+    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump_all(manifests))
+    flows = list(yaml.safe_load_all((ROOT / "examples" / "pipeline" / "flows.yaml").read_text()))
+    for flow in flows:
+        flow["spec"]["backendRef"] = {"name": "kube"}
+        flow["spec"]["source"] = {"image": examples_image, "path": "/opt/examples/pipeline"}
+    pipeline = yaml.safe_load((ROOT / "examples" / "pipeline" / "pipeline.yaml").read_text())
+    pipeline["spec"]["steps"][0]["parameters"]["n_particles"] = 5000
+    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump_all(flows))
+    wait_until(
+        lambda: all(status_of(k8s_emulator, LF, f["metadata"]["name"]).get("deploymentId")
+                    for f in flows),
+        timeout=120,
+        interval=0.5,
+    )  # fmt: skip
+    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(pipeline))
+    try:
+        final = wait_until(
+            lambda: (
+                (s := status_of(k8s_emulator, FOF, "beam-study")).get("phase")
+                in ("Completed", "Failed")
+                and s
+            ),
+            timeout=TIMEOUT,
+            interval=0.5,
+        )
+    except AssertionError:
+        raise AssertionError(f"{status_of(k8s_emulator, FOF, 'beam-study')}") from None
+    logs = {
+        p["metadata"]["name"]: node.pod_log("default", p["metadata"]["name"], None)[0][-2500:]
+        for p in k8s_emulator.list_objects("v1/pods", "default")
+        if "job-name" in p["metadata"].get("labels", {})
+    }
+    assert final["phase"] == "Completed", f"{final}\n{logs}"
+
+    # Five Jobs (the parent and four steps), each pod a container of the flow image.
+    jobs = k8s_emulator.list_objects("batch/v1/jobs", "default")
+    assert len(jobs) == 5, [j["metadata"]["name"] for j in jobs]
+
+    def job_pods() -> list[dict[str, Any]]:
+        return [
+            p
+            for p in k8s_emulator.list_objects("v1/pods", "default")
+            if "job-name" in p["metadata"]["labels"]
+        ]
+
+    # Prefect hears Completed from a flow a moment before its process exits.
+    wait_until(lambda: {p["status"]["phase"] for p in job_pods()} == {"Succeeded"}, timeout=60)
+    pods = job_pods()
+    containers = {node.container_of("default", p["metadata"]["name"]).id for p in pods}
+    assert len(containers) == 5
+
+    # Each step's results are on the store, under its own run; the report read both branches.
+    steps = {step["name"]: step for step in final["steps"]}
+    assert {name: step["phase"] for name, step in steps.items()} == dict.fromkeys(
+        ("beam", "envelope", "emittance", "report"), "Completed"
+    )
+    report = {r["name"]: r for r in steps["report"]["results"]}["report"]
+    key = report["location"].removeprefix(f"s3://{bucket}/")
+    text = s3.get(bucket, key).decode()
+    # The emittance came raw from one branch, the waist from the other's envelope file.
+    assert text.startswith("emittance: ") and "\nwaist: s = " in text, text
