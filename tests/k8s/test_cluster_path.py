@@ -7,11 +7,23 @@ own Docker Engine (`tests/containers/engine.py`). What the run and the operator 
 what a cluster would let them share: the network (host networking, loopback) and the volumes
 the run config declares.
 
-- `test_docker_backend_end_to_end`: a `docker` SchedulingBackend and the beam example; the
-  prefect-docker worker runs the flow in a container of the examples image, with the limits,
-  volume, env, user and read-only root of the run config; the backend's result storage is a
-  volume (a Docker named volume of the claim's name, bound here to a directory the operator
-  reads as that claim); status ends Completed with result locations on it.
+Every pod runs on the node (`tests/k8s/node.py`): a container of its image with its
+securityContext, admitted by Pod Security `restricted`, its ServiceAccount's token where it is
+mounted, held to RBAC by the emulator.
+
+- `test_docker_backend_end_to_end`: a `docker` SchedulingBackend and the beam example; the agent
+  pod runs the prefect-docker worker, which runs the flow in a container of the examples image
+  with the limits, volume, env, user and read-only root of the run config; status ends
+  Completed with result locations on the declared volume.
+- `test_kubernetes_backend_end_to_end[objectStore|volume]`: the agent pod runs the
+  prefect-kubernetes worker (in-cluster credentials, its Role only); each run is a Job whose
+  pod runs the flow as uid 1000 on a read-only root, with a jobTemplatePatch; results on S3
+  (moto) or a shared claim, fetched by `results get`; the API key and the store's keys appear
+  nowhere in plain text.
+- `test_operator_image_runs_the_operator`: the chart's Deployment with the built image, under
+  the chart's RBAC.
+- `test_flow_of_flows_across_pods`: the example pipeline, parent and steps each in a Job pod,
+  mappings across pods through the object store.
 """
 
 from __future__ import annotations
@@ -33,7 +45,6 @@ from tests.conftest import S3
 from tests.containers.engine import DockerEngine
 from tests.k8s.conftest import Kubectl
 from tests.k8s.emulator import EmulatorServer, wait_until
-from tests.k8s.kubelet import KubeletStandIn
 from tests.k8s.leaks import assert_no_plain_text
 from tests.k8s.node import Node, pods_of
 from tests.k8s.prefect_server import PrefectServer, free_port
@@ -84,7 +95,9 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
 
 
-def docker_backend(engine: DockerEngine, claim: str, scratch: str) -> dict[str, Any]:
+def docker_backend(
+    engine: DockerEngine, claim: str, scratch: str, agent_image: str
+) -> dict[str, Any]:
     """A docker backend as an admin would declare it: its runs keep results on a volume
     (`resultStorage.volume`: a Docker named volume of the claim's name at /results) that the
     operator mounts too."""
@@ -98,6 +111,8 @@ def docker_backend(engine: DockerEngine, claim: str, scratch: str) -> dict[str, 
             "resultStorage": {"volume": {"claimName": claim, "mountPath": "/results"}},
             "agent": {
                 "replicas": 1,
+                "image": agent_image,
+                "imagePullPolicy": "Never",
                 # The worker reaches the engine over TCP: no socket mounted into its pod.
                 "env": {"DOCKER_HOST": engine.tcp_host, "PREFECT_WORKER_QUERY_SECONDS": "2"},
             },
@@ -133,6 +148,8 @@ def beam_flow(image: str) -> dict[str, Any]:
 def test_docker_backend_end_to_end(
     prefect_server: PrefectServer,
     docker_engine: DockerEngine,
+    node: Node,
+    operator_image: str,
     examples_image: str,
     flow_containers: list[Any],
     k8s_emulator: EmulatorServer,
@@ -156,7 +173,7 @@ def test_docker_backend_end_to_end(
     (volumes_root / "default" / claim).symlink_to(results)
     monkeypatch.setenv("LUME_OPERATOR_VOLUMES_ROOT", str(volumes_root))
     scratch = f"lume-scratch-{uuid.uuid4().hex[:8]}"
-    backend = docker_backend(docker_engine, claim, scratch)
+    backend = docker_backend(docker_engine, claim, scratch, operator_image)
     flow = beam_flow(examples_image)
     run_kopf_operator(OPERATOR)
     kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(backend))
@@ -165,37 +182,38 @@ def test_docker_backend_end_to_end(
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[3:7] == ["--pool", "default-docker", "--type", "docker"]
 
-    # The agent's worker: the real prefect-docker worker, its command and env as rendered.
-    kubelet = KubeletStandIn(k8s_emulator, "default", "docker-agent", tmp_path).start()
+    # The agent's pod: a container of the operator image running the real prefect-docker
+    # worker, its command and env as rendered.
+    wait_until(
+        lambda: condition(status_of(k8s_emulator, SB, "docker"), "Ready").get("status") == "True",
+        timeout=120,
+        interval=0.5,
+    )
+    (agent,) = pods_of(k8s_emulator, "default", {"lume.dev/backend": "docker"})
+
+    def agent_log() -> str:
+        return node.pod_log("default", agent["metadata"]["name"], None)[0][-4000:]
+
+    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(flow))
     try:
-        wait_until(
+        final = wait_until(
             lambda: (
-                condition(status_of(k8s_emulator, SB, "docker"), "Ready").get("status") == "True"
+                (s := status_of(k8s_emulator, LF, "beam-stats")).get("phase")
+                in ("Completed", "Failed")
+                and s
             ),
-            timeout=60,
+            timeout=TIMEOUT,
+            interval=0.5,
         )
-        kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(flow))
-        try:
-            final = wait_until(
-                lambda: (
-                    (s := status_of(k8s_emulator, LF, "beam-stats")).get("phase")
-                    in ("Completed", "Failed")
-                    and s
-                ),
-                timeout=TIMEOUT,
-                interval=0.5,
-            )
-        finally:
-            run_id = status_of(k8s_emulator, LF, "beam-stats").get("lastRun", {}).get("id")
-            if run_id:
-                client = docker_engine.client
-                flow_containers += client.containers.list(
-                    all=True, filters={"label": f"{RUN_LABEL}={run_id}"}
-                )
     finally:
-        kubelet.stop()
+        run_id = status_of(k8s_emulator, LF, "beam-stats").get("lastRun", {}).get("id")
+        if run_id:
+            client = docker_engine.client
+            flow_containers += client.containers.list(
+                all=True, filters={"label": f"{RUN_LABEL}={run_id}"}
+            )
     logs = "\n".join(c.logs().decode(errors="replace")[-3000:] for c in flow_containers)
-    assert final["phase"] == "Completed", f"{final}\n{kubelet.log.read_text()[-4000:]}\n{logs}"
+    assert final["phase"] == "Completed", f"{final}\n{agent_log()}\n{logs}"
 
     # One container ran the run, as the run config says.
     assert len(flow_containers) == 1, [c.name for c in flow_containers]
