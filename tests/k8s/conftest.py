@@ -3,6 +3,7 @@
 - `k8s_emulator`: an `EmulatorServer` (`.url`, and `.https_url`/`.ca_path` over TLS;
   `.emulator` with `.log`, `.refusals()`, `.count()`, `.get_object()`, `.objects`,
   `.issue_token()`; `.patch_status()` to play a controller). RBAC is enforced.
+- `node`: the cluster's node, running every pod as a container of its image (`tests/k8s/node.py`).
 - `kubeconfig`: a cluster-admin kubeconfig file for it; also exported as `KUBECONFIG` for the
   test, so kopf, the kubernetes client and helm can only ever reach the emulator.
 - `kubectl`: ``kubectl("get", "lf", "-o", "yaml")`` runs the real binary as cluster-admin,
@@ -104,6 +105,15 @@ def write_kubeconfig(
     }
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture
+def node(k8s_emulator: EmulatorServer, docker_engine: Any, tmp_path: Path) -> Iterator[Any]:
+    """The cluster's node: every pod a container of its image (`tests/k8s/node.py`)."""
+    from tests.k8s.node import Node
+
+    with Node(k8s_emulator, docker_engine.client, tmp_path / "node") as running:
+        yield running
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,23 @@ def status_of(server: EmulatorServer, resource: str, name: str) -> dict[str, Any
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
+
+
+def finished(
+    server: EmulatorServer, resource: str, name: str, logs: Callable[[], str] = str
+) -> dict[str, Any]:
+    """The status once the phase is Completed or Failed; on timeout, the status and `logs()`."""
+    try:
+        return wait_until(
+            lambda: (
+                (s := status_of(server, resource, name)).get("phase") in ("Completed", "Failed")
+                and s
+            ),
+            timeout=TIMEOUT,
+            interval=0.5,
+        )
+    except AssertionError:
+        raise AssertionError(f"{status_of(server, resource, name)}\n{logs()}") from None
 
 
 def docker_backend(
@@ -196,15 +213,7 @@ def test_docker_backend_end_to_end(
 
     kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(flow))
     try:
-        final = wait_until(
-            lambda: (
-                (s := status_of(k8s_emulator, LF, "beam-stats")).get("phase")
-                in ("Completed", "Failed")
-                and s
-            ),
-            timeout=TIMEOUT,
-            interval=0.5,
-        )
+        final = finished(k8s_emulator, LF, "beam-stats", agent_log)
     finally:
         run_id = status_of(k8s_emulator, LF, "beam-stats").get("lastRun", {}).get("id")
         if run_id:
@@ -262,15 +271,6 @@ def test_docker_backend_end_to_end(
 # ---- the kubernetes backend: pods as containers on the node ----------------------------------
 
 AGENT_USER = "system:serviceaccount:default:kube-agent"
-
-
-@pytest.fixture
-def node(
-    k8s_emulator: EmulatorServer, docker_engine: DockerEngine, tmp_path: Path
-) -> Iterator[Node]:
-    """The cluster's node: every pod a container of its image (tests/k8s/node.py)."""
-    with Node(k8s_emulator, docker_engine.client, tmp_path / "node") as running:
-        yield running
 
 
 def kubernetes_backend(
@@ -396,20 +396,7 @@ def test_kubernetes_backend_end_to_end(
     def agent_log() -> str:
         return node.pod_log("default", agent_name, None)[0][-5000:]
 
-    try:
-        final = wait_until(
-            lambda: (
-                (s := status_of(k8s_emulator, LF, "beam-stats")).get("phase")
-                in ("Completed", "Failed")
-                and s
-            ),
-            timeout=TIMEOUT,
-            interval=0.5,
-        )
-    except AssertionError:
-        raise AssertionError(
-            f"{status_of(k8s_emulator, LF, 'beam-stats')}\nagent:\n{agent_log()}"
-        ) from None
+    final = finished(k8s_emulator, LF, "beam-stats", agent_log)
     run_id = final["lastRun"]["id"]
 
     def finished_job() -> dict[str, Any] | None:
@@ -611,18 +598,7 @@ def test_flow_of_flows_across_pods(
         interval=0.5,
     )  # fmt: skip
     kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(pipeline))
-    try:
-        final = wait_until(
-            lambda: (
-                (s := status_of(k8s_emulator, FOF, "beam-study")).get("phase")
-                in ("Completed", "Failed")
-                and s
-            ),
-            timeout=TIMEOUT,
-            interval=0.5,
-        )
-    except AssertionError:
-        raise AssertionError(f"{status_of(k8s_emulator, FOF, 'beam-study')}") from None
+    final = finished(k8s_emulator, FOF, "beam-study")
     logs = {
         p["metadata"]["name"]: node.pod_log("default", p["metadata"]["name"], None)[0][-2500:]
         for p in k8s_emulator.list_objects("v1/pods", "default")

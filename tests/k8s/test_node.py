@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from tests.containers.engine import DockerEngine
 from tests.k8s.conftest import Kubectl
 from tests.k8s.emulator import EmulatorServer, wait_until
 from tests.k8s.node import Node, pods_of
@@ -52,14 +48,6 @@ report["cap_eff"] = next(l.split()[1] for l in status.splitlines() if l.startswi
 report["no_new_privs"] = next(l.split()[1] for l in status.splitlines() if l.startswith("NoNewPrivs"))
 print(json.dumps(report))
 """
-
-
-@pytest.fixture
-def node(
-    k8s_emulator: EmulatorServer, docker_engine: DockerEngine, tmp_path: Path
-) -> Iterator[Node]:
-    with Node(k8s_emulator, docker_engine.client, tmp_path / "node") as running:
-        yield running
 
 
 def job(name: str, command: list[str], image: str, **pod: Any) -> dict[str, Any]:
