@@ -21,7 +21,6 @@ from typing import Any
 
 import anyio
 import yaml
-from prefect.workers.process import ProcessWorker
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
@@ -41,11 +40,14 @@ from lume_operator.local.checks import (
     locate,
     parameter_schema,
 )
+from lume_operator.local.preload import preload_for
 from lume_operator.prefect.deployment import DeploymentSpec
+from lume_operator.prefect.forkserver import ForkServer
 from lume_operator.prefect.gateway import PrefectGateway
 from lume_operator.prefect.port import FINAL_STATES, PrefectError, idempotency_key
 from lume_operator.prefect.serializer import LOCAL_RESULT_ENV
 from lume_operator.prefect.server import prefect_api
+from lume_operator.prefect.worker import WarmProcessWorker
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.backend import ensure_pool
 from lume_operator.reconcile.deploy import composition_deployment, flow_deployment
@@ -287,8 +289,11 @@ class LocalRunner:
         timeout: float,
         poll_interval: float = 0.5,
         stop: Stop | None = None,
+        fork_server: ForkServer | None = None,
     ) -> None:
+        """`fork_server`: started by the caller for warm starts; else each worker starts one."""
         self.console = console
+        self.fork_server = fork_server
         self.results_root = results_root.resolve()
         self.timeout = timeout
         self.stop = stop or Stop()
@@ -334,7 +339,11 @@ class LocalRunner:
             async with anyio.create_task_group() as group:
                 workers = []
                 for pool, queues in self.queues.items():
-                    worker = ProcessWorker(work_pool_name=pool, work_queues=sorted(queues))
+                    worker = WarmProcessWorker(
+                        work_pool_name=pool,
+                        work_queues=sorted(queues),
+                        fork_server=self.fork_server,
+                    )
                     await worker.__aenter__()
                     workers.append(worker)
                 try:
@@ -779,7 +788,16 @@ def run_local(
     log_path = results_root / LOG_FILE
     stop = Stop()
     console.print(escape(f"Prefect's own log: {log_path}"), highlight=False)
-    with _on_interrupt(stop), _prefect_log(log_path, console, verbose) as log:
+    # Started first: it imports Prefect and the flows' installed dependencies while Prefect's
+    # server starts, and each flow run is then forked from it (warm starts).
+    sources = [(i.code.source_file, i.code.project_dir) for i in planned] + [
+        (i.code.source_file, i.code.project_dir) for c in compositions for i in c.steps.values()
+    ]
+    with (
+        ForkServer(preload_for(sources)).start() as fork_server,
+        _on_interrupt(stop),
+        _prefect_log(log_path, console, verbose) as log,
+    ):
         try:
             with prefect_api() as (api_url, embedded):
                 log.flush()
@@ -788,7 +806,9 @@ def run_local(
                     highlight=False,
                 )
                 if stop.reason is None:  # Ctrl-C while the server started: nothing to cancel
-                    runner = LocalRunner(console, results_root, timeout, stop=stop)
+                    runner = LocalRunner(
+                        console, results_root, timeout, stop=stop, fork_server=fork_server
+                    )
                     runner.run_sync(planned, compositions)
         finally:
             started = [i for i in planned if i.status.last_run] + [

@@ -385,8 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     path, extra = args[0], args[1:]
-    for module in (*PRELOAD, *extra):
+    for module in PRELOAD:
         importlib.import_module(module)
+    for module in extra:  # a flow's own dependencies: one that fails is imported by its run
+        try:
+            importlib.import_module(module)
+        except Exception as error:
+            print(f"fork server: not preloaded {module}: {error}", file=sys.stderr)
     if threading.active_count() != 1:
         names = ", ".join(thread.name for thread in threading.enumerate())
         print(f"fork server refused: threads running after the imports ({names})", file=sys.stderr)
@@ -416,6 +421,8 @@ class ForkServer:
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self.path: str | None = None
+        self._ready: bool | None = None
+        self._lock = threading.Lock()
 
     @property
     def env(self) -> dict[str, str]:
@@ -435,13 +442,20 @@ class ForkServer:
         return self
 
     def wait_ready(self) -> bool:
-        """Block until the server answers (True) or failed to start (False)."""
-        assert self.process is not None and self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if line.strip() != b"ready":
-            self.path = None
-            return False
-        return True
+        """Block until the server answers (True) or failed to start (False); once."""
+        with self._lock:
+            if self._ready is None:
+                assert self.process is not None and self.process.stdout is not None
+                self._ready = self.process.stdout.readline().strip() == b"ready"
+                if not self._ready:
+                    self.path = None
+            return self._ready
+
+    def __enter__(self) -> ForkServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.process is None:
@@ -464,12 +478,10 @@ class ForkServer:
 
 @contextlib.contextmanager
 def fork_server(preload: list[str] | None = None) -> Iterator[ForkServer]:
-    server = ForkServer(preload).start()
-    try:
+    """A started fork server, ready, stopped at the end."""
+    with ForkServer(preload).start() as server:
         server.wait_ready()
         yield server
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -57,12 +57,20 @@ class WarmProcessWorker(ProcessWorker):
     _description = "Execute flow runs as processes forked from a warm fork server."
 
     def __init__(
-        self, *args: Any, warm_starts: bool = True, preload: list[str] | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        warm_starts: bool = True,
+        preload: list[str] | None = None,
+        fork_server: ForkServer | None = None,
+        **kwargs: Any,
     ) -> None:
+        """`fork_server`: one started by the caller (who stops it), e.g. before Prefect's server
+        starts, so that both import at once; by default the worker starts its own."""
         super().__init__(*args, **kwargs)
         self.warm_starts = warm_starts
         self._preload = [*preload_from_env(), *(preload or [])]
-        self._fork_server: ForkServer | None = None
+        self._fork_server = fork_server
+        self._owns_server = fork_server is None
         self._server_env: dict[str, str] | None = None
         self._server_lock = anyio.Lock()
 
@@ -72,7 +80,7 @@ class WarmProcessWorker(ProcessWorker):
         return "lume-warm-process"
 
     async def setup(self) -> None:
-        if self.warm_starts and self._fork_server is None:
+        if self.warm_starts and self._owns_server and self._fork_server is None:
             self._fork_server = ForkServer(self._preload).start()
         await super().setup()
 
@@ -80,9 +88,10 @@ class WarmProcessWorker(ProcessWorker):
         try:
             await super().teardown(*exc_info)
         finally:
-            server, self._fork_server, self._server_env = self._fork_server, None, None
-            if server is not None:
-                await anyio.to_thread.run_sync(server.stop)
+            if self._owns_server:
+                server, self._fork_server, self._server_env = self._fork_server, None, None
+                if server is not None:
+                    await anyio.to_thread.run_sync(server.stop)
 
     async def _warm_env(self) -> dict[str, str]:
         """The fork server's address once it is ready; empty if it failed to start."""
