@@ -321,3 +321,47 @@ def test_fork_server_socket_is_private(tmp_path):
         assert mode == 0o600 and os.stat(os.path.dirname(server.path)).st_mode & 0o077 == 0
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(server.path)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("command", "configured", "warm"),
+    [
+        (None, False, ["prefect.engine"]),
+        (f"{sys.executable} -m prefect.engine", True, ["prefect.engine"]),
+        (f"{sys.executable} -m lume_operator.local.engine", True, ["lume_operator.local.engine"]),
+        ("/usr/bin/python3.9 -m prefect.engine", True, None),  # another interpreter
+        (f"{sys.executable} -m my_module", True, None),  # not the engine: run as configured
+        ("bash -c 'echo hi'", True, None),
+    ],
+)
+def test_only_engine_commands_of_this_interpreter_start_warm(command, configured, warm):
+    from prefect.workers.process import ProcessJobConfiguration
+
+    from lume_operator.prefect.worker import LAUNCHER, warm_command
+
+    configuration = ProcessJobConfiguration(command=command)
+    configuration._command_configured = configured
+    got = warm_command(configuration)
+    if warm is None:
+        assert got is None
+    else:
+        assert got is not None and got.split()[1:] == ["-m", LAUNCHER, *warm]
+
+
+@pytest.mark.unit
+def test_preload_takes_installed_packages_never_the_projects_own(tmp_path):
+    from lume_operator.local.preload import installed_imports
+
+    (tmp_path / "helpers.py").write_text("X = 1\n")
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        "from __future__ import annotations\n"
+        "import os, json\n"
+        "import numpy as np\n"
+        "from prefect import flow\n"
+        "from helpers import X\n"
+        "from .relative import y\n"
+        "def f():\n    import h5py\n"
+    )
+    assert installed_imports(flow, tmp_path) == ["numpy", "prefect"]

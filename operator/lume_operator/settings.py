@@ -9,6 +9,8 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lume_operator import __version__
+
 
 class OperatorSettings(BaseSettings):
     """How the operator paces itself and where it finds Prefect when a backend does not say."""
@@ -60,6 +62,12 @@ class OperatorSettings(BaseSettings):
         le=3600,
         description="Seconds a deletion waits for cancelled runs to stop (their worker ends "
         "them) before marking them Cancelled in Prefect itself.",
+    )
+    agent_image: str = Field(
+        default=f"lume-operator:{__version__}",
+        min_length=1,
+        description="Image of process backends' agents with warm starts (`lume-operator "
+        "worker`) when the backend names none: the operator's own (the chart sets it).",
     )
     default_api_url: str | None = Field(
         default=None,

@@ -19,7 +19,7 @@ ALWAYS = ("lume_operator.flows.composition",)
 
 def _installed(name: str, project_dir: Path) -> bool:
     """A top-level package found outside the project (site-packages), not the project's own."""
-    if name in sys.builtin_module_names or name == "__future__":
+    if name in sys.stdlib_module_names:  # cheap, and mostly imported already
         return False
     try:
         spec = importlib.util.find_spec(name)

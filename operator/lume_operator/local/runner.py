@@ -290,10 +290,13 @@ class LocalRunner:
         poll_interval: float = 0.5,
         stop: Stop | None = None,
         fork_server: ForkServer | None = None,
+        warm_starts: bool = True,
     ) -> None:
-        """`fork_server`: started by the caller for warm starts; else each worker starts one."""
+        """`fork_server`: started by the caller for warm starts; else each worker starts one.
+        `warm_starts=False`: every flow run a new interpreter (Prefect's process worker)."""
         self.console = console
         self.fork_server = fork_server
+        self.warm_starts = warm_starts
         self.results_root = results_root.resolve()
         self.timeout = timeout
         self.stop = stop or Stop()
@@ -343,6 +346,7 @@ class LocalRunner:
                         work_pool_name=pool,
                         work_queues=sorted(queues),
                         fork_server=self.fork_server,
+                        warm_starts=self.warm_starts,
                     )
                     await worker.__aenter__()
                     workers.append(worker)
