@@ -302,7 +302,12 @@ def worker(
 
     async def serve() -> None:
         warm = WarmProcessWorker(
-            work_pool_name=pool, work_queues=list(queues) or None, limit=limit, warm_starts=not cold
+            work_pool_name=pool,
+            work_queues=list(queues) or None,
+            limit=limit,
+            warm_starts=not cold,
+            # FlowOfFlows parent runs run here too.
+            preload=["lume_operator.flows.composition"],
         )
         await warm.start(with_healthcheck=with_healthcheck, printer=console.print)
 
