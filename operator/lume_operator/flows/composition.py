@@ -34,6 +34,8 @@ STEP_TAG = "lume.dev/step="
 TASK_RUNS_GRACE = 15.0
 OUTCOME_DESCRIPTION = "lume-operator: how each step of the FlowOfFlows ended"
 DESCRIPTION_KEYS = ("filename", "filesystem_identifier", "file_type_string")
+# Child runs read per request: Prefect's default page limit.
+READ_CHUNK = 200
 
 
 class MappingError(Exception):
@@ -100,10 +102,14 @@ class _Composition:
             if not self._watched:
                 continue
             ids = list(self._watched)
+            runs = []
             try:
-                runs = await client.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids)
-                )
+                for start in range(0, len(ids), READ_CHUNK):
+                    chunk = ids[start : start + READ_CHUNK]
+                    runs += await client.read_flow_runs(
+                        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)),
+                        limit=len(chunk),
+                    )
             except Exception as error:  # an outage: read again next interval
                 self.logger.warning("reading the steps' runs failed: %s", error)
                 continue
