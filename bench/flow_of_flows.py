@@ -208,7 +208,7 @@ def fan_out_report(results: Path) -> None:
         wall, composition = run_composition(fan_out(8, 2.0), results, warm=warm)
         walls[warm] = wall
         children = anyio.run(child_runs, composition.status.run.id)
-        created = [run.created for run in children]
+        created = [datetime.fromisoformat(run.created_time) for run in children]
         started = [datetime.fromisoformat(run.start_time) for run in children]
         ended = [datetime.fromisoformat(run.end_time) for run in children]
         running = sum((e - s).total_seconds() for s, e in zip(started, ended, strict=True))
