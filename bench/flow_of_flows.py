@@ -156,7 +156,7 @@ async def hand_written(length: int) -> float:
             async with anyio.create_task_group() as group:
                 group.start_soon(runner._poll_workers, [worker])
                 while True:
-                    flow_run = await gateway.read_flow_run(flow_run.id)
+                    flow_run = await gateway.client.read_flow_run(flow_run.id)
                     if flow_run.state and flow_run.state.is_final():
                         break
                     await anyio.sleep(0.3)
