@@ -7,10 +7,12 @@ a Prefect process worker in this process standing in for the in-cluster agent.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -59,7 +61,6 @@ from lume_operator.reconcile.flowofflows import (
 from lume_operator.reconcile.flowrun import run_status
 from lume_operator.reconcile.lumeflow import follow_run, run_started
 from lume_operator.reconcile.outcome import set_conditions
-from lume_operator.results.store import STORE_URL_ENV
 
 # Overlapping polls per worker; each may be starting a run's process.
 MAX_POLLS_IN_FLIGHT = 8
@@ -304,6 +305,9 @@ class LocalRunner:
         self._pools_ready: set[str] = set()
         self._deployed: dict[str, _Deployed] = {}
         # DB results of local runs: a SQLite file beside the file results, unless configured.
+        # (The store's module imports lume-base, seconds: only here, while the server starts.)
+        from lume_operator.results.store import STORE_URL_ENV
+
         self.store_env = {
             STORE_URL_ENV: os.environ.get(STORE_URL_ENV)
             or f"sqlite:///{self.results_root / 'results.sqlite'}"
@@ -797,6 +801,11 @@ def run_local(
     sources = [(i.code.source_file, i.code.project_dir) for i in planned] + [
         (i.code.source_file, i.code.project_dir) for c in compositions for i in c.steps.values()
     ]
+    # What the runner needs later and takes seconds to import (the result store and file
+    # types import lume-base): imported while Prefect's server starts, when this waits.
+    threading.Thread(
+        target=_import, args=("lume_operator.results.store",), name="lume-imports", daemon=True
+    ).start()
     with (
         ForkServer(preload_for(sources)).start() as fork_server,
         _on_interrupt(stop),
@@ -830,6 +839,11 @@ def run_local(
         console.print(f"[red]{escape(stop.message)}[/red]")
     done = [item.status.phase for item in planned] + [c.status.phase for c in compositions]
     return 0 if all(phase == "Completed" for phase in done) else 1
+
+
+def _import(module: str) -> None:
+    with contextlib.suppress(Exception):  # imported again, and failing there, when needed
+        importlib.import_module(module)
 
 
 STATUS_FILE = "status.yaml"

@@ -9,15 +9,6 @@ from lume_operator.api.flow import FlowRunStatus, ResultSpec, ResultStatus
 from lume_operator.api.keypath import KeyPathError, split, walk
 from lume_operator.prefect.port import FlowRunView, PrefectError, PrefectPort, PrefectUnreachable
 from lume_operator.prefect.serializer import is_unencodable, unencodable_message
-from lume_operator.results import (
-    FileDescriptionError,
-    FilesystemError,
-    described_file,
-    find_file_descriptions,
-    is_file_description,
-)
-from lume_operator.results.discover import find_values
-from lume_operator.results.store import find_db_locations, is_db_location
 
 # The phase of a LumeFlow (or a step) while its run is in each Prefect state type.
 PHASES = {
@@ -83,6 +74,17 @@ def result_statuses(
     Declared results are looked up by key path; undeclared, every File description in the
     return value is recorded. Plain values are recorded by their Prefect result key.
     """
+    # Here, not at the top: the file types import lume-base (seconds), which only a run's end
+    # needs; `lume-operator run` imports this module before Prefect's server starts.
+    from lume_operator.results import (
+        FileDescriptionError,
+        FilesystemError,
+        described_file,
+        find_file_descriptions,
+        is_file_description,
+    )
+    from lume_operator.results.store import find_db_locations, is_db_location
+
     if declared:
         found = [_Found(spec.name, _lookup(return_value, spec.name)) for spec in declared]
         expected = {spec.name: spec.type for spec in declared}
@@ -165,6 +167,8 @@ async def run_outcome(
         return RunOutcome(phase_of(state.type), error=message, reason="FlowRunFailed")
     try:
         value = await prefect.result_of(flow_run)
+        from lume_operator.results.discover import find_values
+
         for _, mark in find_values(value, is_unencodable):
             raise ResultError(unencodable_message(mark))
         results = result_statuses(value, declared, flow_run.result_key)
