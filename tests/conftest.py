@@ -17,6 +17,8 @@ EXAMPLES = ROOT / "examples"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="lume-tests-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
+# The embedded server's migrated-database copy: one per test session, not the user's.
+os.environ["LUME_OPERATOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lume-tests-cache-")
 
 
 @pytest.fixture

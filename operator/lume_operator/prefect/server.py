@@ -42,9 +42,11 @@ class EmbeddedServer:
     uvicorn command and environment), without importing Prefect's server package here: that
     takes seconds, and only the subprocess needs it."""
 
-    def __init__(self) -> None:
+    def __init__(self, database: Path | None = None) -> None:
+        """`database`: the SQLite file it must use (the one seeded, or to be kept)."""
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.database = database
 
     @property
     def api_url(self) -> str:
@@ -61,6 +63,8 @@ class EmbeddedServer:
             "PREFECT__SERVER_FINAL": "1",
             **get_current_settings().to_environment_variables(exclude_unset=True),
         }
+        if self.database is not None:
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{self.database}"
         command = [
             sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
@@ -165,7 +169,7 @@ def prefect_api(startup_timeout: int = 120) -> Iterator[tuple[str, bool]]:
         return
     database = _home_database()
     seeded = _seed(database)
-    server = EmbeddedServer()
+    server = EmbeddedServer(database)
     fast = {
         PREFECT_API_DATABASE_MIGRATE_ON_START: False,
         PREFECT_API_BLOCKS_REGISTER_ON_START: False,
