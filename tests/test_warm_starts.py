@@ -77,9 +77,14 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 
 
 @pytest.fixture
-def api(prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch) -> str:
+def api(prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The module's server, for this process (its settings, however early Prefect was
+    imported) and for the flow-run processes (the environment)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.setenv("PREFECT_API_URL", prefect_server.api_url)
-    return prefect_server.api_url
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+        yield prefect_server.api_url
 
 
 @pytest.fixture
