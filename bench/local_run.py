@@ -2,8 +2,13 @@
 
 Both sides do the same work from a cold process: start Prefect's embedded server, create a
 process work pool and a deployment of examples/beam, create one flow run, execute it with an
-in-process ProcessWorker, and read its result. The ratio is lume-operator's overhead (spec
-validation, parameter checks, status and result discovery). Target: at most 1.5.
+in-process worker, and read its result. lume-operator adds its checks (spec, parameters),
+status and result discovery, and starts the flow run warm (forked from a fork server that
+imported Prefect and the flow's installed dependencies while Prefect's server started); the
+baseline is Prefect's own ProcessWorker, a new interpreter per run. Both start with a new
+Prefect home; lume-operator's embedded server begins from the copy of a migrated database that
+its first run on the machine keeps (that first run is printed, not counted). Target: at most
+0.7.
 
     python bench/local_run.py [--repeat 3]
 """
@@ -34,7 +39,7 @@ def plain_prefect(results_dir: str) -> None:
     from prefect.workers.process import ProcessWorker
 
     server = SubprocessASGIServer()
-    server.start()
+    server.start(timeout=120)  # as lume-operator waits for its own
     os.environ["PREFECT_API_URL"] = server.api_url
 
     async def main() -> None:
@@ -90,38 +95,31 @@ def main() -> None:
     if args.baseline:
         plain_prefect(args.baseline)
         return
+    cache = tempfile.mkdtemp(prefix="lume-bench-cache-")
+
+    def ours_once(tmp: str, index: int, env: dict[str, str]) -> float:
+        env = {**env, "PREFECT_HOME": f"{tmp}/home-ours-{index}", "LUME_OPERATOR_CACHE_DIR": cache}
+        command = [sys.executable, "-m", "lume_operator.cli", "run", "-f", str(EXAMPLE)]
+        return timed([*command, "--results-dir", f"{tmp}/ours-{index}"], env)
+
+    base = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    base.pop("PREFECT_API_URL", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        # The first run on a machine migrates a new Prefect database, as the baseline always
+        # does, and keeps a copy for later runs (LUME_OPERATOR_CACHE_DIR): timed, not counted.
+        print(f"first run (fills the cache): lume-operator {ours_once(tmp, -1, base):.2f} s")
     ours, plain = [], []
     for index in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:
-            env = {
-                **os.environ,
-                "PREFECT_HOME": f"{tmp}/home-{index}",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            }
-            env.pop("PREFECT_API_URL", None)
+            env = {**base, "PREFECT_HOME": f"{tmp}/home-{index}"}
             plain.append(timed([sys.executable, __file__, "--baseline", f"{tmp}/plain"], env))
-            env["PREFECT_HOME"] = f"{tmp}/home-ours-{index}"
-            ours.append(
-                timed(
-                    [
-                        sys.executable,
-                        "-m",
-                        "lume_operator.cli",
-                        "run",
-                        "-f",
-                        str(EXAMPLE),
-                        "--results-dir",
-                        f"{tmp}/ours",
-                    ],
-                    env,
-                )
-            )
+            ours.append(ours_once(tmp, index, base))
         print(f"run {index + 1}: lume-operator {ours[-1]:.2f} s, plain Prefect {plain[-1]:.2f} s")
     ratio = statistics.median(ours) / statistics.median(plain)
     print(
         f"median: lume-operator {statistics.median(ours):.2f} s, plain Prefect {statistics.median(plain):.2f} s"
     )
-    print(f"ratio lume-operator / plain Prefect: {ratio:.2f} (target <= 1.5)")
+    print(f"ratio lume-operator / plain Prefect: {ratio:.2f} (target <= 0.7)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 for _name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
     os.environ.pop(_name, None)
 os.environ["AWS_CONFIG_FILE"] = os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+# The embedded server's migrated-database copy: one per test session, not the user's.
+os.environ["LUME_OPERATOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lume-tests-cache-")
 
 
 @pytest.fixture

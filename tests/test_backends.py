@@ -477,3 +477,48 @@ def test_per_run_job_variables_of_the_shapes_lume_makes_are_accepted():
         ],
     }
     jsonschema.validate(more, schema)
+
+
+@pytest.mark.parametrize(
+    ("spec", "command", "image"),
+    [
+        (
+            {"type": "process", "labels": ["cpu"]},
+            ["lume-operator", "worker", "--pool", "science-b", "--with-healthcheck",
+             "--work-queue", "cpu"],
+            "registry.example/lume-operator:1.2",
+        ),
+        (
+            {"type": "process", "agent": {"warmStarts": False}},
+            ["prefect", "worker", "start", "--pool", "science-b", "--type", "process",
+             "--with-healthcheck"],
+            "prefecthq/prefect:3-python3.11",
+        ),
+        (
+            {"type": "process", "agent": {"image": "mine:1"}},
+            ["lume-operator", "worker", "--pool", "science-b", "--with-healthcheck"],
+            "mine:1",
+        ),
+        (
+            {"type": "kubernetes"},
+            ["prefect", "worker", "start", "--pool", "science-b", "--type", "kubernetes",
+             "--with-healthcheck"],
+            "prefecthq/prefect:3-python3.11-kubernetes",
+        ),
+    ],
+)  # fmt: skip
+def test_process_agents_start_runs_warm_in_the_operators_image(spec, command, image):
+    """A process backend's agent is `lume-operator worker` (warm starts) in the operator's own
+    image, unless the backend opts out; other types keep Prefect's worker and image."""
+    from lume_operator.api.backend import SchedulingBackend
+    from lume_operator.backends.agent import agent_objects
+
+    backend = SchedulingBackend.model_validate(
+        {"metadata": {"name": "b", "namespace": "science"}, "spec": spec}
+    )
+    objects = agent_objects(backend, None, "registry.example/lume-operator:1.2")
+    container = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert container["command"] == command
+    assert container["image"] == image

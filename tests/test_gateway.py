@@ -9,6 +9,7 @@ import socket
 import anyio
 import httpx
 import pytest
+from prefect.settings import PREFECT_HOME, temporary_settings
 
 from lume_operator.backends import get_backend
 from lume_operator.prefect.deployment import DeploymentSpec
@@ -112,6 +113,39 @@ def test_the_gateway_keeps_the_port_contract_on_the_real_server(prefect_home):
     with prefect_api() as (_, embedded):
         assert embedded
         anyio.run(scenario)
+
+
+@pytest.mark.prefect
+def test_a_new_home_starts_from_the_kept_database(tmp_path, monkeypatch):
+    """The first embedded server keeps a copy of its new database; a server in another new
+    home starts from it, skipping migrations and block registration, and works the same."""
+    import sqlite3
+
+    import prefect
+
+    monkeypatch.setenv("LUME_OPERATOR_CACHE_DIR", str(tmp_path / "cache"))
+    template = tmp_path / "cache" / f"prefect-{prefect.__version__}.db"
+    for home in ("first", "second"):
+        monkeypatch.setenv("PREFECT_HOME", str(tmp_path / home))
+        with temporary_settings(updates={PREFECT_HOME: str(tmp_path / home)}):
+            with prefect_api() as (_, embedded):
+                assert embedded and template.is_file()
+
+                async def scenario(pool: str) -> None:
+                    async with PrefectGateway.connect(timeout=30) as gateway:
+                        await gateway.ensure_work_pool(pool, "process", {})
+
+                anyio.run(scenario, f"pool-{home}")
+    with sqlite3.connect(template) as kept:  # block types registered, nothing of a run
+        assert kept.execute("select count(*) from block_type").fetchone()[0] > 5
+        assert (
+            kept.execute("select count(*) from work_pool where name like 'pool-%'").fetchone()[0]
+            == 0
+        )
+    with sqlite3.connect(tmp_path / "second" / "prefect.db") as second:
+        assert second.execute("select name from work_pool where name like 'pool-%'").fetchall() == [
+            ("pool-second",)
+        ]
 
 
 @pytest.mark.unit

@@ -262,6 +262,61 @@ def api_docs(output: Path | None) -> None:
     click.echo(str(output))
 
 
+@main.command()
+@click.option("--pool", required=True, help="The work pool (type process) to take runs from.")
+@click.option(
+    "--work-queue",
+    "queues",
+    multiple=True,
+    help="A work queue of the pool to poll; repeatable. Default: all of them.",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Most flow runs at once.")
+@click.option(
+    "--with-healthcheck",
+    is_flag=True,
+    help="Serve /health (PREFECT_WORKER_WEBSERVER_HOST and _PORT), as `prefect worker start`.",
+)
+@click.option(
+    "--cold",
+    is_flag=True,
+    help="Start each flow run as a new interpreter, as Prefect's own process worker does.",
+)
+def worker(
+    pool: str, queues: tuple[str, ...], limit: int | None, with_healthcheck: bool, cold: bool
+) -> None:
+    """Prefect's process worker with warm starts: the agent of a `process` SchedulingBackend.
+
+    Each flow run whose command is Prefect's engine is forked from a fork server that
+    imported Prefect once (LUME_WARM_PRELOAD: more modules to import there, comma-separated),
+    instead of a new interpreter importing it again; everything else is Prefect's process
+    worker, as `prefect worker start --type process` runs it.
+    """
+    import anyio
+    from prefect.utilities.processutils import setup_signal_handlers_worker
+
+    from lume_operator.prefect.worker import WarmProcessWorker
+
+    console = _console()
+    # As Prefect's CLI does: SIGTERM stops taking runs and ends the worker's own cleanly.
+    setup_signal_handlers_worker(os.getpid(), "the warm process worker", console.print)
+
+    async def serve() -> None:
+        warm = WarmProcessWorker(
+            work_pool_name=pool,
+            work_queues=list(queues) or None,
+            limit=limit,
+            warm_starts=not cold,
+            # FlowOfFlows parent runs run here too.
+            preload=["lume_operator.flows.composition"],
+        )
+        await warm.start(with_healthcheck=with_healthcheck, printer=console.print)
+
+    try:
+        anyio.run(serve)
+    except KeyboardInterrupt:
+        console.print("worker stopped")
+
+
 @main.command("operator")
 @click.option(
     "--namespace",

@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lume_operator import __version__
+
 
 class OperatorSettings(BaseSettings):
     """How the operator paces itself and where it finds Prefect when a backend does not say."""
@@ -73,6 +75,12 @@ class OperatorSettings(BaseSettings):
         description="kopf lists and watches CustomResourceDefinitions (and, watching listed "
         "namespaces, the Namespaces) to notice them change. False where the operator has no "
         "cluster-wide rights (the chart's namespaced mode): what exists at start is served.",
+    )
+    agent_image: str = Field(
+        default=f"lume-operator:{__version__}",
+        min_length=1,
+        description="Image of process backends' agents with warm starts (`lume-operator "
+        "worker`) when the backend names none: the operator's own (the chart sets it).",
     )
     default_api_url: str | None = Field(
         default=None,

@@ -67,9 +67,8 @@ def test_apply_runs_the_flow_and_writes_results_into_status(
     deployment = k8s_emulator.emulator.get_object("apps/v1/deployments", "default", "local-agent")
     assert deployment["metadata"]["ownerReferences"][0]["kind"] == "SchedulingBackend"
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][:7] == [
-        "prefect", "worker", "start", "--pool", "default-local", "--type", "process",
-    ]  # fmt: skip
+    # A process backend's agent: Prefect's process worker with warm starts.
+    assert container["command"][:4] == ["lume-operator", "worker", "--pool", "default-local"]
     assert container["command"][-2:] == ["--work-queue", "cpu"]
     assert {"name": "PREFECT_API_URL", "value": prefect_server.api_url} in container["env"]
     assert k8s_emulator.emulator.get_object("v1/serviceaccounts", "default", "local-agent")

@@ -102,6 +102,13 @@ class Agent(Model):
     env: dict[str, str] | None = Field(
         default=None, description="Extra environment of the workers."
     )
+    warm_starts: bool | None = Field(
+        default=None,
+        description="process backends: start each flow run forked from a warm fork server "
+        "(`lume-operator worker`; the image must contain lume-operator, the operator's own image "
+        "by default) instead of a new interpreter. Default true; false runs Prefect's "
+        "`prefect worker start --type process`.",
+    )
 
 
 class ResultStoreConfig(Model):

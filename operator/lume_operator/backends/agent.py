@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lume_operator import __version__
 from lume_operator.api.backend import SchedulingBackend
 from lume_operator.api.common import SecretKeyRef
 from lume_operator.backends.base import STORAGE_VOLUME
@@ -17,6 +18,7 @@ DEFAULT_WORKER_IMAGE = {
     "docker": "prefecthq/prefect:3-python3.11",
     "process": "prefecthq/prefect:3-python3.11",
 }
+DEFAULT_WARM_IMAGE = f"lume-operator:{__version__}"
 # Only kubernetes workers talk to the Kubernetes API. What prefect-kubernetes 0.8 calls, in its
 # namespace only (PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES): the worker creates a
 # flow run's Job and deletes it to cancel a run it is still submitting; its observer (kopf)
@@ -69,18 +71,21 @@ def agent_labels(backend: SchedulingBackend) -> dict[str, str]:
     }
 
 
+def warm_agent(backend: SchedulingBackend) -> bool:
+    """A process backend's agent starts flow runs warm unless `agent.warmStarts` is false."""
+    agent = backend.spec.agent
+    return backend.spec.type == "process" and not (agent and agent.warm_starts is False)
+
+
 def worker_command(backend: SchedulingBackend) -> list[str]:
-    """`prefect worker start` for the backend's pool, type and queues, with its health server."""
-    command = [
-        "prefect",
-        "worker",
-        "start",
-        "--pool",
-        backend.work_pool_name,
-        "--type",
-        backend.spec.type,
-        "--with-healthcheck",
-    ]
+    """The worker for the backend's pool, type and queues, with its health server:
+    `lume-operator worker` (warm starts) for process backends, else `prefect worker start`."""
+    if warm_agent(backend):
+        command = ["lume-operator", "worker", "--pool", backend.work_pool_name]
+    else:
+        command = ["prefect", "worker", "start", "--pool", backend.work_pool_name]
+        command += ["--type", backend.spec.type]
+    command.append("--with-healthcheck")
     for label in backend.spec.labels or []:
         command += ["--work-queue", label]
     return command
@@ -168,8 +173,14 @@ def _resources(backend: SchedulingBackend) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
-def agent_objects(backend: SchedulingBackend, api_url: str | None) -> list[dict[str, Any]]:
-    """ServiceAccount, Role and RoleBinding (kubernetes type only) and the worker Deployment."""
+def agent_objects(
+    backend: SchedulingBackend, api_url: str | None, warm_image: str | None = None
+) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding (kubernetes type only) and the worker Deployment.
+
+    `warm_image`: the default image of a warm process agent (it runs `lume-operator worker`,
+    so it needs lume-operator: the operator's own image).
+    """
     name = agent_name(backend)
     namespace = backend.metadata.namespace
     labels = agent_labels(backend)
@@ -209,7 +220,11 @@ def agent_objects(backend: SchedulingBackend, api_url: str | None) -> list[dict[
     container: dict[str, Any] = {
         "name": "worker",
         "image": (
-            agent.image if agent and agent.image else DEFAULT_WORKER_IMAGE[backend.spec.type]
+            agent.image
+            if agent and agent.image
+            else (warm_image or DEFAULT_WARM_IMAGE)
+            if warm_agent(backend)
+            else DEFAULT_WORKER_IMAGE[backend.spec.type]
         ),
         "command": worker_command(backend),
         "env": worker_env(backend, api_url),

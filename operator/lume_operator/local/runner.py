@@ -7,10 +7,12 @@ a Prefect process worker in this process standing in for the in-cluster agent.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -21,7 +23,6 @@ from typing import Any
 
 import anyio
 import yaml
-from prefect.workers.process import ProcessWorker
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
@@ -41,11 +42,14 @@ from lume_operator.local.checks import (
     locate,
     parameter_schema,
 )
+from lume_operator.local.preload import preload_for
 from lume_operator.prefect.deployment import DeploymentSpec
+from lume_operator.prefect.forkserver import ForkServer
 from lume_operator.prefect.gateway import PrefectGateway
 from lume_operator.prefect.port import FINAL_STATES, PrefectError, idempotency_key
 from lume_operator.prefect.serializer import LOCAL_RESULT_ENV
 from lume_operator.prefect.server import prefect_api
+from lume_operator.prefect.worker import WarmProcessWorker
 from lume_operator.reconcile import conditions
 from lume_operator.reconcile.backend import ensure_pool
 from lume_operator.reconcile.deploy import composition_deployment, flow_deployment
@@ -57,7 +61,6 @@ from lume_operator.reconcile.flowofflows import (
 from lume_operator.reconcile.flowrun import run_status
 from lume_operator.reconcile.lumeflow import follow_run, run_started
 from lume_operator.reconcile.outcome import set_conditions
-from lume_operator.results.store import STORE_URL_ENV
 
 # Overlapping polls per worker; each may be starting a run's process.
 MAX_POLLS_IN_FLIGHT = 8
@@ -287,8 +290,14 @@ class LocalRunner:
         timeout: float,
         poll_interval: float = 0.5,
         stop: Stop | None = None,
+        fork_server: ForkServer | None = None,
+        warm_starts: bool = True,
     ) -> None:
+        """`fork_server`: started by the caller for warm starts; else each worker starts one.
+        `warm_starts=False`: every flow run a new interpreter (Prefect's process worker)."""
         self.console = console
+        self.fork_server = fork_server
+        self.warm_starts = warm_starts
         self.results_root = results_root.resolve()
         self.timeout = timeout
         self.stop = stop or Stop()
@@ -296,6 +305,9 @@ class LocalRunner:
         self._pools_ready: set[str] = set()
         self._deployed: dict[str, _Deployed] = {}
         # DB results of local runs: a SQLite file beside the file results, unless configured.
+        # (The store's module imports lume-base, seconds: only here, while the server starts.)
+        from lume_operator.results.store import STORE_URL_ENV
+
         self.store_env = {
             STORE_URL_ENV: os.environ.get(STORE_URL_ENV)
             or f"sqlite:///{self.results_root / 'results.sqlite'}"
@@ -334,7 +346,12 @@ class LocalRunner:
             async with anyio.create_task_group() as group:
                 workers = []
                 for pool, queues in self.queues.items():
-                    worker = ProcessWorker(work_pool_name=pool, work_queues=sorted(queues))
+                    worker = WarmProcessWorker(
+                        work_pool_name=pool,
+                        work_queues=sorted(queues),
+                        fork_server=self.fork_server,
+                        warm_starts=self.warm_starts,
+                    )
                     await worker.__aenter__()
                     workers.append(worker)
                 try:
@@ -780,7 +797,21 @@ def run_local(
     log_path = results_root / LOG_FILE
     stop = Stop()
     console.print(escape(f"Prefect's own log: {log_path}"), highlight=False)
-    with _on_interrupt(stop), _prefect_log(log_path, console, verbose) as log:
+    # Started first: it imports Prefect and the flows' installed dependencies while Prefect's
+    # server starts, and each flow run is then forked from it (warm starts).
+    sources = [(i.code.source_file, i.code.project_dir) for i in planned] + [
+        (i.code.source_file, i.code.project_dir) for c in compositions for i in c.steps.values()
+    ]
+    # What the runner needs later and takes seconds to import (the result store and file
+    # types import lume-base): imported while Prefect's server starts, when this waits.
+    threading.Thread(
+        target=_import, args=("lume_operator.results.store",), name="lume-imports", daemon=True
+    ).start()
+    with (
+        ForkServer(preload_for(sources)).start() as fork_server,
+        _on_interrupt(stop),
+        _prefect_log(log_path, console, verbose) as log,
+    ):
         try:
             with prefect_api() as (api_url, embedded):
                 log.flush()
@@ -789,7 +820,9 @@ def run_local(
                     highlight=False,
                 )
                 if stop.reason is None:  # Ctrl-C while the server started: nothing to cancel
-                    runner = LocalRunner(console, results_root, timeout, stop=stop)
+                    runner = LocalRunner(
+                        console, results_root, timeout, stop=stop, fork_server=fork_server
+                    )
                     runner.run_sync(planned, compositions)
         finally:
             started = [i for i in planned if i.status.last_run] + [
@@ -807,6 +840,11 @@ def run_local(
         console.print(f"[red]{escape(stop.message)}[/red]")
     done = [item.status.phase for item in planned] + [c.status.phase for c in compositions]
     return 0 if all(phase == "Completed" for phase in done) else 1
+
+
+def _import(module: str) -> None:
+    with contextlib.suppress(Exception):  # imported again, and failing there, when needed
+        importlib.import_module(module)
 
 
 STATUS_FILE = "status.yaml"

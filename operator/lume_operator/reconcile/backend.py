@@ -154,7 +154,7 @@ async def reconcile_backend(
         return prefect_trouble(status, error, retry_in=settings.backoff(retry))
     failpoints.hit("backend-pool-ensured")
     try:
-        for obj in agent_objects(backend, api_url_of(backend, settings)):
+        for obj in agent_objects(backend, api_url_of(backend, settings), settings.agent_image):
             await cluster.apply(owned(obj, body))
     except NameTaken as taken:
         message = str(taken)

@@ -1,0 +1,372 @@
+"""Warm starts: flow runs forked from the fork server, on a real Prefect server, by the real
+(warm) process worker, seen from Prefect's side: states, logs, exit codes, cancellation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.k8s.prefect_server import PrefectServer
+
+pytestmark = pytest.mark.prefect
+
+FLOWS = """
+import os, signal, subprocess, sys, time
+from prefect import flow, get_run_logger
+from prefect.settings import get_current_settings
+
+
+@flow(name="report")
+def report() -> dict:
+    get_run_logger().info("hello from a warm start")
+    print("printed by the flow", flush=True)
+    return {
+        "pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0), "cwd": os.getcwd(),
+        "marker": os.environ.get("WARM_MARKER"), "api": get_current_settings().api.url,
+        "argv0": sys.argv[0], "path0": sys.path[0],
+    }
+
+
+@flow(name="fails")
+def fails() -> None:
+    raise ValueError("the flow's own error")
+
+
+@flow(name="exits")
+def exits(code: int = 3) -> None:
+    sys.stdout.flush()
+    os._exit(code)
+
+
+@flow(name="killed")
+def killed() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@flow(name="sleeps")
+def sleeps(pidfile: str) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    with open(pidfile, "w") as out:
+        out.write(f"{os.getpid()} {child.pid}")
+    time.sleep(300)
+"""
+
+
+# Return values are read back by the tests.
+PERSIST = {"PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    server = PrefectServer(tmp_path_factory.mktemp("warm-prefect")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def api(prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The module's server, for this process (its settings, however early Prefect was
+    imported) and for the flow-run processes (the environment)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server.api_url)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+        yield prefect_server.api_url
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "flows.py").write_text(textwrap.dedent(FLOWS))
+    return tmp_path / "project"
+
+
+async def _deploy(client: Any, pool: str, project: Path, flow: str, env: dict[str, str]) -> Any:
+    flow_id = await client.create_flow_from_name(flow)
+    return await client.create_deployment(
+        flow_id=flow_id,
+        name="warm",
+        entrypoint=f"flows.py:{flow}",
+        work_pool_name=pool,
+        pull_steps=[
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}
+        ],
+        job_variables={"env": env, "working_dir": str(project)},
+    )
+
+
+def run_flows(
+    project: Path,
+    runs: list[tuple[str, dict[str, Any]]],
+    env: dict[str, str] | None = None,
+    on_running: Any = None,
+    warm: bool = True,
+) -> tuple[list[Any], int | None]:
+    """Deploy each flow, create its run, and let one warm worker execute them all.
+
+    Returns the final flow runs (in order) and the fork server's pid.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from lume_operator.prefect.worker import WarmProcessWorker
+
+    pool = f"warm-{os.urandom(4).hex()}"
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            ids = []
+            for flow, parameters in runs:
+                deployment = await _deploy(
+                    client,
+                    pool,
+                    project,
+                    flow,
+                    {"WARM_MARKER": "set-by-job", **PERSIST, **(env or {})},
+                )
+                run = await client.create_flow_run_from_deployment(
+                    deployment, parameters=parameters
+                )
+                ids.append(run.id)
+            async with WarmProcessWorker(work_pool_name=pool, warm_starts=warm) as worker:
+                server = worker._fork_server
+                result["server_pid"] = server.process.pid if server and server.process else None
+                deadline = time.monotonic() + 120
+                handled = False
+                while time.monotonic() < deadline:
+                    await worker.get_and_submit_flow_runs()
+                    flow_runs = [await client.read_flow_run(i) for i in ids]
+                    if on_running and not handled:
+                        handled = await on_running(client, flow_runs)
+                    if all(r.state and r.state.is_final() for r in flow_runs):
+                        break
+                    await anyio.sleep(0.3)
+            result["runs"] = [await client.read_flow_run(i) for i in ids]
+            result["logs"] = {i: await _logs(client, i) for i in ids}
+
+    anyio.run(main)
+    return [Finished(run, result["logs"][run.id]) for run in result["runs"]], result["server_pid"]
+
+
+class Finished:
+    """A final flow run and the log lines Prefect holds for it."""
+
+    def __init__(self, run: Any, logs: list[str]) -> None:
+        self.run, self.logs = run, logs
+        self.state, self.id = run.state, run.id
+
+
+async def _logs(client: Any, flow_run_id: Any) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    for _ in range(20):  # logs reach the server in batches, a moment after the state
+        logs = await client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+        if any("hello" in log.message or "Process exited" in log.message for log in logs):
+            break
+        await anyio.sleep(0.25)
+    return [log.message for log in logs]
+
+
+def test_a_warm_run_is_its_own_process_with_its_env_cwd_and_logs(api, project):
+    [run], server_pid = run_flows(project, [("report", {})])
+    assert run.state.is_completed(), run.state
+    value = anyio.run(run.state.aresult)
+    # Forked by the fork server: not a new interpreter started by the worker.
+    assert server_pid and value["ppid"] == server_pid
+    assert value["pid"] not in (os.getpid(), server_pid)
+    assert value["sid"] == value["pid"]  # its own session: a group signal reaches its children
+    assert value["cwd"] == str(project) and value["path0"] == str(project)
+    assert value["marker"] == "set-by-job"
+    assert value["api"] == api
+    assert value["argv0"].endswith(os.path.join("prefect", "engine.py"))
+    assert "hello from a warm start" in run.logs, run.logs
+
+
+def test_failing_flow_fails_and_dying_processes_crash(api, project):
+    runs, _ = run_flows(
+        project, [("fails", {}), ("exits", {"code": 3}), ("killed", {}), ("report", {})]
+    )
+    failed, exited, killed, ok = runs
+    assert failed.state.type.value == "FAILED", failed.state
+    assert "the flow's own error" in failed.state.message
+    assert exited.state.type.value == "CRASHED", exited.state
+    assert "status code: 3" in exited.state.message
+    assert killed.state.type.value == "CRASHED", killed.state
+    assert "-9" in killed.state.message or "SIGKILL" in killed.state.message, killed.state.message
+    assert ok.state.is_completed()  # one run's death takes no other with it
+
+
+def test_cancelling_kills_the_run_and_its_children(api, project, tmp_path):
+    pidfile = tmp_path / "pids"
+    seen: dict[str, int] = {}
+
+    async def cancel_once_started(client: Any, flow_runs: list[Any]) -> bool:
+        from prefect.states import Cancelling
+
+        if not pidfile.exists() or not pidfile.read_text().strip():
+            return False
+        engine, child = map(int, pidfile.read_text().split())
+        seen.update(engine=engine, child=child)
+        await client.set_flow_run_state(flow_runs[0].id, Cancelling())
+        return True
+
+    [run], _ = run_flows(
+        project, [("sleeps", {"pidfile": str(pidfile)})], on_running=cancel_once_started
+    )
+    assert run.state.type.value == "CANCELLED", run.state
+    assert seen, "the flow never started"
+    for pid in seen.values():
+        assert _gone(pid), f"process {pid} still running after the cancel"
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie waits for its parent: still counts as gone once it is no longer running.
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
+                return True
+        except OSError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_an_interpreter_setting_it_cannot_change_starts_cold(api, project):
+    """PYTHONHASHSEED is fixed when an interpreter starts: a fork cannot honour another."""
+    [run], server_pid = run_flows(project, [("report", {})], env={"PYTHONHASHSEED": "123"})
+    assert run.state.is_completed(), run.state
+    value = anyio.run(run.state.aresult)
+    assert value["ppid"] != server_pid and value["marker"] == "set-by-job"
+
+
+def test_launcher_dying_kills_its_run(tmp_path):
+    """SIGKILL of the launcher (a worker's last resort after a cancel's grace) takes the run
+    with it: the fork server kills the run's process group when its launcher's end closes."""
+    from lume_operator.prefect.forkserver import fork_server
+
+    pidfile = tmp_path / "pid"
+    script = tmp_path / "sleeper.py"
+    script.write_text(f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+                      "time.sleep(300)\n")  # fmt: skip
+    with fork_server() as server:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "lume_operator.prefect.warmstart", "sleeper"],
+            cwd=tmp_path,
+            env={**os.environ, **server.env},
+        )
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        run_pid = int(pidfile.read_text())
+        assert Path(f"/proc/{run_pid}/status").exists()
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        assert _gone(run_pid), "the run outlived its launcher"
+
+
+def test_launcher_exits_as_its_run(tmp_path):
+    """Exit code, and death by signal, reach the worker as they would from the run itself."""
+    from lume_operator.prefect.forkserver import fork_server
+
+    (tmp_path / "ends.py").write_text(
+        "import os, signal, sys\n"
+        "mode = sys.argv[1]\n"
+        "print('cwd', os.getcwd(), os.environ.get('ONLY_HERE'), flush=True)\n"
+        "if mode == 'signal': os.kill(os.getpid(), signal.SIGTERM)\n"
+        "sys.exit(int(mode))\n"
+    )
+    with fork_server() as server:
+        env = {**os.environ, **server.env, "ONLY_HERE": "yes"}
+        launch = [sys.executable, "-m", "lume_operator.prefect.warmstart", "ends"]
+        done = subprocess.run([*launch, "7"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 7, done.stderr
+        assert done.stdout.strip() == f"cwd {tmp_path} yes"
+        assert "warm start" not in done.stderr  # it was not a cold fallback
+        killed = subprocess.run([*launch, "signal"], cwd=tmp_path, env=env, capture_output=True)
+        assert killed.returncode == -signal.SIGTERM
+    # No server: a cold start, same outcome.
+    cold = subprocess.run(
+        [*launch, "5"],
+        cwd=tmp_path,
+        env={**env, "LUME_FORK_SERVER": str(tmp_path / "nothing")},
+        capture_output=True,
+        text=True,
+    )
+    assert cold.returncode == 5 and "starting a new interpreter" in cold.stderr
+
+
+def test_fork_server_socket_is_private(tmp_path):
+    from lume_operator.prefect.forkserver import fork_server
+
+    with fork_server() as server:
+        assert server.path is not None
+        mode = os.stat(server.path).st_mode & 0o777
+        assert mode == 0o600 and os.stat(os.path.dirname(server.path)).st_mode & 0o077 == 0
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(server.path)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("command", "configured", "warm"),
+    [
+        (None, False, ["prefect.engine"]),
+        (f"{sys.executable} -m prefect.engine", True, ["prefect.engine"]),
+        (f"{sys.executable} -m lume_operator.local.engine", True, ["lume_operator.local.engine"]),
+        ("/usr/bin/python3.9 -m prefect.engine", True, None),  # another interpreter
+        (f"{sys.executable} -m my_module", True, None),  # not the engine: run as configured
+        ("bash -c 'echo hi'", True, None),
+    ],
+)
+def test_only_engine_commands_of_this_interpreter_start_warm(command, configured, warm):
+    from prefect.workers.process import ProcessJobConfiguration
+
+    from lume_operator.prefect.worker import LAUNCHER, warm_command
+
+    configuration = ProcessJobConfiguration(command=command)
+    configuration._command_configured = configured
+    got = warm_command(configuration)
+    if warm is None:
+        assert got is None
+    else:
+        assert got is not None and got.split()[1:] == ["-m", LAUNCHER, *warm]
+
+
+@pytest.mark.unit
+def test_preload_takes_installed_packages_never_the_projects_own(tmp_path):
+    from lume_operator.local.preload import installed_imports
+
+    (tmp_path / "helpers.py").write_text("X = 1\n")
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        "from __future__ import annotations\n"
+        "import os, json\n"
+        "import numpy as np\n"
+        "from prefect import flow\n"
+        "from helpers import X\n"
+        "from .relative import y\n"
+        "def f():\n    import h5py\n"
+    )
+    assert installed_imports(flow, tmp_path) == ["numpy", "prefect"]
