@@ -53,7 +53,7 @@ def validate(paths: tuple[str, ...], no_code: bool) -> None:
     entrypoint and parameters against its code. Exit 1 if any problem, or nothing to check.
     """
     from lume_operator.api.manifests import ManifestError
-    from lume_operator.local.runner import check, print_problems
+    from lume_operator.local.checks import check, print_problems
 
     console = _console()
     try:
@@ -111,12 +111,19 @@ def run(
         home.mkdir(parents=True, exist_ok=True)
         os.environ["PREFECT_HOME"] = str(home)
     from lume_operator.api.manifests import ManifestError
-    from lume_operator.local.runner import run_local
+    from lume_operator.local.checks import check, runnable
 
     console = _console()
     try:
+        checked = check(list(paths))
+        if not runnable(console, checked):
+            sys.exit(1)
+        # Only now Prefect's client and worker (seconds of imports): a refused manifest is
+        # answered without them.
+        from lume_operator.local.runner import run_local
+
         code = run_local(
-            list(paths),
+            checked,
             console=console,
             results_root=results_dir,
             status_out=status_out,
