@@ -1,7 +1,8 @@
 """`lume-operator results list|show|get` on the status file of a real local run.
 
-One FlowOfFlows run (tests/data/fof/db.yaml: a DB document in step t, a TextFile in step r) is
-shared by the module, since running it costs most of a minute; each test only reads it.
+One FlowOfFlows run (tests/data/fof/db.yaml: a DB document in step t, a TextFile in step r, the
+child reading the parent's document through a `db` mapping) is shared by the module, since
+running it costs most of a minute; each test only reads it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import pytest
 import yaml
 
 from lume_operator.results import HDF5File
+from tests.k8s.prefect_server import PrefectServer
 
-from .conftest import run_cli
+from .conftest import emptied, run_cli
 
 DATA = Path(__file__).parent / "data" / "fof"
 
@@ -32,21 +34,24 @@ class LocalRun:
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRun]:
+def local_run(
+    tmp_path_factory: pytest.TempPathFactory, _session_prefect_server: PrefectServer
+) -> Iterator[LocalRun]:
     """The via-db FlowOfFlows, run once through `lume-operator run --status-out`.
 
-    Module-scoped, so it sets up a private Prefect home itself, as the function-scoped
-    `prefect_home` fixture does.
+    Module-scoped, so it sets up what the function-scoped `shared_prefect_api` fixture does
+    itself: a private Prefect home, the session's Prefect server (emptied) as PREFECT_API_URL.
     """
     root = tmp_path_factory.mktemp("results-cli")
     home = root / "prefect-home"
     home.mkdir()
     shutil.copytree(DATA, root / "project")
     status_file = root / "lume-results" / "status.yaml"
+    server = emptied(_session_prefect_server)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PREFECT_HOME", str(home))
         patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        patch.delenv("PREFECT_API_URL", raising=False)
+        patch.setenv("PREFECT_API_URL", server.api_url)
         patch.delenv("LUME_RESULT_STORE_URL", raising=False)
         result = run_cli(
             "run",
@@ -87,6 +92,17 @@ def error(result) -> str:
     message = result.stderr.strip()
     assert message.startswith("error "), message
     return " ".join(message.split())  # rich may wrap long lines
+
+
+@pytest.mark.prefect
+def test_a_db_mapping_reads_the_parents_stored_document(local_run):
+    steps = local_run.steps
+    [summary] = steps["t"]["results"]
+    assert summary["name"] == "summary"
+    assert summary["type"] == "DBResult" and "results.sqlite#" in summary["location"]
+    # The store beside the run's results holds the document; the child got stats.total.
+    assert (local_run.root / "lume-results" / "results.sqlite").exists()
+    assert Path(steps["r"]["results"][0]["location"]).read_text() == "70\n"
 
 
 @pytest.mark.prefect

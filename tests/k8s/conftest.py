@@ -8,9 +8,9 @@
   CompletedProcess (``check=True`` raises with stderr on failure).
 - `run_kopf_operator`: starts a real kopf operator against the emulator and stops it at
   teardown; see `KopfOperator`. `kopf_registry()` makes a fresh registry that can log in.
-- `shared_prefect_server`: one real Prefect server for the whole session, emptied (no flow
-  runs, deployments, flows or work pools) before each test that asks for it. Tests that stop
-  or restart Prefect start their own `PrefectServer` instead.
+- `shared_prefect_server` (from `tests/conftest.py`): one real Prefect server for the whole
+  session, emptied before each test that asks for it. Tests that stop or restart Prefect start
+  their own `PrefectServer` instead.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import yaml
 from prefect.logging.configuration import ensure_logging_setup
 
 from tests.k8s.emulator import EmulatorServer
-from tests.k8s.prefect_server import PrefectServer
 from tests.k8s.tools import kubectl_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -326,21 +325,3 @@ def run_kopf_operator(
             errors.append(e)
     if errors:
         raise errors[0]
-
-
-@pytest.fixture(scope="session")
-def _session_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    server = PrefectServer(tmp_path_factory.mktemp("shared-prefect-server")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def shared_prefect_server(_session_prefect_server: PrefectServer) -> PrefectServer:
-    """The session's Prefect server, emptied for this test: what a test finds there (runs,
-    deployments, flows, work pools, counted or by name) is only what it made itself."""
-    server = _session_prefect_server
-    if not server.alive:  # a test must not stop it; if one did, fail that one, not the rest
-        server.start()
-    server.reset()
-    return server
