@@ -292,6 +292,33 @@ def test_timeout_cancels_with_its_own_message(shared_prefect_api, project):
     assert not _alive(int(run["infrastructure_pid"].rsplit(":", 1)[-1]))
 
 
+@pytest.mark.prefect
+def test_run_uses_the_server_the_users_prefect_profile_names(shared_prefect_server, project):
+    """`prefect server start` tells users to `prefect config set PREFECT_API_URL=...`: that
+    profile (in ~/.prefect) names the server to run on, though Prefect's home moves to the
+    results directory."""
+    write(project, lumeflow("ok", "ok", "  parameters: {n: 2}\n"))
+    env = _isolated_env(project)
+    profiles = project / "home" / ".prefect" / "profiles.toml"
+    profiles.parent.mkdir()
+    url = shared_prefect_server.api_url
+    profiles.write_text(f'active = "lab"\n\n[profiles.lab]\nPREFECT_API_URL = "{url}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "lume_operator.cli", "run", "-f", str(project)],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Prefect API: {url}\n" in result.stdout  # not an embedded server
+    status = statuses(project / "lume-results" / "status.yaml")["ok"]
+    assert _state_on(shared_prefect_server, status["lastRun"]["id"]) == "COMPLETED"
+    assert sorted(p.name for p in profiles.parent.iterdir()) == ["profiles.toml"]
+    assert not (project / "lume-results" / "prefect" / "prefect.db").exists()
+
+
 @pytest.mark.parametrize("timeout", ["-5", "0"])
 def test_invalid_timeouts_are_usage_errors(project, timeout):
     write(project, lumeflow("p", "ok"))

@@ -100,13 +100,19 @@ def run(
     timeout: float,
     verbose: bool,
 ) -> None:
-    """Run the LumeFlows in the manifests on Prefect (embedded unless PREFECT_API_URL is set).
+    """Run the LumeFlows in the manifests on Prefect: the server PREFECT_API_URL names (in the
+    environment or the active Prefect profile, as `prefect config set` writes it), else an
+    embedded one.
 
     Ctrl-C or --timeout cancels the runs started (exit 130 or 1).
     """
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         # Before Prefect is imported: its database and plain-value results stay with the
-        # project's results, not in the user's global ~/.prefect.
+        # project's results, not in the user's global ~/.prefect. The user's profiles live
+        # there too, and still apply (a server of `prefect server start` they configured).
+        profiles = Path.home() / ".prefect" / "profiles.toml"
+        if not os.environ.get("PREFECT_PROFILES_PATH") and profiles.is_file():
+            os.environ["PREFECT_PROFILES_PATH"] = str(profiles)
         home = results_dir.resolve() / "prefect"
         home.mkdir(parents=True, exist_ok=True)
         os.environ["PREFECT_HOME"] = str(home)
