@@ -36,7 +36,8 @@ import anyio  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from lume_operator.api.manifests import Manifests, parse_resource  # noqa: E402
-from lume_operator.local.runner import LocalRunner, plan  # noqa: E402
+from lume_operator.local.checks import plan  # noqa: E402
+from lume_operator.local.runner import LocalRunner  # noqa: E402
 
 FLOWS = Path(__file__).resolve().parent / "flows"
 POLL = 0.5

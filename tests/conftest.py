@@ -1,4 +1,13 @@
-"""Shared test setup: every test gets its own PREFECT_HOME, and nothing phones home."""
+"""Shared test setup: every test gets its own PREFECT_HOME, and nothing phones home.
+
+- `prefect_home`: a private Prefect home; with it alone, `lume-operator run` starts its
+  embedded server, as on a laptop.
+- `shared_prefect_server`: one real Prefect server for the whole session, emptied (no flow
+  runs, deployments, flows or work pools) before each test that asks for it.
+- `shared_prefect_api`: both, with PREFECT_API_URL naming the shared server, so the CLI runs
+  there as it does for a user who started `prefect server start`: no embedded server start
+  (10 s or more) in each test that does not test that start.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.containers.engine import DockerEngine, EngineUnavailable
+from tests.k8s.prefect_server import PrefectServer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -115,6 +125,37 @@ def run_cli(
         timeout=timeout,
         env=os.environ.copy(),
     )
+
+
+@pytest.fixture(scope="session")
+def _session_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    server = PrefectServer(tmp_path_factory.mktemp("shared-prefect-server")).start()
+    yield server
+    server.stop()
+
+
+def emptied(server: PrefectServer) -> PrefectServer:
+    """`server` up and empty: what a test finds there (runs, deployments, flows, work pools,
+    counted or by name) is only what it made itself."""
+    if not server.alive:  # a test must not stop it; if one did, fail that one, not the rest
+        server.start()
+    server.reset()
+    return server
+
+
+@pytest.fixture
+def shared_prefect_server(_session_prefect_server: PrefectServer) -> PrefectServer:
+    """The session's Prefect server, emptied for this test."""
+    return emptied(_session_prefect_server)
+
+
+@pytest.fixture
+def shared_prefect_api(
+    prefect_home: Path, shared_prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch
+) -> PrefectServer:
+    """`lume-operator run` (and Prefect's client) in this test use the shared server."""
+    monkeypatch.setenv("PREFECT_API_URL", shared_prefect_server.api_url)
+    return shared_prefect_server
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,10 +1,14 @@
 """The CLI as a scientist meets it (issue 13), each case through `lume-operator` in a subprocess
-with a real embedded Prefect server: validate means what run means, values come back, Ctrl-C
-and --timeout leave nothing running, status accumulates, the original format as it was written.
+with a real Prefect server: validate means what run means, values come back, Ctrl-C and
+--timeout leave nothing running, status accumulates, the original format as it was written.
+
+Ctrl-C runs on the embedded server, as on a laptop; the other runs use the session's shared
+server (PREFECT_API_URL), as with `prefect server start`, and skip its start-up.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -12,10 +16,14 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.k8s.prefect_server import PrefectServer
 
 from .conftest import EXAMPLES, run_cli
 
@@ -143,8 +151,11 @@ STEP_CASES = [
 @pytest.mark.parametrize(("flow", "expected"), CODE_CASES + REFERENCE_CASES + STEP_CASES)
 def test_validate_reports_what_run_rejects(prefect_home, project, flow, expected):
     write(project, flow)
-    checked = run_cli("validate", "-f", str(project))
-    ran = run_cli("run", "-f", str(project), "--results-dir", str(project / "results"))
+    # Two processes side by side: each spends seconds importing.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        checking = pool.submit(run_cli, "validate", "-f", str(project))
+        ran = run_cli("run", "-f", str(project), "--results-dir", str(project / "results"))
+        checked = checking.result()
     assert checked.returncode == 1 and ran.returncode == 1, checked.stdout
     assert expected in checked.stdout, checked.stdout
     assert expected in ran.stdout and "nothing was run" in ran.stdout
@@ -156,12 +167,23 @@ def test_validate_reports_what_run_rejects(prefect_home, project, flow, expected
 @pytest.mark.parametrize(("flow", "expected"), CODE_CASES)
 def test_validate_no_code_skips_only_the_code_checks(project, flow, expected):
     write(project, flow)
-    result = run_cli("validate", "--no-code", "-f", str(project))
+    (project / "other").mkdir()
+    (project / "other" / "backend.yaml").write_text(BACKEND)
+    (project / "other" / "flows.yaml").write_text(flow.replace("{name: local}", "{name: cluster}"))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        checking = pool.submit(run_cli, "validate", "--no-code", "-f", str(project / "other"))
+        result = run_cli(
+            "validate",
+            "--no-code",
+            "-f",
+            str(project / "backend.yaml"),
+            "-f",
+            str(project / "flows.yaml"),
+        )
+        other = checking.result()
     assert result.returncode == 0, result.stdout
     assert "2 resource(s) valid" in result.stdout
-    write(project, flow.replace("{name: local}", "{name: cluster}"))
-    result = run_cli("validate", "--no-code", "-f", str(project))
-    assert result.returncode == 1 and "SchedulingBackend 'cluster'" in result.stdout
+    assert other.returncode == 1 and "SchedulingBackend 'cluster'" in other.stdout
 
 
 def test_nothing_to_validate_is_an_error(tmp_path):
@@ -242,28 +264,59 @@ def test_ctrl_c_cancels_the_run_and_leaves_nothing_behind(project):
     assert (results / "prefect.log").is_file()
 
 
+def _run_on(server: PrefectServer, run_id: str) -> dict:
+    """The flow run, as the Prefect server it ran on records it."""
+    with urllib.request.urlopen(f"{server.api_url}/flow_runs/{run_id}", timeout=30) as reply:
+        return json.load(reply)
+
+
+def _state_on(server: PrefectServer, run_id: str) -> str:
+    return _run_on(server, run_id)["state"]["type"]
+
+
 @pytest.mark.prefect
-def test_timeout_cancels_with_its_own_message(project):
+def test_timeout_cancels_with_its_own_message(shared_prefect_api, project):
     write(project, lumeflow("sleepy", "sleepy"))
-    env = _isolated_env(project)
-    result = subprocess.run(
-        [sys.executable, "-m", "lume_operator.cli", "run", "-f", str(project), "--timeout", "5"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli("run", "-f", str(project), "--timeout", "5", cwd=project, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "timed out after 5 s" in result.stdout
     results = project / "lume-results"
     status = statuses(results / "status.yaml")["sleepy"]
     assert status["lastRun"]["stateType"] == "CANCELLED"
     assert status["conditions"][0]["reason"] == "Timeout"
-    assert _prefect_state(results, status["lastRun"]["id"]) == "CANCELLED"
-    flow_pid = int(next(results.glob("default/sleepy/*/pid")).read_text())
-    assert not _alive(flow_pid)
-    assert not (project / "home" / ".prefect").exists()
+    run = _run_on(shared_prefect_api, status["lastRun"]["id"])
+    assert run["state"]["type"] == "CANCELLED"
+    # The process the worker started for it (its pid recorded once started, before the flow's
+    # own code: 5 s may end the run while Python still imports) is gone.
+    assert run["infrastructure_pid"], run
+    assert not _alive(int(run["infrastructure_pid"].rsplit(":", 1)[-1]))
+
+
+@pytest.mark.prefect
+def test_run_uses_the_server_the_users_prefect_profile_names(shared_prefect_server, project):
+    """`prefect server start` tells users to `prefect config set PREFECT_API_URL=...`: that
+    profile (in ~/.prefect) names the server to run on, though Prefect's home moves to the
+    results directory."""
+    write(project, lumeflow("ok", "ok", "  parameters: {n: 2}\n"))
+    env = _isolated_env(project)
+    profiles = project / "home" / ".prefect" / "profiles.toml"
+    profiles.parent.mkdir()
+    url = shared_prefect_server.api_url
+    profiles.write_text(f'active = "lab"\n\n[profiles.lab]\nPREFECT_API_URL = "{url}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "lume_operator.cli", "run", "-f", str(project)],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Prefect API: {url}\n" in result.stdout  # not an embedded server
+    status = statuses(project / "lume-results" / "status.yaml")["ok"]
+    assert _state_on(shared_prefect_server, status["lastRun"]["id"]) == "COMPLETED"
+    assert sorted(p.name for p in profiles.parent.iterdir()) == ["profiles.toml"]
+    assert not (project / "lume-results" / "prefect" / "prefect.db").exists()
 
 
 @pytest.mark.parametrize("timeout", ["-5", "0"])
@@ -283,7 +336,7 @@ def declared(*names: str) -> str:
 
 
 @pytest.mark.prefect
-def test_numpy_values_come_back_and_status_holds_every_run(prefect_home, project):
+def test_numpy_values_come_back_and_status_holds_every_run(shared_prefect_api, project):
     first = project / "first"
     first.mkdir()
     (first / "flows.yaml").write_text(
@@ -318,30 +371,17 @@ def test_numpy_values_come_back_and_status_holds_every_run(prefect_home, project
         "return JSON types (dict, list, str, int, float, bool, None), numpy arrays or scalars, "
         "or a File description (File.description()) for anything else"
     )
-    grid = run_cli("results", "get", "lf/arrays", "grid", "--format", "json", cwd=project)
+    gets = [("lf/arrays", "grid", "--format", "json"), ("lf/arrays", "peak"), ("lf/ok", "n")]
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each process spends seconds importing
+        grid, peak, n = pool.map(lambda args: run_cli("results", "get", *args, cwd=project), gets)
     assert grid.returncode == 0, grid.stderr
     assert yaml.safe_load(grid.stdout) == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
-    peak = run_cli("results", "get", "lf/arrays", "peak", cwd=project)
     assert peak.stdout.strip() == "1.5"
-    n = run_cli("results", "get", "lf/ok", "n", cwd=project)
     assert n.returncode == 0 and n.stdout.strip() == "4", n.stderr
 
 
-@pytest.mark.prefect
-def test_results_get_prints_a_plain_value_of_a_composition(prefect_home, tmp_path):
-    ran = run_cli(
-        "run",
-        "-f",
-        str(EXAMPLES / "beam" / "backend.yaml"),
-        "-f",
-        str(EXAMPLES / "pipeline"),
-        cwd=tmp_path,
-    )
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    got = run_cli("results", "get", "fof/beam-study", "emittance/emittance", cwd=tmp_path)
-    assert got.returncode == 0, got.stderr
-    assert "ResultRecord" not in got.stderr
-    assert 0 < float(got.stdout) < 1
+# A plain value of a composition through `results get`: in test_flows_run.py, on the example
+# pipeline's run there.
 
 
 # --- 6. the original format ---------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""FlowOfFlows execution: a parent flow on the real Prefect server runs each step as a child run."""
+"""FlowOfFlows execution: a parent flow on the real Prefect server runs each step as a child run.
+
+The example pipeline runs on the embedded server (the README's first command); the other runs
+on the session's shared server (PREFECT_API_URL), which spares each its server start.
+"""
 
 from __future__ import annotations
 
@@ -68,6 +72,7 @@ def test_example_pipeline_runs_with_its_branches_at_the_same_time(prefect_home, 
     (pipeline / "pipeline.yaml").write_text(yaml.safe_dump(manifest))
     result, status = run_files(tmp_path, EXAMPLES / "beam" / "backend.yaml", pipeline)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "(embedded server)" in result.stdout  # the README's first command, as on a laptop
     fof = status[("FlowOfFlows", "beam-study")]
     assert fof["phase"] == "Completed" and fof["run"]["stateType"] == "COMPLETED"
     steps = {step["name"]: step for step in fof["steps"]}
@@ -111,10 +116,25 @@ def test_example_pipeline_runs_with_its_branches_at_the_same_time(prefect_home, 
     assert results[("report", "report")]["location"] in result.stdout
     envelope_file = Path(results[("envelope", "envelope")]["location"])
     assert envelope_file.exists() and envelope_file.parent.name == "envelope"
+    # A plain value a step returned, read back by `results get` from the status file.
+    got = run_cli(
+        "results",
+        "get",
+        "fof/beam-study",
+        "emittance/emittance",
+        "--status",
+        str(tmp_path / "status.yaml"),
+        cwd=tmp_path,
+    )
+    assert got.returncode == 0, got.stderr
+    assert "ResultRecord" not in got.stderr
+    assert 0 < float(got.stdout) < 1
 
 
 @pytest.mark.prefect
-def test_a_failed_step_skips_its_dependents_and_fails_the_whole(prefect_home, tmp_path, project):
+def test_a_failed_step_skips_its_dependents_and_fails_the_whole(
+    shared_prefect_api, tmp_path, project
+):
     result, status = run_files(
         tmp_path, project / "backend.yaml", project / "flows.yaml", project / "failing.yaml"
     )
@@ -147,7 +167,7 @@ def test_a_failed_step_skips_its_dependents_and_fails_the_whole(prefect_home, tm
 
 
 @pytest.mark.prefect
-def test_the_original_format_runs_as_it_is(prefect_home, tmp_path, project):
+def test_the_original_format_runs_as_it_is(shared_prefect_api, tmp_path, project):
     result, status = run_files(
         tmp_path,
         project / "backend.yaml",
@@ -164,23 +184,8 @@ def test_the_original_format_runs_as_it_is(prefect_home, tmp_path, project):
     assert Path(report).read_text() == "110\n"
 
 
-@pytest.mark.prefect
-def test_a_db_mapping_reads_the_parents_stored_document(prefect_home, tmp_path, project):
-    result, status = run_files(
-        tmp_path,
-        project / "backend.yaml",
-        project / "flows.yaml",
-        project / "record.yaml",
-        project / "db.yaml",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    steps = {step["name"]: step for step in status[("FlowOfFlows", "via-db")]["steps"]}
-    [summary] = steps["t"]["results"]
-    assert summary["name"] == "summary"
-    assert summary["type"] == "DBResult" and "results.sqlite#" in summary["location"]
-    # The store beside the run's results holds the document; the child got stats.total.
-    assert (tmp_path / "results" / "results.sqlite").exists()
-    assert Path(steps["r"]["results"][0]["location"]).read_text() == "70\n"
+# A `db` mapping (tests/data/fof/db.yaml) runs once, in test_results_cli.py, whose commands read
+# what it stored.
 
 
 def test_the_original_format_validates_and_graphs(project):

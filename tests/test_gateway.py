@@ -9,7 +9,7 @@ import socket
 import anyio
 import httpx
 import pytest
-from prefect.settings import PREFECT_HOME, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from lume_operator.backends import get_backend
 from lume_operator.prefect.deployment import DeploymentSpec
@@ -103,16 +103,18 @@ async def contract(port) -> None:
 
 
 @pytest.mark.prefect
-def test_the_gateway_keeps_the_port_contract_on_the_real_server(prefect_home):
+def test_the_gateway_keeps_the_port_contract_on_the_real_server(shared_prefect_api):
     async def scenario() -> None:
         async with PrefectGateway.connect(timeout=30) as gateway:
             await contract(gateway)
             current = await gateway.read_deployment("beam-stats", "default")
             assert current is None
 
-    with prefect_api() as (_, embedded):
-        assert embedded
-        anyio.run(scenario)
+    # The configured server (Prefect read its settings at import: they are set here, in-process).
+    with temporary_settings(updates={PREFECT_API_URL: shared_prefect_api.api_url}):
+        with prefect_api() as (api_url, embedded):
+            assert (api_url, embedded) == (shared_prefect_api.api_url, False)
+            anyio.run(scenario)
 
 
 @pytest.mark.prefect

@@ -1,4 +1,5 @@
-"""`lume-operator run`: real flows on a real (embedded) Prefect server through a real process worker."""
+"""`lume-operator run`: real flows on a real Prefect server (embedded, or one already running)
+through a real process worker."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def test_example_runs_and_its_results_load_back(prefect_home, tmp_path):
         str(tmp_path / "results"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "(embedded server)" in result.stdout  # the README's command, as on a laptop
     assert "flow run" in result.stdout and "is Completed" in result.stdout
     status = statuses(status_file)["beam-stats"]
     assert status["phase"] == "Completed"
@@ -126,8 +128,10 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.mark.prefect
-def test_failures_are_reported_per_flow(prefect_home, project):
-    """One run of five flows: each failure names its cause; the good flow still completes."""
+def test_failures_are_reported_per_flow(shared_prefect_api, project):
+    """One run of five flows: each failure names its cause; the good flow still completes.
+
+    On a Prefect server already running (PREFECT_API_URL), as with `prefect server start`."""
     (project / "flows.yaml").write_text(
         "---\n".join(
             [
@@ -150,6 +154,7 @@ def test_failures_are_reported_per_flow(prefect_home, project):
         str(project / "results"),
     )
     assert result.returncode == 1, result.stdout + result.stderr
+    assert f"Prefect API: {shared_prefect_api.api_url}\n" in result.stdout  # not embedded
     # The failing flow's own traceback is streamed from its run; none comes from lume-operator.
     assert "lume_operator/local" not in result.stdout + result.stderr
     assert "lume_operator/cli" not in result.stdout + result.stderr

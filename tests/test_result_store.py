@@ -45,6 +45,7 @@ from lume_operator.results.store import (
     unique_hash,
     upgrade,
 )
+from tests.k8s.prefect_server import PrefectServer
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -444,10 +445,15 @@ def test_load_location_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 @pytest.mark.prefect
 def test_prefect_tasks_save_and_load_in_flows(
-    store_url: str, prefect_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store_url: str,
+    prefect_home: Path,
+    shared_prefect_server: PrefectServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from prefect import flow
     from prefect.settings import (
+        PREFECT_API_URL,
         PREFECT_HOME,
         PREFECT_LOGGING_TO_API_ENABLED,
         PREFECT_SERVER_ANALYTICS_ENABLED,
@@ -470,6 +476,7 @@ def test_prefect_tasks_save_and_load_in_flows(
         return load_db_result(location, ["stats", "mean"]) + 1
 
     settings = {
+        PREFECT_API_URL: shared_prefect_server.api_url,  # not an ephemeral server of its own
         PREFECT_HOME: prefect_home,
         PREFECT_SERVER_ANALYTICS_ENABLED: False,
         PREFECT_LOGGING_TO_API_ENABLED: False,

@@ -41,6 +41,7 @@ from lume_operator.results import (
     result_path,
     results_dir,
 )
+from tests.k8s.prefect_server import PrefectServer
 
 
 class CSVSerializer(SerializerBase):
@@ -516,13 +517,14 @@ def test_results_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.prefect
 def test_prefect_tasks_save_and_get_file_results(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_prefect_server: PrefectServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_API_URL", shared_prefect_server.api_url)
     from prefect import flow
     from prefect.settings import (
+        PREFECT_API_URL,
         PREFECT_HOME,
         PREFECT_LOGGING_TO_API_ENABLED,
         PREFECT_SERVER_ANALYTICS_ENABLED,
@@ -540,9 +542,10 @@ def test_prefect_tasks_save_and_get_file_results(
         return {"text": text, "array": array, "loaded": get_file_result(json.dumps(text))}
 
     # Prefect reads its settings at import, so the env above only helps if this test imported it
-    # first; temporary_settings makes the tmp home effective either way. No API logging: the
-    # ephemeral server is gone by the time the log worker flushes at exit.
+    # first; temporary_settings makes the tmp home and the session's server effective either
+    # way. No API logging: the server may be gone by the time the log worker flushes at exit.
     settings = {
+        PREFECT_API_URL: shared_prefect_server.api_url,
         PREFECT_HOME: tmp_path / "prefect",
         PREFECT_SERVER_ANALYTICS_ENABLED: False,
         PREFECT_LOGGING_TO_API_ENABLED: False,

@@ -1,7 +1,8 @@
 """`lume-operator results list|show|get` on the status file of a real local run.
 
-One FlowOfFlows run (tests/data/fof/db.yaml: a DB document in step t, a TextFile in step r) is
-shared by the module, since running it costs most of a minute; each test only reads it.
+One FlowOfFlows run (tests/data/fof/db.yaml: a DB document in step t, a TextFile in step r, the
+child reading the parent's document through a `db` mapping) is shared by the module, since
+running it costs most of a minute; each test only reads it.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import numpy as np
 import pytest
 import yaml
 
 from lume_operator.results import HDF5File
+from tests.k8s.prefect_server import PrefectServer
 
-from .conftest import run_cli
+from .conftest import emptied, run_cli
 
 DATA = Path(__file__).parent / "data" / "fof"
 
@@ -32,21 +35,24 @@ class LocalRun:
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRun]:
+def local_run(
+    tmp_path_factory: pytest.TempPathFactory, _session_prefect_server: PrefectServer
+) -> Iterator[LocalRun]:
     """The via-db FlowOfFlows, run once through `lume-operator run --status-out`.
 
-    Module-scoped, so it sets up a private Prefect home itself, as the function-scoped
-    `prefect_home` fixture does.
+    Module-scoped, so it sets up what the function-scoped `shared_prefect_api` fixture does
+    itself: a private Prefect home, the session's Prefect server (emptied) as PREFECT_API_URL.
     """
     root = tmp_path_factory.mktemp("results-cli")
     home = root / "prefect-home"
     home.mkdir()
     shutil.copytree(DATA, root / "project")
     status_file = root / "lume-results" / "status.yaml"
+    server = emptied(_session_prefect_server)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PREFECT_HOME", str(home))
         patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        patch.delenv("PREFECT_API_URL", raising=False)
+        patch.setenv("PREFECT_API_URL", server.api_url)
         patch.delenv("LUME_RESULT_STORE_URL", raising=False)
         result = run_cli(
             "run",
@@ -74,6 +80,15 @@ def results(*args: str, cwd: Path, status: Path | None = None):
     return run_cli("results", *args, *where, cwd=cwd)
 
 
+def side_by_side(
+    *commands: tuple[str, ...], cwd: Path, status: Path | None
+) -> list[CompletedProcess[str]]:
+    """Independent `results` commands, each its own process as users run it, side by side:
+    each spends seconds importing."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda args: results(*args, cwd=cwd, status=status), commands))
+
+
 def ok(result) -> str:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
@@ -87,6 +102,17 @@ def error(result) -> str:
     message = result.stderr.strip()
     assert message.startswith("error "), message
     return " ".join(message.split())  # rich may wrap long lines
+
+
+@pytest.mark.prefect
+def test_a_db_mapping_reads_the_parents_stored_document(local_run):
+    steps = local_run.steps
+    [summary] = steps["t"]["results"]
+    assert summary["name"] == "summary"
+    assert summary["type"] == "DBResult" and "results.sqlite#" in summary["location"]
+    # The store beside the run's results holds the document; the child got stats.total.
+    assert (local_run.root / "lume-results" / "results.sqlite").exists()
+    assert Path(steps["r"]["results"][0]["location"]).read_text() == "70\n"
 
 
 @pytest.mark.prefect
@@ -113,31 +139,35 @@ def test_list_shows_each_steps_results_from_the_default_status_file(local_run):
 @pytest.mark.prefect
 def test_a_flow_run_id_selects_the_step_or_the_whole(local_run, tmp_path):
     step_run = local_run.steps["t"]["run"]["id"]
-    listed = yaml.safe_load(
-        ok(results("list", step_run, "-o", "yaml", cwd=tmp_path, status=local_run.status_file))
-    )
-    assert [(item["step"], item["name"]) for item in listed] == [("t", "summary")]
     parent_run = yaml.safe_load(local_run.status_file.read_text())["status"]["run"]["id"]
-    listed = yaml.safe_load(
-        ok(results("list", parent_run, "-o", "yaml", cwd=tmp_path, status=local_run.status_file))
+    by_step, by_parent, outputs = side_by_side(
+        ("list", step_run, "-o", "yaml"),
+        ("list", parent_run, "-o", "yaml"),
+        # By the step's run id, the result's own name is enough.
+        ("get", step_run, "summary"),
+        cwd=tmp_path,
+        status=local_run.status_file,
     )
+    listed = yaml.safe_load(ok(by_step))
+    assert [(item["step"], item["name"]) for item in listed] == [("t", "summary")]
+    listed = yaml.safe_load(ok(by_parent))
     assert [item["name"] for item in listed] == ["summary", "report"]
-    # By the step's run id, the result's own name is enough.
-    outputs = ok(results("get", step_run, "summary", cwd=tmp_path, status=local_run.status_file))
-    assert yaml.safe_load(outputs) == {"stats": {"total": 70, "items": [7]}}
+    assert yaml.safe_load(ok(outputs)) == {"stats": {"total": 70, "items": [7]}}
 
 
 @pytest.mark.prefect
 def test_show_gives_where_a_result_is_and_the_documents_metadata(local_run, tmp_path):
-    shown = yaml.safe_load(
-        ok(results("show", "fof/via-db", "r/report", cwd=tmp_path, status=local_run.status_file))
+    report, summary = side_by_side(
+        ("show", "fof/via-db", "r/report"),
+        ("show", "fof/via-db", "t/summary"),
+        cwd=tmp_path,
+        status=local_run.status_file,
     )
+    shown = yaml.safe_load(ok(report))
     location = local_run.steps["r"]["results"][0]["location"]
     assert shown["type"] == "TextFile" and shown["filesystem"] == "local"
     assert shown["path"] == location and shown["exists"] is True and shown["size"] == 3
-    shown = yaml.safe_load(
-        ok(results("show", "fof/via-db", "t/summary", cwd=tmp_path, status=local_run.status_file))
-    )
+    shown = yaml.safe_load(ok(summary))
     store, document_id = local_run.steps["t"]["results"][0]["location"].rsplit("#", 1)
     assert shown["store"] == store and shown["id"] == document_id
     document = shown["document"]
@@ -178,23 +208,16 @@ def test_get_copies_a_file_result_and_refuses_to_overwrite(local_run, tmp_path):
 
 @pytest.mark.prefect
 def test_get_prints_a_db_documents_outputs_as_yaml_or_json(local_run, tmp_path):
-    printed = ok(
-        results("get", "fof/via-db", "t/summary", cwd=tmp_path, status=local_run.status_file)
+    as_yaml, as_json = side_by_side(
+        ("get", "fof/via-db", "t/summary"),
+        ("get", "fof/via-db", "summary", "--format", "json"),
+        cwd=tmp_path,
+        status=local_run.status_file,
     )
+    printed = ok(as_yaml)
     assert printed.startswith("stats:\n  total: 70\n")
     assert yaml.safe_load(printed) == {"stats": {"total": 70, "items": [7]}}
-    printed = ok(
-        results(
-            "get",
-            "fof/via-db",
-            "summary",
-            "--format",
-            "json",
-            cwd=tmp_path,
-            status=local_run.status_file,
-        )
-    )
-    assert json.loads(printed) == {"stats": {"total": 70, "items": [7]}}
+    assert json.loads(ok(as_json)) == {"stats": {"total": 70, "items": [7]}}
     # Reading the store neither creates ./results nor an empty database anywhere.
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
@@ -313,13 +336,18 @@ def test_hdf5_results_are_checked_to_load_and_values_are_read_from_prefect(tmp_p
     )
     work = tmp_path / "work"
     work.mkdir()
-    ok(results("get", "9041e088-0000-4000-8000-000000000001", "beam", cwd=work, status=status))
+    copied, refused, printed, elsewhere = side_by_side(
+        ("get", "9041e088-0000-4000-8000-000000000001", "beam"),
+        ("get", "lf/beam", "bad", "-o", "x.h5"),
+        ("get", "lf/beam", "stats.emittance"),
+        ("list", "lf/beam", "-n", "default"),
+        cwd=work,
+        status=status,
+    )
+    ok(copied)
     assert (work / "beam.h5").read_bytes() == Path(good.filename).read_bytes()
-    message = error(results("get", "lf/beam", "bad", "-o", "x.h5", cwd=work, status=status))
+    message = error(refused)
     assert f"result 'bad': '{corrupt}' does not load as a HDF5File" in message
     assert not (work / "x.h5").exists()
-    printed = ok(results("get", "lf/beam", "stats.emittance", cwd=work, status=status))
-    assert printed == "1.5e-08\n"
-    assert "no LumeFlow 'beam' in status file" in error(
-        results("list", "lf/beam", "-n", "default", cwd=work, status=status)
-    )
+    assert ok(printed) == "1.5e-08\n"
+    assert "no LumeFlow 'beam' in status file" in error(elsewhere)

@@ -76,7 +76,7 @@ def test_a_json_record_is_read_without_importing_what_it_names():
 
 @pytest.mark.prefect
 def test_a_pickled_flow_result_is_refused_and_its_payload_never_runs(
-    prefect_home, tmp_path, monkeypatch
+    shared_prefect_api, tmp_path, monkeypatch
 ):
     project = tmp_path / "project"
     project.mkdir()

@@ -53,7 +53,7 @@ def validate(paths: tuple[str, ...], no_code: bool) -> None:
     entrypoint and parameters against its code. Exit 1 if any problem, or nothing to check.
     """
     from lume_operator.api.manifests import ManifestError
-    from lume_operator.local.runner import check, print_problems
+    from lume_operator.local.checks import check, print_problems
 
     console = _console()
     try:
@@ -100,23 +100,36 @@ def run(
     timeout: float,
     verbose: bool,
 ) -> None:
-    """Run the LumeFlows in the manifests on Prefect (embedded unless PREFECT_API_URL is set).
+    """Run the LumeFlows in the manifests on Prefect: the server PREFECT_API_URL names (in the
+    environment or the active Prefect profile, as `prefect config set` writes it), else an
+    embedded one.
 
     Ctrl-C or --timeout cancels the runs started (exit 130 or 1).
     """
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         # Before Prefect is imported: its database and plain-value results stay with the
-        # project's results, not in the user's global ~/.prefect.
+        # project's results, not in the user's global ~/.prefect. The user's profiles live
+        # there too, and still apply (a server of `prefect server start` they configured).
+        profiles = Path.home() / ".prefect" / "profiles.toml"
+        if not os.environ.get("PREFECT_PROFILES_PATH") and profiles.is_file():
+            os.environ["PREFECT_PROFILES_PATH"] = str(profiles)
         home = results_dir.resolve() / "prefect"
         home.mkdir(parents=True, exist_ok=True)
         os.environ["PREFECT_HOME"] = str(home)
     from lume_operator.api.manifests import ManifestError
-    from lume_operator.local.runner import run_local
+    from lume_operator.local.checks import check, runnable
 
     console = _console()
     try:
+        checked = check(list(paths))
+        if not runnable(console, checked):
+            sys.exit(1)
+        # Only now Prefect's client and worker (seconds of imports): a refused manifest is
+        # answered without them.
+        from lume_operator.local.runner import run_local
+
         code = run_local(
-            list(paths),
+            checked,
             console=console,
             results_root=results_dir,
             status_out=status_out,

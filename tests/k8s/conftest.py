@@ -12,9 +12,9 @@
   teardown; see `KopfOperator`. `kopf_registry()` makes a fresh registry that can log in.
   lume-operator itself runs as the Helm chart's ServiceAccount, held to the chart's RBAC
   (`install_chart_rbac`); a request of it that RBAC refuses fails the test at teardown.
-- `shared_prefect_server`: one real Prefect server for the whole session, emptied (no flow
-  runs, deployments, flows or work pools) before each test that asks for it. Tests that stop
-  or restart Prefect start their own `PrefectServer` instead.
+- `shared_prefect_server` (from `tests/conftest.py`): one real Prefect server for the whole
+  session, emptied before each test that asks for it. Tests that stop or restart Prefect start
+  their own `PrefectServer` instead.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import yaml
 from prefect.logging.configuration import ensure_logging_setup
 
 from tests.k8s.emulator import ADMIN_TOKEN, EmulatorServer
-from tests.k8s.prefect_server import PrefectServer
 from tests.k8s.rbac import UserInfo
 from tests.k8s.tools import helm_path, kubectl_path
 
@@ -259,7 +258,8 @@ class KopfOperator:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    def start(self, timeout: float = 20) -> KopfOperator:
+    def start(self, timeout: float = 60) -> KopfOperator:
+        # A subprocess imports kopf and Prefect first: 20 s ran out on a busy 2-core machine.
         seen = len(self.server.emulator.log)
         if self.use_subprocess:
             self._start_subprocess()
@@ -316,6 +316,15 @@ class KopfOperator:
                 raise RuntimeError("the kopf operator thread did not stop")
         if self._failure is not None:
             raise RuntimeError("the kopf operator failed") from self._failure
+
+    def finish(self) -> None:
+        """End it after its test: a subprocess is killed (a test that is over needs no graceful
+        exit, which takes kopf 1.5 to 2.5 s), a thread is stopped (and reports a failure)."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self.kill()
+            return
+        self.stop()
 
     def kill(self) -> None:
         """SIGKILL the subprocess: no cleanup, as when a pod is OOM-killed."""
@@ -449,7 +458,7 @@ def run_kopf_operator(
     errors: list[BaseException] = []
     for operator in reversed(started):
         try:
-            operator.stop()
+            operator.finish()
         except Exception as e:  # stop them all, then report
             errors.append(e)
     for user in {u.name for u in held}:
@@ -459,21 +468,3 @@ def run_kopf_operator(
             errors.append(AssertionError(f"RBAC refused the operator's requests:\n{lines}"))
     if errors:
         raise errors[0]
-
-
-@pytest.fixture(scope="session")
-def _session_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    server = PrefectServer(tmp_path_factory.mktemp("shared-prefect-server")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def shared_prefect_server(_session_prefect_server: PrefectServer) -> PrefectServer:
-    """The session's Prefect server, emptied for this test: what a test finds there (runs,
-    deployments, flows, work pools, counted or by name) is only what it made itself."""
-    server = _session_prefect_server
-    if not server.alive:  # a test must not stop it; if one did, fail that one, not the rest
-        server.start()
-    server.reset()
-    return server

@@ -98,8 +98,17 @@ def prefect_server(
 
 @pytest.fixture
 def own_prefect_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrefectServer]:
-    """A Prefect server of this test alone, for the tests that stop and start it again."""
+    """A Prefect server of this test alone, for the tests that stop and start it again.
+
+    The operator's retries come at most 2 s apart (LUME_OPERATOR_MAX_BACKOFF; the bound itself
+    is unit tested), so its recovery is seen when Prefect is back, not after a backoff that grew
+    to 16 s while it was down. Its Prefect client does not retry a refused connection by itself
+    (PREFECT_CLIENT_MAX_RETRIES=0): by default it retries for the whole call timeout (10 s) of
+    each attempt, and the outage is the operator's to handle (a timeout is `PrefectUnreachable`
+    too: tests/test_gateway.py)."""
     server = PrefectServer(tmp_path / "prefect-server").start()
+    monkeypatch.setenv("LUME_OPERATOR_MAX_BACKOFF", "2")
+    monkeypatch.setenv("PREFECT_CLIENT_MAX_RETRIES", "0")
     yield _use(server, monkeypatch)
     server.stop()
 

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,19 +28,12 @@ from rich.markup import escape
 from rich.text import Text
 
 from lume_operator.api.backend import SchedulingBackend
-from lume_operator.api.flow import LumeFlow, LumeFlowStatus
-from lume_operator.api.flowofflows import FlowOfFlows, FlowOfFlowsStatus, StepStatus
-from lume_operator.api.manifests import Manifests, Problem
 from lume_operator.backends import tags
-from lume_operator.flows.convert import load_manifests
-from lume_operator.flows.plan import plan_steps, step_flows, steps_with_mapped_tasks
+from lume_operator.flows.plan import plan_steps, steps_with_mapped_tasks
 from lume_operator.local.checks import (
-    CodeProblem,
-    LocalFlowCode,
-    check_parameters,
-    composition_problems_local,
-    locate,
-    parameter_schema,
+    Checked,
+    PlannedComposition,
+    PlannedFlow,
 )
 from lume_operator.local.preload import preload_for
 from lume_operator.prefect.deployment import DeploymentSpec
@@ -79,187 +72,6 @@ class Stop:
     def set(self, reason: str, message: str) -> None:
         if self.reason is None:
             self.reason, self.message = reason, message
-
-
-@dataclass
-class PlannedFlow:
-    """A LumeFlow with everything resolved for a local run."""
-
-    flow: LumeFlow
-    backend: SchedulingBackend
-    code: LocalFlowCode
-    schema: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-    status: LumeFlowStatus = field(default_factory=LumeFlowStatus)
-    error: str | None = None
-
-
-@dataclass
-class PlannedComposition:
-    """A FlowOfFlows with its steps' flows planned and the backend of its parent run."""
-
-    fof: FlowOfFlows
-    backend: SchedulingBackend
-    steps: dict[str, PlannedFlow]
-    status: FlowOfFlowsStatus = field(default_factory=FlowOfFlowsStatus)
-    error: str | None = None
-
-    def __post_init__(self) -> None:
-        self.status.steps = [
-            StepStatus(name=step.name, phase="Pending") for step in self.fof.spec.steps
-        ]
-
-
-def _plan_flow(
-    manifests: Manifests,
-    flow: LumeFlow,
-    source: str,
-    manifest_dir: Path,
-    *,
-    step: bool = False,
-    code: bool = True,
-) -> tuple[PlannedFlow | None, list[Problem]]:
-    problems: list[Problem] = []
-    backend = manifests.backend(flow.metadata.namespace, flow.spec.backend_ref.name)
-    if backend is None:
-        have = ", ".join(b.metadata.name for b in manifests.backends) or "none"
-        return None, [
-            Problem(
-                source,
-                "spec.backendRef.name",
-                f"SchedulingBackend {flow.spec.backend_ref.name!r} is not in the manifests "
-                f"given (namespace {flow.metadata.namespace!r}; have: {have})",
-            )
-        ]
-    labels = set(backend.spec.labels or [])
-    for index, label in enumerate(flow.spec.labels or []):
-        if label not in labels:
-            problems.append(
-                Problem(
-                    source,
-                    f"spec.labels[{index}]",
-                    f"{label!r} is not a label of backend {backend.metadata.name!r} "
-                    f"(it has: {', '.join(sorted(labels)) or 'none'})",
-                )
-            )
-    if not code:  # `validate --no-code`: the code is only in an image
-        return None, problems
-    try:
-        found = locate(flow, manifest_dir)
-        schema = parameter_schema(found)
-        bad = check_parameters(found, flow.spec.parameters or {}, schema, supplied_elsewhere=step)
-    except CodeProblem as problem:
-        return None, [*problems, Problem(source, problem.path, str(problem))]
-    problems.extend(Problem(source, p.path, str(p)) for p in bad)
-    return (None if problems else PlannedFlow(flow, backend, found, schema)), problems
-
-
-def plan(
-    manifests: Manifests, *, code: bool = True
-) -> tuple[list[PlannedFlow], list[PlannedComposition], list[Problem]]:
-    """Resolve backends, code and parameters of every LumeFlow and composition.
-
-    Returns the flows to run on their own (none when compositions are given: then LumeFlows
-    are their steps), the compositions, and every problem found instead of raising.
-    """
-    by_key: dict[str, PlannedFlow] = {}
-    problems: list[Problem] = []
-    steps_of = {
-        f"{fof.metadata.namespace}/{step.flow_ref.name}"
-        for fof in manifests.compositions
-        for step in fof.spec.steps
-        if step.flow_ref is not None
-    }
-    for flow in manifests.flows:
-        origin = manifests.origin(flow)
-        source = f"{origin.source} (LumeFlow {flow.metadata.name})" if origin else flow.key
-        directory = origin.path.parent if origin and origin.path else Path.cwd()
-        # With compositions given, LumeFlows are their building blocks: they need not be
-        # runnable alone (their steps supply parameters), and run only as steps.
-        as_step = flow.key in steps_of or bool(manifests.compositions)
-        item, found = _plan_flow(manifests, flow, source, directory, step=as_step, code=code)
-        problems.extend(found)
-        if item:
-            by_key[flow.key] = item
-    compositions: list[PlannedComposition] = []
-    for fof in manifests.compositions:
-        origin = manifests.origin(fof)
-        source = f"{origin.source} (FlowOfFlows {fof.metadata.name})" if origin else fof.key
-        directory = origin.path.parent if origin and origin.path else Path.cwd()
-        namespace = {
-            f.metadata.name: f
-            for f in manifests.flows
-            if f.metadata.namespace == fof.metadata.namespace
-        }
-        steps: dict[str, PlannedFlow] = {}
-        for index, step in enumerate(fof.spec.steps):
-            flow = step_flows(fof, namespace).get(step.name)
-            if flow is None:
-                continue  # an unknown flowRef: the composition checks report it
-            if step.flow_ref is not None:
-                if flow.key in by_key:
-                    steps[step.name] = by_key[flow.key]
-                continue
-            item, found = _plan_flow(manifests, flow, source, directory, step=True, code=code)
-            problems.extend(
-                Problem(
-                    p.source, f"spec.steps[{index}].flow.{p.path.removeprefix('spec.')}", p.message
-                )
-                for p in found
-            )
-            if item:
-                steps[step.name] = item
-        named = None
-        if fof.spec.backend_ref is not None:
-            named = manifests.backend(fof.metadata.namespace, fof.spec.backend_ref.name)
-            if named is None:
-                problems.append(
-                    Problem(
-                        source,
-                        "spec.backendRef.name",
-                        f"SchedulingBackend {fof.spec.backend_ref.name!r} is not in the "
-                        f"manifests given (namespace {fof.metadata.namespace!r})",
-                    )
-                )
-                continue
-        if len(steps) != len(fof.spec.steps):
-            continue
-        step_problems = _step_parameter_problems(fof, steps, source)
-        if step_problems:
-            problems.extend(step_problems)
-            continue
-        backend = named or steps[fof.spec.steps[0].name].backend
-        compositions.append(PlannedComposition(fof, backend, steps))
-    alone = [] if manifests.compositions else list(by_key.values())
-    return alone, compositions, problems
-
-
-def _step_parameter_problems(
-    fof: FlowOfFlows, steps: dict[str, PlannedFlow], source: str
-) -> list[Problem]:
-    """A step's own parameters against its flow's signature; every required one supplied."""
-    problems = []
-    for index, step in enumerate(fof.spec.steps):
-        item = steps[step.name]
-        own = step.parameters or {}
-        merged = {**(item.flow.spec.parameters or {}), **own}
-        for bad in check_parameters(item.code, merged, item.schema, supplied_elsewhere=True):
-            name = bad.path.removeprefix("spec.parameters").lstrip(".").split(".")[0]
-            if name in own:
-                path = f"spec.steps[{index}].{bad.path.removeprefix('spec.')}"
-                problems.append(Problem(source, path, str(bad)))
-        supplied = {*merged, *(step.mapped_parameters or {})}
-        missing = [name for name in item.schema.get("required", []) if name not in supplied]
-        for name in missing:
-            problems.append(
-                Problem(
-                    source,
-                    f"spec.steps[{index}]",
-                    f"step {step.name!r}: flow {item.code.function!r} needs parameter {name!r}; "
-                    "set it in parameters or mappedParameters",
-                )
-            )
-    return problems
 
 
 def _store_values_as_lume_json(spec: DeploymentSpec) -> None:
@@ -709,59 +521,8 @@ def print_summary(
             _print_results(console, step.results, "    ")
 
 
-@dataclass
-class Checked:
-    """What the checks found: the manifests, what can run, and every problem."""
-
-    manifests: Manifests
-    planned: list[PlannedFlow]
-    compositions: list[PlannedComposition]
-    problems: list[Problem]
-
-    @property
-    def count(self) -> int:
-        m = self.manifests
-        return len(m.backends) + len(m.flows) + len(m.compositions)
-
-
-def check(paths: list[str], *, code: bool = True) -> Checked:
-    """Every check `run` makes before Prefect, for `validate` and `run` alike.
-
-    The manifests themselves, references across them (backends, labels, flowRefs), the
-    compositions' DAGs and mappings, and (unless `code` is False, for code only in an image)
-    the entrypoint's file and function and the parameters against its signature. Nothing to
-    check is a problem too. Raises ManifestError only for a path that does not exist.
-    """
-    manifests = load_manifests(paths)
-    problems = list(manifests.problems)
-    planned, compositions, plan_problems = plan(manifests, code=code)
-    problems.extend(plan_problems)
-    problems.extend(composition_problems_local(manifests, code=code))
-    checked = Checked(manifests, planned, compositions, problems)
-    if not problems and checked.count == 0:
-        problems.append(
-            Problem(
-                ", ".join(paths),
-                "",
-                "no lume.dev manifests here (give YAML files, or directories holding "
-                ".yaml/.yml files, with SchedulingBackend, LumeFlow or FlowOfFlows documents)",
-            )
-        )
-    return checked
-
-
-def print_problems(console: Console, checked: Checked) -> None:
-    """Notes, skipped documents and problems, as `validate` and `run` both print them."""
-    for note in checked.manifests.notes:
-        console.print(f"[yellow]note[/yellow] {escape(str(note))}")
-    for skipped in checked.manifests.skipped:
-        console.print(escape(f"skipped {skipped}: not a lume.dev resource"))
-    for problem in checked.problems:
-        console.print(f"[red]error[/red] {escape(str(problem))}")
-
-
 def run_local(
-    paths: list[str],
+    checked: Checked,
     *,
     console: Console,
     results_root: Path,
@@ -769,28 +530,13 @@ def run_local(
     timeout: float = 3600.0,
     verbose: bool = False,
 ) -> int:
-    """Check, run and report; 0 only when everything completed, 130 after Ctrl-C.
+    """Run what passed the checks (`checks.runnable`) and report; 0 only when everything
+    completed, 130 after Ctrl-C.
 
     Status is merged into `status_out` (default: status.yaml in the results directory);
     Prefect's own log lines go to prefect.log there (and to the console with `verbose`).
     """
-    checked = check(paths)
-    manifests, planned, compositions = checked.manifests, checked.planned, checked.compositions
-    print_problems(console, checked)
-    if checked.problems:
-        console.print(f"{len(checked.problems)} problem(s); nothing was run.")
-        return 1
-    if manifests.compositions:
-        used = {item.flow.key for c in compositions for item in c.steps.values()}
-        idle = sorted(f.key for f in manifests.flows if f.key not in used)
-        console.print(
-            "[yellow]note[/yellow]: with a FlowOfFlows given, LumeFlows run only as its steps"
-            + (f"; not run: {escape(', '.join(idle))}" if idle else ""),
-            highlight=False,
-        )
-    if not planned and not compositions:
-        console.print("[red]error[/red] no LumeFlow in the manifests given; nothing to run.")
-        return 1
+    planned, compositions = checked.planned, checked.compositions
     results_root = results_root.resolve()
     results_root.mkdir(parents=True, exist_ok=True)
     status_out = status_out or results_root / STATUS_FILE
