@@ -24,6 +24,8 @@ mounted, held to RBAC by the emulator.
   the chart's RBAC.
 - `test_flow_of_flows_across_pods`: the example pipeline, parent and steps each in a Job pod,
   mappings across pods through the object store.
+- `test_process_backend_agent_runs_flows_in_its_pod`: a process backend's agent pod (a flow
+  image) runs `lume-operator worker`, whose warm runs are processes of that pod.
 """
 
 from __future__ import annotations
@@ -633,3 +635,54 @@ def test_flow_of_flows_across_pods(
     text = s3.get(bucket, key).decode()
     # The emittance came raw from one branch, the waist from the other's envelope file.
     assert text.startswith("emittance: ") and "\nwaist: s = " in text, text
+
+
+def test_process_backend_agent_runs_flows_in_its_pod(
+    prefect_server: PrefectServer,
+    s3: S3,
+    node: Node,
+    examples_image: str,
+    k8s_emulator: EmulatorServer,
+    kubectl: Kubectl,
+    run_kopf_operator: Any,
+    tmp_path: Path,
+) -> None:
+    """A process backend in a cluster: its agent pod (a container of a flow image built on the
+    operator image) runs `lume-operator worker`, which starts each flow run warm as a process
+    of that pod, on its read-only root; results go to the object store."""
+    bucket = s3.bucket("lume-results")
+    run_kopf_operator(OPERATOR, in_subprocess=True, log_path=tmp_path / "operator.log")
+    secret, _, backend = kubernetes_backend(
+        s3, bucket, examples_image, examples_image, "objectStore"
+    )
+    backend["metadata"]["name"] = "procs"
+    backend["spec"] = {
+        "type": "process",
+        "labels": ["cpu"],
+        "agent": {"replicas": 1, "image": examples_image, "imagePullPolicy": "Never",
+                  "env": {"PREFECT_WORKER_QUERY_SECONDS": "2"}},
+        "runConfig": {"env": {"OMP_NUM_THREADS": "1"}},
+        "resultStorage": backend["spec"]["resultStorage"],
+    }  # fmt: skip
+    flow = beam_flow(examples_image)
+    flow["spec"]["backendRef"] = {"name": "procs"}
+    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump_all([secret, backend]))
+    wait_until(
+        lambda: condition(status_of(k8s_emulator, SB, "procs"), "Ready").get("status") == "True",
+        timeout=120,
+        interval=0.5,
+    )
+    (agent,) = pods_of(k8s_emulator, "default", {"lume.dev/backend": "procs"})
+    name = agent["metadata"]["name"]
+    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(flow))
+    final = finished(
+        k8s_emulator, LF, "beam-stats", lambda: node.pod_log("default", name, None)[0][-4000:]
+    )
+    assert final["phase"] == "Completed", node.pod_log("default", name, None)[0][-4000:]
+    container = node.container_of("default", name)
+    config, host = container.attrs["Config"], container.attrs["HostConfig"]
+    assert config["Entrypoint"][:4] == ["lume-operator", "worker", "--pool", "default-procs"]
+    assert config["User"] == "1000:1000" and host["ReadonlyRootfs"] is True
+    assert k8s_emulator.list_objects("batch/v1/jobs", "default") == []  # no Job: a process
+    located = {r["name"]: r for r in final["results"]}
+    assert located["beam"]["location"].startswith(f"s3://{bucket}/runs/")
