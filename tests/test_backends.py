@@ -12,6 +12,7 @@ import pytest
 from lume_operator.api.runconfig import RunConfig
 from lume_operator.backends import BACKENDS, get_backend
 from lume_operator.backends.templates import render, vendored_template, worker_default_template
+from tests.k8s.prefect_server import PrefectServer
 
 FULL = RunConfig(
     image="ghcr.io/lume/impact:1.2",
@@ -104,7 +105,30 @@ def test_job_variables_validate_against_the_real_worker_schema(backend_type):
     # variable of the worker's unchanged.
     jsonschema.validate(variables, {**template["variables"], "additionalProperties": False})
     for name, schema in upstream["properties"].items():
+        if (backend_type, name) in CONSTRAINED:
+            continue  # narrowed below: what lume-operator renders, and nothing a run may widen
         assert template["variables"]["properties"][name] == schema
+
+
+# The workers' own variables lume-operator narrows by schema (the server checks every run's
+# job variables against the pool's), each with a value a Prefect user might try on one run.
+CONSTRAINED = {
+    ("docker", "container_create_kwargs"): {"user": "0:0", "cap_drop": [], "security_opt": []},
+    ("docker", "privileged"): True,
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("backend_type", "name"), sorted(CONSTRAINED))
+def test_a_run_cannot_widen_what_lume_operator_locks(backend_type, name):
+    template = get_backend(backend_type).base_job_template()
+    schema = template["variables"]["properties"][name]
+    jsonschema.validate(schema["default"], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(CONSTRAINED[backend_type, name], schema)
+    variables, _ = rendered(backend_type)
+    if name in variables:
+        jsonschema.validate(variables[name], schema)  # what lume-operator renders passes
 
 
 def test_process_variables_through_the_real_worker():
@@ -522,3 +546,39 @@ def test_process_agents_start_runs_warm_in_the_operators_image(spec, command, im
     ][0]
     assert container["command"] == command
     assert container["image"] == image
+
+
+def test_the_prefect_server_refuses_a_run_that_widens_a_docker_container(
+    shared_prefect_server: PrefectServer,
+) -> None:
+    """The lock is the server's: a run asking for root or a privileged container on a docker
+    pool lume-operator made is refused before any worker sees it."""
+    import httpx
+
+    runner = get_backend("docker")
+    config, _ = runner.run_config(FULL)
+    api = httpx.Client(base_url=shared_prefect_server.api_url, timeout=30)
+    api.post(
+        "/work_pools/",
+        json={"name": "locked", "type": "docker", "base_job_template": runner.base_job_template()},
+    ).raise_for_status()
+    flow_id = api.post("/flows/", json={"name": "locked-flow"}).json()["id"]
+    deployment = api.post(
+        "/deployments/",
+        json={
+            "name": "d",
+            "flow_id": flow_id,
+            "work_pool_name": "locked",
+            "job_variables": runner.job_variables(config),
+        },
+    )
+    deployment.raise_for_status()
+    create = f"/deployments/{deployment.json()['id']}/create_flow_run"
+    assert api.post(create, json={}).status_code == 201  # what lume-operator renders runs
+    for widened in (
+        {"container_create_kwargs": {"user": "0:0", "cap_drop": [], "security_opt": []}},
+        {"privileged": True},
+    ):
+        refused = api.post(create, json={"job_variables": widened})
+        assert refused.status_code == 422, (widened, refused.text)
+        assert "Validation failed for field" in refused.text

@@ -96,4 +96,27 @@ class DockerBackend(Backend):
         return {}
 
     def base_job_template(self) -> dict[str, Any]:
-        return vendored_template("docker")
+        """The docker worker's template, its `container_create_kwargs` and `privileged` held by
+        schema to what lume-operator renders: any Prefect user may set job variables on one
+        run, and the server checks them against this schema, so none can run a container as
+        root, with capabilities or privileged."""
+        template = vendored_template("docker")
+        properties = template["variables"]["properties"]
+        properties["container_create_kwargs"] = {
+            **properties["container_create_kwargs"],
+            "anyOf": None,
+            "type": "object",
+            "properties": {
+                **{key: {"const": value} for key, value in CONTAINER_SECURITY.items()},
+                "read_only": {"type": "boolean"},
+                "tmpfs": {"const": PRIVATE_TMP},
+                "nano_cpus": {"type": "integer", "minimum": 1},
+                "working_dir": {"type": "string"},
+            },
+            "required": sorted(CONTAINER_SECURITY),
+            "additionalProperties": False,
+            "default": dict(CONTAINER_SECURITY),
+        }
+        del properties["container_create_kwargs"]["anyOf"]
+        properties["privileged"] = {**properties["privileged"], "const": False}
+        return template
