@@ -37,7 +37,9 @@ from rich.console import Console  # noqa: E402
 
 from lume_operator.api.manifests import Manifests, parse_resource  # noqa: E402
 from lume_operator.local.checks import plan  # noqa: E402
+from lume_operator.local.preload import preload_for  # noqa: E402
 from lume_operator.local.runner import LocalRunner  # noqa: E402
+from lume_operator.prefect.forkserver import ForkServer  # noqa: E402
 
 FLOWS = Path(__file__).resolve().parent / "flows"
 POLL = 0.5
@@ -108,11 +110,20 @@ def fan_out(width: int, seconds: float) -> Manifests:
     return manifests(steps, [("sleeper", "sleeper")])
 
 
+# As `lume-operator run` does: one fork server, started before Prefect's server.
+FORK_SERVER: ForkServer | None = None
+
+
 def run_composition(given: Manifests, results: Path, warm: bool = True) -> tuple[float, object]:
     _, compositions, problems = plan(given)
     assert not problems, problems
     runner = LocalRunner(
-        Console(file=io.StringIO()), results, timeout=600, poll_interval=POLL, warm_starts=warm
+        Console(file=io.StringIO()),
+        results,
+        timeout=600,
+        poll_interval=POLL,
+        warm_starts=warm,
+        fork_server=FORK_SERVER if warm else None,
     )
     started = time.perf_counter()
     anyio.run(runner.run, [], compositions)
@@ -177,7 +188,9 @@ def main() -> None:
     from lume_operator.prefect.server import prefect_api
 
     results = Path(tempfile.mkdtemp(prefix="lume-bench-results-"))
-    with prefect_api() as (api_url, _):
+    global FORK_SERVER
+    preload = preload_for([(FLOWS / "chain.py", FLOWS)])
+    with ForkServer(preload).start() as FORK_SERVER, prefect_api() as (api_url, _):
         print(f"Prefect API: {api_url}")
         if not args.only_fan_out:
             chain_ratio(args, results)
