@@ -34,6 +34,11 @@ from prefect.settings import (
 )
 
 CACHE_ENV = "LUME_OPERATOR_CACHE_DIR"
+# A seeded database is migrated and has Prefect's block types already.
+SEEDED_SETTINGS = {
+    PREFECT_API_DATABASE_MIGRATE_ON_START: False,
+    PREFECT_API_BLOCKS_REGISTER_ON_START: False,
+}
 PORT_IN_USE = 3  # uvicorn's exit code when its port is taken
 
 
@@ -126,8 +131,9 @@ def _home_database() -> Path | None:
     return settings.home / "prefect.db"
 
 
-def _seed(database: Path | None) -> bool:
-    """A new home's database from the cached copy; True if seeded."""
+def seed_database(database: Path | None) -> bool:
+    """A new home's database from the cached copy; True if seeded (then start the server with
+    migrations and block registration off: `SEEDED_SETTINGS`)."""
     template = _template()
     if database is None or database.exists() or not template.is_file():
         return False
@@ -139,7 +145,7 @@ def _seed(database: Path | None) -> bool:
     return True
 
 
-def _keep(database: Path | None) -> None:
+def keep_database(database: Path | None) -> None:
     """A copy of a freshly started server's database, for the next new home (best effort)."""
     template = _template()
     if database is None or not database.is_file() or template.exists():
@@ -168,16 +174,12 @@ def prefect_api(startup_timeout: int = 120) -> Iterator[tuple[str, bool]]:
         yield configured, False
         return
     database = _home_database()
-    seeded = _seed(database)
+    seeded = seed_database(database)
     server = EmbeddedServer(database)
-    fast = {
-        PREFECT_API_DATABASE_MIGRATE_ON_START: False,
-        PREFECT_API_BLOCKS_REGISTER_ON_START: False,
-    }
-    with temporary_settings(updates=fast if seeded else {}):
+    with temporary_settings(updates=SEEDED_SETTINGS if seeded else {}):
         server.start(timeout=startup_timeout)
     if not seeded:
-        _keep(database)
+        keep_database(database)
     previous = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
