@@ -15,6 +15,7 @@ from lume_operator.backends import get_backend
 from lume_operator.prefect.deployment import DeploymentSpec
 from lume_operator.prefect.fake import FakePrefect
 from lume_operator.prefect.gateway import PrefectGateway, translate
+from lume_operator.prefect.limiter import AdaptiveLimit
 from lume_operator.prefect.port import (
     PrefectError,
     PrefectRejected,
@@ -222,3 +223,45 @@ def test_idempotency_keys_are_deterministic():
         )
         == 4
     )
+
+
+@pytest.mark.unit
+def test_the_operator_gateway_does_not_retry_an_overload_within_a_call():
+    """Prefect's client retries a 503 five times with backoff (2 s, 4 s, ...) inside one call,
+    holding the call's slot through all of them; the operator's gateway asks once, reports
+    the outage and halves its limit, and the object's own backoff decides when to ask again."""
+    import http.server
+    import threading
+
+    seen: list[str] = []
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"detail": "database is locked"}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    limit = AdaptiveLimit(initial=8)
+
+    async def scenario() -> None:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api"
+        async with PrefectGateway.connect(
+            timeout=20, api_url=url, limit=limit, retries=False
+        ) as gateway:
+            with anyio.fail_after(5):  # with the client's retries: 2 + 4 + 8 + ... seconds
+                await gateway.read_deployment("beam-stats", "default")
+
+    try:
+        with pytest.raises(PrefectUnreachable, match="answered 503: database is locked"):
+            anyio.run(scenario)
+    finally:
+        server.shutdown()
+    assert seen == ["/api/deployments/name/beam-stats/default"]
+    assert limit.limit == 4 and limit.in_flight == 0

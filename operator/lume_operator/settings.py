@@ -31,7 +31,15 @@ class OperatorSettings(BaseSettings):
         default=8,
         ge=1,
         le=256,
-        description="Prefect calls in flight at once across all objects (a mass apply queues).",
+        description="Prefect calls in flight at once to one Prefect API at start, across all "
+        "objects (a mass apply queues); the limit then follows the server's latency.",
+    )
+    prefect_concurrency_max: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="The most Prefect calls in flight at once to one Prefect API, however "
+        "fast it answers.",
     )
     prefect_timeout: float = Field(
         default=10.0, ge=0.5, le=300, description="Seconds before one Prefect call gives up."

@@ -18,6 +18,7 @@ from lume_operator.api.common import Model, SecretKeyRef
 from lume_operator.handlers.kube import Kube, SecretMissing
 from lume_operator.prefect.batching import Batched, RunReader
 from lume_operator.prefect.gateway import PrefectGateway
+from lume_operator.prefect.limiter import AdaptiveLimit
 from lume_operator.prefect.port import PrefectNotConfigured, PrefectPort
 from lume_operator.reconcile.backend import api_url_of
 from lume_operator.reconcile.flowofflows import StepObservation
@@ -35,17 +36,17 @@ class State:
     One Prefect client (and connection pool) per API and credentials for the operator's
     lifetime, one `RunReader` per API (runs in flight read once per interval for every
     object), and Secret values kept `settings.secret_ttl` seconds: following a thousand runs
-    costs requests per backend, not per object.
+    costs requests per backend, not per object. Calls to one API share one `AdaptiveLimit`.
     """
 
     settings: OperatorSettings
     kube: Kube
-    slots: asyncio.Semaphore
     # Steps of composition runs already seen final (see follow_composition).
     observed: dict[str, dict[str, StepObservation]] = field(default_factory=dict)
     clients: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     gateways: dict[tuple[str, str | None, str | None], PrefectGateway] = field(default_factory=dict)
     readers: dict[str, RunReader] = field(default_factory=dict)
+    limits: dict[str, AdaptiveLimit] = field(default_factory=dict)
     secrets: dict[tuple[str, str, str], tuple[str, float]] = field(default_factory=dict)
     _opening: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -53,8 +54,8 @@ class State:
     async def connect(self, backend: SchedulingBackend) -> AsyncIterator[PrefectPort]:
         """The Prefect API of a backend, its key read from the Secret it names (never logged).
 
-        A slot is taken before the call's timeout starts: an apply of hundreds of objects
-        queues here instead of flooding Prefect until calls time out and retry.
+        Each call takes a slot of the API's limit before its timeout starts: an apply of
+        hundreds of objects queues here instead of flooding Prefect until calls time out.
         """
         api_url = api_url_of(backend, self.settings)
         if not api_url:
@@ -78,8 +79,7 @@ class State:
         reader = self.readers.get(api_url)
         if reader is None:
             reader = self.readers[api_url] = RunReader(max_age=self.settings.follow_interval * 0.9)
-        async with self.slots:
-            yield Batched(gateway, reader)
+        yield Batched(gateway, reader)
 
     async def storage(self, backend: SchedulingBackend) -> RunStorage:
         """A backend's declared result storage as the operator reads it: an object store with
@@ -121,12 +121,23 @@ class State:
         if key not in self.gateways:
             async with self._opening:
                 if key not in self.gateways:
+                    limit = self.limits.get(api_url)
+                    if limit is None:
+                        limit = self.limits[api_url] = AdaptiveLimit(
+                            initial=self.settings.prefect_concurrency,
+                            maximum=max(
+                                self.settings.prefect_concurrency,
+                                self.settings.prefect_concurrency_max,
+                            ),
+                        )
                     self.gateways[key] = await self.clients.enter_async_context(
                         PrefectGateway.connect(
                             api_url=api_url,
                             api_key=api_key,
                             auth_string=auth,
                             timeout=self.settings.prefect_timeout,
+                            limit=limit,
+                            retries=False,
                         )
                     )
         return self.gateways[key]

@@ -9,7 +9,6 @@ registered.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -342,6 +341,4 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # and the S3 clients request headers that name the access key: never below INFO.
     for name in ("kubernetes.client.rest", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(name).setLevel(logging.INFO)
-    memo["lume"] = State(
-        settings=lume, kube=Kube.configured(), slots=asyncio.Semaphore(lume.prefect_concurrency)
-    )
+    memo["lume"] = State(settings=lume, kube=Kube.configured())

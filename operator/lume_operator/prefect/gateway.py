@@ -7,7 +7,9 @@ one of the port's errors: `PrefectUnreachable` (transport errors, timeouts, 5xx,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
@@ -38,13 +40,15 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.context import SettingsContext, get_settings_context
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.filesystems import RemoteFileSystem
 from prefect.results import aresolve_result_storage
-from prefect.settings import get_current_settings
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
 from prefect.states import Cancelled, Cancelling, Scheduled
 
 from lume_operator.prefect.deployment import DeploymentSpec, DeploymentView
+from lume_operator.prefect.limiter import AdaptiveLimit
 from lume_operator.prefect.port import (
     ACTIVE_STATES,
     FlowRunView,
@@ -146,13 +150,31 @@ def _detail(response: httpx.Response) -> str:
 
 
 class PrefectGateway:
-    """One Prefect API, with the operations lume-operator needs and a count of writes."""
+    """One Prefect API, with the operations lume-operator needs and a count of writes.
 
-    def __init__(self, client: PrefectClient, timeout: float = 30.0) -> None:
+    With a `limit`, every call holds one of its slots (shared by every gateway on that API).
+    """
+
+    def __init__(
+        self,
+        client: PrefectClient,
+        timeout: float = 30.0,
+        limit: AdaptiveLimit | None = None,
+        *,
+        retries: bool = True,
+    ) -> None:
         self.client = client
         self.timeout = timeout
+        self.limit = limit
+        self._no_retries: tuple[Any, Any] | None = None
+        if not retries:
+            # The client reads its retry count from the settings in context at each request.
+            current = get_settings_context()
+            settings = current.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+            self._no_retries = (current.profile, settings)
         self.writes = 0
         self._flow_ids: dict[str, UUID] = {}
+        self._flow_locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -163,8 +185,15 @@ class PrefectGateway:
         api_url: str | None = None,
         api_key: str | None = None,
         auth_string: str | None = None,
+        limit: AdaptiveLimit | None = None,
+        retries: bool = True,
     ) -> AsyncIterator[PrefectGateway]:
-        """A gateway on the given Prefect API, or the one the current settings point to."""
+        """A gateway on the given Prefect API, or the one the current settings point to.
+
+        `retries=False` turns off the client's own retries of a 429 or 5xx (5, with backoff,
+        within one call's timeout): the operator backs off per object instead, and a call then
+        holds its slot of `limit` for one request, not for a series.
+        """
         client = (
             get_client()
             if api_url is None
@@ -177,14 +206,35 @@ class PrefectGateway:
         )
         try:
             async with client:
-                yield cls(client, timeout)
+                yield cls(client, timeout, limit, retries=retries)
         except (httpx.HTTPError, OSError) as error:  # opening or closing the connection
             raise translate(error, f"Prefect API {api_url or 'from settings'}") from error
 
     async def _call(self, call: Awaitable[T], what: str, *, quiet: tuple[type, ...] = ()) -> T:
-        """Await one Prefect call with a deadline; `quiet` errors pass through untranslated."""
+        """Await one Prefect call with a deadline, in a slot of the API's limit if it has one;
+        `quiet` errors pass through untranslated."""
+        if self.limit is None:
+            return await self._timed(call, what, quiet)
         try:
-            with anyio.fail_after(self.timeout):
+            async with self.limit.slot() as sample:
+                try:
+                    return await self._timed(call, what, quiet)
+                except PrefectUnreachable:
+                    sample.overload()
+                    raise
+        finally:
+            if inspect.iscoroutine(call) and inspect.getcoroutinestate(call) == "CORO_CREATED":
+                call.close()  # cancelled while waiting for a slot: never started
+
+    def _scope(self) -> contextlib.AbstractContextManager[Any]:
+        if self._no_retries is None:
+            return contextlib.nullcontext()
+        profile, settings = self._no_retries
+        return SettingsContext(profile=profile, settings=settings)
+
+    async def _timed(self, call: Awaitable[T], what: str, quiet: tuple[type, ...]) -> T:
+        try:
+            with anyio.fail_after(self.timeout), self._scope():
                 return await call
         except quiet:
             raise
@@ -352,8 +402,12 @@ class PrefectGateway:
     async def _flow_id(self, flow_name: str, what: str) -> UUID:
         """A flow's id, created on first use and kept: flows are never renamed."""
         if flow_name not in self._flow_ids:
-            flow_id = await self._call(self.client.create_flow_from_name(flow_name), what)
-            self._flow_ids[flow_name] = flow_id
+            # One create per name, however many objects of that flow deploy at once.
+            async with self._flow_locks.setdefault(flow_name, asyncio.Lock()):
+                if flow_name not in self._flow_ids:
+                    flow_id = await self._call(self.client.create_flow_from_name(flow_name), what)
+                    self._flow_ids[flow_name] = flow_id
+            self._flow_locks.pop(flow_name, None)
         return self._flow_ids[flow_name]
 
     async def _write_deployment(self, spec: DeploymentSpec) -> str:
