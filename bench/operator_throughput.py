@@ -1,29 +1,33 @@
-"""Operator overhead: N LumeFlows applied at once, until every one has a first status.
+"""Operator throughput: N LumeFlows applied at once, until each has its Prefect deployment.
 
-For each N (default 100 and 1000), on a fresh emulated Kubernetes API (tests/k8s/emulator.py)
-each time:
+For each database (`--databases`, default SQLite and the machine's PostgreSQL) and each N
+(default 100 and 1000), each time on a fresh Prefect server (tests/k8s/prefect_server.py) and
+a fresh emulated Kubernetes API (tests/k8s/emulator.py):
 
-- do-nothing: a kopf operator whose LumeFlow create handler only sets `status.phase: Pending`;
 - lume: the lume-operator handlers (`kopf run -m lume_operator.handlers.operator`), with a
-  `process` SchedulingBackend whose work pool is ready before the clock starts, against a
-  real Prefect server (tests/k8s/prefect_server.py); each LumeFlow gets a Prefect deployment
-  before its first status (`phase: Ready`). Policy `OnRequest` with no request: nothing runs.
-
-The N objects are POSTed to the emulator by 16 threads; the clock runs from the first POST to
-the moment every object has `status.phase`. Printed: both times and their ratio (target: at
-most 1.5). Then lume-operator is restarted (kopf resumes every object: a resync where
-nothing changed) and the Prefect writes during that second run are counted (target: 0) by a
-counting reverse proxy (its own process) that the restarted operator talks to Prefect through:
-POST, PATCH, PUT and DELETE, except Prefect's read-only POSTs (`.../filter`, `.../count`,
-`.../paginate`, `.../history`). The timed run talks to Prefect directly.
+  `process` SchedulingBackend whose work pool is ready before the clock starts. The N objects
+  are POSTed by 16 threads; the clock runs from the first POST until every LumeFlow has
+  `status.deploymentId` (policy `OnRequest` with no request: nothing runs). Also timed: until
+  every one has a first status (`status.phase`).
+- bare client: Prefect's own `PrefectClient` making the same writes on the same kind of
+  server, a flow and a deployment per object (the deployment as the operator made it for
+  `flow-00000`, with each object's parameters), `--concurrency` at a time (default 8, the
+  operator's start value), the work pool made before the clock starts. Target: lume at most
+  1.2x.
+- do-nothing: a kopf operator whose LumeFlow create handler only sets `status.phase`; lume's
+  first status against it (target: at most 1.5x).
+- resync: lume-operator restarted (kopf resumes every object, nothing changed) behind a
+  counting reverse proxy (its own process); Prefect writes during it (target 0): POST, PATCH,
+  PUT and DELETE, except Prefect's read-only POSTs (`.../filter`, `.../count`, `.../paginate`,
+  `.../history`). The timed runs talk to Prefect directly.
 
 The emulator forgets served requests (`BenchEmulator`): kmock's reaction matching is otherwise
 O(requests served) per request, and the emulator, not the operator, would be measured.
 
 Both operators run as `python -m kopf run --standalone --all-namespaces` subprocesses without
---verbose; the emulator and the bench's polling share this process.
+--verbose; the emulator, the bench's polling and the bare client share this process.
 
-    python bench/operator_throughput.py [--n 100] [--n 1000] [--timeout 900]
+    python bench/operator_throughput.py [--n 100] [--n 1000] [--databases sqlite,postgresql]
 """
 
 # ruff: noqa: E402  (the tests' imports follow the sys.path fix below)
@@ -41,7 +45,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -55,6 +58,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "operator")]
 from tests.k8s.emulator import EmulatorServer, LumeKubernetesEmulator
 from tests.k8s.prefect_server import PrefectServer, free_port
 
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
 GROUP_PATH = "/apis/lume.dev/v1alpha1/namespaces/default"
 LF = "lume.dev/v1alpha1/lumeflows"
 SB = "lume.dev/v1alpha1/schedulingbackends"
@@ -342,79 +347,179 @@ def run_do_nothing(n: int, work: Path, timeout: float) -> float:
             operator.stop()
 
 
-def run_lume(n: int, work: Path, timeout: float) -> tuple[float, float | None, dict[str, Any]]:
-    """(seconds to first status, seconds for the resync, Prefect request counts).
+@contextlib.contextmanager
+def prefect_server(database: str, home: Path) -> Any:
+    """A fresh Prefect server on SQLite under `home`, or on a new PostgreSQL database."""
+    if database == "sqlite":
+        server = PrefectServer(home).start(timeout=120)
+        try:
+            yield server
+        finally:
+            server.stop()
+        return
+    import psycopg
+
+    name = f"lume_bench_{os.getpid()}_{home.name.replace('-', '_')}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    server = PrefectServer(home, database_url=PG_URL.format(name=name))
+    try:
+        yield server.start(timeout=300)
+    finally:
+        server.stop()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def deployment_template(api_url: str) -> dict[str, Any]:
+    """The deployment the operator made for flow-00000, as the fields a client sends."""
+
+    async def read() -> dict[str, Any]:
+        from prefect.client.orchestration import PrefectClient
+
+        async with PrefectClient(api=api_url) as client:
+            made = await client.read_deployment_by_name("flow-00000/default")
+        return {
+            "entrypoint": made.entrypoint,
+            "work_pool_name": made.work_pool_name,
+            "work_queue_name": made.work_queue_name,
+            "job_variables": dict(made.job_variables or {}),
+            "parameters": dict(made.parameters or {}),
+            "tags": list(made.tags or []),
+            "pull_steps": made.pull_steps,
+            "parameter_openapi_schema": made.parameter_openapi_schema,
+            "enforce_parameter_schema": bool(made.enforce_parameter_schema),
+            "description": made.description,
+        }
+
+    return asyncio.run(read())
+
+
+def run_bare(
+    n: int, database: str, work: Path, template: dict[str, Any], concurrency: int
+) -> float:
+    """Seconds for Prefect's client to make n flows and deployments, `concurrency` at once."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    gave_up = [0]
+
+    async def deploy_all(api_url: str) -> float:
+        slots = asyncio.Semaphore(concurrency)
+        async with PrefectClient(api=api_url) as client:
+            pool, queue = template["work_pool_name"], template["work_queue_name"]
+            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            if queue and queue != "default":  # as the operator's pool set-up makes it
+                await client.create_work_queue(queue, work_pool_name=pool)
+
+            async def one(index: int) -> None:
+                async with slots:
+                    flow_id = await persist(client.create_flow_from_name, f"flow-{index:05d}")
+                    parameters = {**template["parameters"], "seed": index}
+                    await persist(
+                        client.create_deployment,
+                        flow_id=flow_id,
+                        name="default",
+                        **{**template, "parameters": parameters},
+                    )
+
+            async def persist(call: Any, *args: Any, **kwargs: Any) -> Any:
+                """As a script that must finish would: Prefect's client retries a 503 (a
+                SQLite server busy) 5 times with backoff, then gives up; ask again after 1 s."""
+                for _ in range(30):
+                    try:
+                        return await call(*args, **kwargs)
+                    except PrefectHTTPStatusError as error:
+                        if error.response.status_code < 500:
+                            raise
+                        gave_up[0] += 1
+                        await asyncio.sleep(1)
+                raise RuntimeError("Prefect answered 5xx 30 times")
+
+            start = time.monotonic()
+            await asyncio.gather(*(one(i) for i in range(n)))
+            return time.monotonic() - start
+
+    with prefect_server(database, work / f"bare-{database}-{n}") as prefect:
+        seconds = asyncio.run(deploy_all(prefect.api_url))
+    if gave_up[0]:
+        print(f"N={n} {database}: the bare client's retries gave up {gave_up[0]} times", flush=True)
+    return seconds
+
+
+def run_lume(n: int, database: str, work: Path, timeout: float) -> dict[str, Any]:
+    """First status and all-deployed seconds (from the first POST), the resync's seconds and
+    Prefect request counts, and the deployment made for flow-00000.
 
     The timed run talks to Prefect directly (the operator's PREFECT_API_URL); the resync goes
     through the counting proxy. The backend names no apiUrl, so switching the operator's
     default changes no spec (only the agent Deployment's PREFECT_API_URL, a Kubernetes write).
     """
-    prefect = PrefectServer(work / f"prefect-{n}").start()
-    proxy = CountingProxy(prefect.api_url.removesuffix("/api")).start()
-    direct = {"LUME_OPERATOR_FOLLOW_INTERVAL": "5", "PREFECT_API_URL": prefect.api_url}
-    counted = {**direct, "PREFECT_API_URL": proxy.api_url}
     names = [f"flow-{i:05d}" for i in range(n)]
-    try:
-        with emulator_server() as server:
-            kubeconfig = kubeconfig_for(server, work)
-            log = work / f"lume-{n}.log"
-            operator = Operator("lume_operator.handlers.operator", server, kubeconfig, log)
-            operator.start(direct)
-            try:
-                post(server, "schedulingbackends", backend_body(None))
-                wait_for(
-                    "work pool ready",
-                    lambda: status_of(server, SB, "local").get("workPoolId"),
-                    timeout=120,
-                )
-                seconds = apply_and_time(server, n, timeout)
-                print(f"N={n}: lume-operator first status {seconds:.2f} s", flush=True)
-                start = time.monotonic()
-                try:
-                    wait_for(
-                        "every LumeFlow deployed",
-                        lambda: all(status_of(server, LF, m).get("deploymentId") for m in names),
-                        timeout,
-                        interval=0.5,
-                    )
-                except TimeoutError:
-                    deployed = sum(
-                        bool(status_of(server, LF, m).get("deploymentId")) for m in names
-                    )
-                    print(
-                        f"N={n}: only {deployed} of {n} deployed after {timeout:.0f} s more; "
-                        "no resync measured",
-                        flush=True,
-                    )
-                    return seconds, None, {"resync": collections.Counter()}
-                print(f"N={n}: all deployed {time.monotonic() - start:.2f} s later", flush=True)
-            finally:
-                operator.stop()
-            # The resync: a new operator process resumes every object.
-            read_by_name = "GET /api/deployments/name/{flow}/{name}"
+    found: dict[str, Any] = {"resync": collections.Counter()}
+    with contextlib.ExitStack() as stack:
+        prefect = stack.enter_context(prefect_server(database, work / f"lume-{database}-{n}"))
+        proxy = CountingProxy(prefect.api_url.removesuffix("/api")).start()
+        stack.callback(proxy.stop)
+        direct = {"LUME_OPERATOR_FOLLOW_INTERVAL": "5", "PREFECT_API_URL": prefect.api_url}
+        counted = {**direct, "PREFECT_API_URL": proxy.api_url}
+        server = stack.enter_context(emulator_server())
+        kubeconfig = kubeconfig_for(server, work)
+        log = work / f"lume-{database}-{n}.log"
+        operator = Operator("lume_operator.handlers.operator", server, kubeconfig, log)
+        operator.start(direct)
+        try:
+            post(server, "schedulingbackends", backend_body(None))
+            wait_for(
+                "work pool ready",
+                lambda: status_of(server, SB, "local").get("workPoolId"),
+                timeout=120,
+            )
             start = time.monotonic()
-            operator.start(counted)
+            found["first_status"] = apply_and_time(server, n, timeout)
+            print(f"N={n} {database}: lume first status {found['first_status']:.2f} s", flush=True)
             try:
                 wait_for(
-                    "every LumeFlow resumed",
-                    lambda: proxy.counts()[read_by_name] >= n,
+                    "every LumeFlow deployed",
+                    lambda: all(status_of(server, LF, m).get("deploymentId") for m in names),
                     timeout,
-                    interval=0.5,
+                    interval=0.2,
                 )
-                resync_seconds = time.monotonic() - start
-                time.sleep(3)  # stragglers, retries
-            finally:
-                operator.stop()
-            resync = proxy.counts()
-    finally:
-        proxy.stop()
-        prefect.stop()
-    return seconds, resync_seconds, {"resync": resync}
+            except TimeoutError:
+                deployed = sum(bool(status_of(server, LF, m).get("deploymentId")) for m in names)
+                print(f"N={n} {database}: only {deployed} of {n} deployed", flush=True)
+                return found
+            found["deployed"] = time.monotonic() - start
+            print(f"N={n} {database}: lume all deployed {found['deployed']:.2f} s", flush=True)
+        finally:
+            operator.stop()
+        found["template"] = deployment_template(prefect.api_url)
+        # The resync: a new operator process resumes every object.
+        read_by_name = "GET /api/deployments/name/{flow}/{name}"
+        start = time.monotonic()
+        operator.start(counted)
+        try:
+            wait_for(
+                "every LumeFlow resumed",
+                lambda: proxy.counts()[read_by_name] >= n,
+                timeout,
+                interval=0.5,
+            )
+            found["resync_seconds"] = time.monotonic() - start
+            time.sleep(3)  # stragglers, retries
+        finally:
+            operator.stop()
+        found["resync"] = proxy.counts()
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, action="append", help="objects (repeatable)")
+    parser.add_argument("--databases", default="sqlite,postgresql", help="sqlite,postgresql")
+    parser.add_argument("--concurrency", type=int, default=8, help="the bare client's")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per phase")
     parser.add_argument("--keep", type=Path, help="keep logs and Prefect databases here")
     parser.add_argument("--proxy", nargs=2, metavar=("TARGET", "PORT"), help=argparse.SUPPRESS)
@@ -423,39 +528,52 @@ def main() -> None:
         proxy_main(args.proxy[0], int(args.proxy[1]))
         return
     sizes = args.n or [100, 1000]
-    print(f"cores: {os.cpu_count()}; sizes: {sizes}", flush=True)
+    databases = [d.strip() for d in args.databases.split(",") if d.strip()]
+    print(f"cores: {os.cpu_count()}; sizes: {sizes}; databases: {databases}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lume-bench-operator-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        baselines = {}
         for n in sizes:
-            try:
-                baseline = run_do_nothing(n, work, args.timeout)
-                print(f"N={n}: do-nothing kopf {baseline:.2f} s", flush=True)
-                ours, resync_s, counts = run_lume(n, work, args.timeout)
-            except TimeoutError as error:
-                print(f"N={n}: gave up: {error}", flush=True)
-                rows.append((n, None, None, None, None, None))
-                continue
-            if resync_s is None:
-                rows.append((n, baseline, ours, ours / baseline, None, None))
-                continue
-            resync = writes(counts["resync"])
-            print(f"N={n}: resync {resync_s:.2f} s", flush=True)
-            print(f"  Prefect calls during the resync: {dict(counts['resync'])}", flush=True)
-            rows.append((n, baseline, ours, ours / baseline, sum(resync.values()), resync_s))
+            baselines[n] = run_do_nothing(n, work, args.timeout)
+            print(f"N={n}: do-nothing kopf first status {baselines[n]:.2f} s", flush=True)
+        for database in databases:
+            for n in sizes:
+                try:
+                    ours = run_lume(n, database, work, args.timeout)
+                except TimeoutError as error:
+                    print(f"N={n} {database}: gave up: {error}", flush=True)
+                    continue
+                bare = None
+                if "template" in ours:
+                    bare = run_bare(n, database, work, ours["template"], args.concurrency)
+                    print(f"N={n} {database}: bare client {bare:.2f} s", flush=True)
+                resync = writes(ours["resync"])
+                if "resync_seconds" in ours:
+                    print(f"N={n} {database}: resync {ours['resync_seconds']:.2f} s", flush=True)
+                    print(f"  Prefect calls during the resync: {dict(ours['resync'])}", flush=True)
+                rows.append((database, n, baselines[n], ours, bare, sum(resync.values())))
     print()
     print(
-        textwrap.dedent("""\
-        |     N | do-nothing (s) | lume-operator (s) | ratio (<= 1.5) | resync writes (0) |
-        |------:|---------------:|------------------:|---------------:|------------------:|""")
+        "| database | N | lume: all deployed (s) "
+        f"| bare client x{args.concurrency} (s) | ratio (<= 1.2) "
+        "| first status: lume / do-nothing (s) | ratio (<= 1.5) | resync writes (0) |"
     )
-    for n, base, ours, ratio, resync_writes, _resync_s in rows:
-        if base is None:
-            print(f"| {n:>5} | {'-':>14} | {'-':>17} | {'-':>14} | {'-':>17} |")
-            continue
-        shown = "-" if resync_writes is None else resync_writes
-        print(f"| {n:>5} | {base:>14.2f} | {ours:>17.2f} | {ratio:>14.2f} | {shown:>17} |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for database, n, base, ours, bare, resync_writes in rows:
+        deployed, first = ours.get("deployed"), ours.get("first_status")
+        cells = [
+            database,
+            str(n),
+            f"{deployed:.2f}" if deployed else "-",
+            f"{bare:.2f}" if bare else "-",
+            f"{deployed / bare:.2f}" if deployed and bare else "-",
+            f"{first:.2f} / {base:.2f}" if first else "-",
+            f"{first / base:.2f}" if first else "-",
+            str(resync_writes) if "resync_seconds" in ours else "-",
+        ]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

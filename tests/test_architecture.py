@@ -36,3 +36,22 @@ def test_kopf_handlers_only_gather_call_and_apply():
 def test_no_kopf_handler_outside_the_adapter():
     places = {name.split(":")[0] for name, _ in _kopf_handlers()}
     assert places == {"operator.py"}
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["lume_operator.handlers.operator", "lume_operator.cli", "lume_operator.local.runner"],
+)
+def test_the_operator_and_the_cli_start_without_lume_base(module):
+    """lume-base imports scipy and matplotlib (about 2 s of a local run's start, and of every
+    operator start); only code that reads or writes a File needs it, and imports it then."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'lume'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]", f"{module} imports lume-base: {result.stdout}"

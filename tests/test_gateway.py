@@ -4,6 +4,7 @@ every failure as one error family."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import anyio
@@ -265,3 +266,49 @@ def test_the_operator_gateway_does_not_retry_an_overload_within_a_call():
         server.shutdown()
     assert seen == ["/api/deployments/name/beam-stats/default"]
     assert limit.limit == 4 and limit.in_flight == 0
+
+
+@pytest.mark.prefect
+def test_a_mass_deploy_on_the_real_server_keeps_within_the_limit(shared_prefect_api):
+    """30 objects of one flow deploy at once through one limit of 4: the flow is created once,
+    never more than 4 calls are in flight, and every deployment exists."""
+    limit = AdaptiveLimit(initial=4, maximum=4)
+    creates = 0
+
+    async def scenario() -> None:
+        nonlocal creates
+        url = shared_prefect_api.api_url
+        async with PrefectGateway.connect(
+            timeout=30, api_url=url, limit=limit, retries=False
+        ) as gateway:
+            create_flow = gateway.client.create_flow_from_name
+
+            async def counted(name: str) -> object:
+                nonlocal creates
+                creates += 1
+                return await create_flow(name)
+
+            gateway.client.create_flow_from_name = counted  # a spy: the real call is made
+            await gateway.ensure_work_pool("mass", "process", {})
+
+            async def deploy(i: int) -> str:
+                spec = _spec()
+                spec.name, spec.work_pool_name = f"d{i:02d}", "mass"
+                for _ in range(20):  # a SQLite server may answer 503 under load: ask again
+                    try:
+                        return await gateway.ensure_deployment(spec, fresh=True)
+                    except PrefectUnreachable:
+                        await anyio.sleep(0.5)
+                raise AssertionError("Prefect stayed busy")
+
+            ids = await asyncio.gather(*(deploy(i) for i in range(30)))
+            assert len(set(ids)) == 30
+            for i in (0, 29):
+                assert await gateway.read_deployment("beam-stats", f"d{i:02d}") is not None
+
+    try:
+        anyio.run(scenario)
+    finally:
+        shared_prefect_api.reset()
+    assert creates == 1
+    assert limit.peak == 4 and limit.in_flight == 0

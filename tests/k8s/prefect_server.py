@@ -33,9 +33,15 @@ def free_port() -> int:
 
 
 class PrefectServer:
-    def __init__(self, home: Path, port: int | None = None) -> None:
+    """`database_url`: a PostgreSQL database (`postgresql+asyncpg://...`) instead of SQLite
+    under the home; migrated by the server at its first start."""
+
+    def __init__(
+        self, home: Path, port: int | None = None, database_url: str | None = None
+    ) -> None:
         self.home = home
         self.port = port or free_port()
+        self.database_url = database_url
         self.process: subprocess.Popen[bytes] | None = None
         self.log = home / "server.log"
 
@@ -53,7 +59,7 @@ class PrefectServer:
 
     def start(self, timeout: float = 60) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
-        fresh = not self.database.exists()
+        fresh = self.database_url is None and not self.database.exists()
         seeded = fresh and seed_database(self.database)
         env = {
             **os.environ,
@@ -62,6 +68,8 @@ class PrefectServer:
             "PREFECT_API_URL": "",
             **({s.name: "false" for s in SEEDED_SETTINGS} if seeded else {}),
         }
+        if self.database_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
         command = [
             sys.executable, "-m", "uvicorn", "--factory",
             "prefect.server.api.server:create_app",

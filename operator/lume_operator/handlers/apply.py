@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -157,6 +159,19 @@ class State:
         """Close the Prefect clients (at the operator's end)."""
         await self.clients.aclose()
         self.gateways.clear()
+
+
+def import_in_background(*modules: str) -> None:
+    """Import what the handlers need only later, in a thread, while kopf starts: the file types
+    (lume-base imports scipy and matplotlib: seconds that would otherwise stop the event loop
+    when the first File result is checked)."""
+
+    def load() -> None:
+        for module in modules:
+            with contextlib.suppress(Exception):  # imported again, and failing there, if used
+                importlib.import_module(module)
+
+    threading.Thread(target=load, name="lume-imports", daemon=True).start()
 
 
 def state_of(memo: kopf.Memo) -> State:

@@ -117,7 +117,7 @@ class LocalRunner:
         self._pools_ready: set[str] = set()
         self._deployed: dict[str, _Deployed] = {}
         # DB results of local runs: a SQLite file beside the file results, unless configured.
-        # (The store's module imports lume-base, seconds: only here, while the server starts.)
+        # (The store's module imports SQLAlchemy and alembic: only here, while the server starts.)
         from lume_operator.results.store import STORE_URL_ENV
 
         self.store_env = {
@@ -548,10 +548,14 @@ def run_local(
     sources = [(i.code.source_file, i.code.project_dir) for i in planned] + [
         (i.code.source_file, i.code.project_dir) for c in compositions for i in c.steps.values()
     ]
-    # What the runner needs later and takes seconds to import (the result store and file
-    # types import lume-base): imported while Prefect's server starts, when this waits.
+    # What the runner needs later and takes seconds to import (the result store; the file
+    # types, which import lume-base, to check File results at a run's end): imported while
+    # Prefect's server starts, when this waits.
     threading.Thread(
-        target=_import, args=("lume_operator.results.store",), name="lume-imports", daemon=True
+        target=_import,
+        args=("lume_operator.results.store", "lume_operator.results.files"),
+        name="lume-imports",
+        daemon=True,
     ).start()
     with (
         ForkServer(preload_for(sources)).start() as fork_server,
@@ -588,9 +592,10 @@ def run_local(
     return 0 if all(phase == "Completed" for phase in done) else 1
 
 
-def _import(module: str) -> None:
-    with contextlib.suppress(Exception):  # imported again, and failing there, when needed
-        importlib.import_module(module)
+def _import(*modules: str) -> None:
+    for module in modules:
+        with contextlib.suppress(Exception):  # imported again, and failing there, when needed
+            importlib.import_module(module)
 
 
 STATUS_FILE = "status.yaml"

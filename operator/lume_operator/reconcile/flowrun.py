@@ -22,16 +22,12 @@ from lume_operator.prefect.port import (
 from lume_operator.prefect.records import json_result, refuse_unless_json
 from lume_operator.prefect.serializer import INSTEAD, is_unencodable, unencodable_message
 from lume_operator.reconcile import conditions
-from lume_operator.results import (
-    FileDescriptionError,
-    Filesystem,
-    FilesystemError,
-    StorageUnreachableError,
-    described_file,
+from lume_operator.results.discover import (
     find_file_descriptions,
+    find_values,
     is_file_description,
 )
-from lume_operator.results.discover import find_values
+from lume_operator.results.filesystems import Filesystem, FilesystemError, StorageUnreachableError
 from lume_operator.results.storage import RunStorage
 from lume_operator.results.store import find_db_locations, is_db_location
 
@@ -113,6 +109,9 @@ def result_statuses(
     statuses = []
     for item in found:
         if is_file_description(item.value):
+            # Here, not at the top: files.py imports lume-base (seconds), needed only now.
+            from lume_operator.results.files import FileDescriptionError, described_file
+
             try:
                 # As data: a File[module:Serializer] named in stored data is not imported.
                 file = described_file(item.value, on=on)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
-from .files import DESCRIPTION_KEYS, File
-
+# What `File.description()` holds; files.py takes it from here. This module does not import
+# files.py: that imports lume-base (about 2 s: scipy, matplotlib), which the operator and the
+# CLI need only once a result names a file.
+DESCRIPTION_KEYS = ("filename", "filesystem_identifier", "file_type_string")
 _KEYS = frozenset(DESCRIPTION_KEYS)
 
 
@@ -48,7 +51,8 @@ def find_values(
 
 
 def _description_of_file(value: Any) -> Any:
-    return value.description() if isinstance(value, File) else value
+    files = sys.modules.get(f"{__package__}.files")  # not imported: no File can exist
+    return value.description() if files and isinstance(value, files.File) else value
 
 
 def find_file_descriptions(value: Any, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:

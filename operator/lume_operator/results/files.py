@@ -23,15 +23,17 @@ from lume.serializers.base import SerializerBase
 from lume.serializers.hdf5 import HDF5Serializer as LumeHDF5Serializer
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
-from .filesystems import Filesystem, FilesystemError, default_identifier, get_filesystem
+from .discover import DESCRIPTION_KEYS
+from .filesystems import (
+    RESULTS_FILESYSTEM_ENV,
+    Filesystem,
+    FilesystemError,
+    default_identifier,
+    get_filesystem,
+    results_dir,
+)
 
 SerializerT = TypeVar("SerializerT", bound=SerializerBase)
-
-DESCRIPTION_KEYS = ("filename", "filesystem_identifier", "file_type_string")
-RESULTS_DIR_ENV = "LUME_RESULTS_DIR"
-# The filesystem (identifier) `result_path` puts results on, when not the local results dir:
-# the backend's declared result storage (an object store, a shared volume), set in its runs.
-RESULTS_FILESYSTEM_ENV = "LUME_RESULTS_FILESYSTEM"
 
 
 class ResultFileNotFoundError(FileNotFoundError):
@@ -416,13 +418,6 @@ def _read_dataset(dataset: h5py.Dataset) -> Any:
 
 TextFile = register_file_type(File[TextSerializer], "TextFile")
 HDF5File = register_file_type(File[HDF5Serializer], "HDF5File")
-
-
-def results_dir() -> Path:
-    """The directory flows write results into: `$LUME_RESULTS_DIR`, else `./results`."""
-    directory = Path(os.environ.get(RESULTS_DIR_ENV) or "results").absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
 
 
 def result_path(name: str) -> str:

@@ -31,7 +31,18 @@ from pydantic import (
 )
 
 ENV_VAR = "LUME_FILESYSTEMS"
+RESULTS_DIR_ENV = "LUME_RESULTS_DIR"
+# The filesystem (identifier) `result_path` puts results on, when not the local results dir:
+# the backend's declared result storage (an object store, a shared volume), set in its runs.
+RESULTS_FILESYSTEM_ENV = "LUME_RESULTS_FILESYSTEM"
 LOCAL = "local"
+
+
+def results_dir() -> Path:
+    """The directory flows write results into: `$LUME_RESULTS_DIR`, else `./results`."""
+    directory = Path(os.environ.get(RESULTS_DIR_ENV) or "results").absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 class FilesystemError(Exception):

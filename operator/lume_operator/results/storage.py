@@ -20,9 +20,9 @@ from typing import Any
 
 from lume_operator.api.backend import ResultStorage
 
-from .files import RESULTS_FILESYSTEM_ENV
 from .filesystems import (
     ENV_VAR,
+    RESULTS_FILESYSTEM_ENV,
     FilesystemError,
     MountedFilesystem,
     ObjectStoreFilesystem,

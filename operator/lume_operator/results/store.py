@@ -67,7 +67,7 @@ from sqlalchemy.exc import (
 
 from lume_operator.api.keypath import KeyPathError, walk
 from lume_operator.results.discover import find_values
-from lume_operator.results.files import results_dir
+from lume_operator.results.filesystems import results_dir
 
 from .discover import find_file_descriptions, is_file_description
 
