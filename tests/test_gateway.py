@@ -227,10 +227,12 @@ def test_idempotency_keys_are_deterministic():
 
 
 @pytest.mark.unit
-def test_the_operator_gateway_does_not_retry_an_overload_within_a_call():
-    """Prefect's client retries a 503 five times with backoff (2 s, 4 s, ...) inside one call,
-    holding the call's slot through all of them; the operator's gateway asks once, reports
-    the outage and halves its limit, and the object's own backoff decides when to ask again."""
+@pytest.mark.parametrize(("code", "asked"), [(503, 5), (429, 5), (500, 1), (502, 1)])
+def test_a_busy_server_is_asked_again_in_a_new_slot_other_outages_fail_at_once(code, asked):
+    """Prefect's client would retry these five times with backoff (2 s, 4 s, ...) inside one
+    call, holding its slot. The operator's gateway asks once per slot: a busy server (429, 503:
+    a SQLite server's writer lock) again after a short pause, 4 times, while its limit halves;
+    another 5xx fails at once, to the object's own backoff."""
     import http.server
     import threading
 
@@ -239,7 +241,7 @@ def test_the_operator_gateway_does_not_retry_an_overload_within_a_call():
     class Busy(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             seen.append(self.path)
-            self.send_response(503)
+            self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
             self.wfile.write(b'{"detail": "database is locked"}')
@@ -249,7 +251,7 @@ def test_the_operator_gateway_does_not_retry_an_overload_within_a_call():
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    limit = AdaptiveLimit(initial=8)
+    limit = AdaptiveLimit(initial=16)
 
     async def scenario() -> None:
         url = f"http://127.0.0.1:{server.server_address[1]}/api"
@@ -260,12 +262,12 @@ def test_the_operator_gateway_does_not_retry_an_overload_within_a_call():
                 await gateway.read_deployment("beam-stats", "default")
 
     try:
-        with pytest.raises(PrefectUnreachable, match="answered 503: database is locked"):
+        with pytest.raises(PrefectUnreachable, match=f"answered {code}: database is locked"):
             anyio.run(scenario)
     finally:
         server.shutdown()
-    assert seen == ["/api/deployments/name/beam-stats/default"]
-    assert limit.limit == 4 and limit.in_flight == 0
+    assert seen == ["/api/deployments/name/beam-stats/default"] * asked
+    assert limit.limit == max(1, 16 / 2**asked) and limit.in_flight == 0
 
 
 @pytest.mark.prefect

@@ -50,14 +50,16 @@ def _index_entry(namespace: str, name: str, body: kopf.Body) -> dict[Any, Any]:
     return {(namespace, name): {"body": manifest(body), "status": dict(body.get("status") or {})}}
 
 
+# Async, though they never wait: kopf runs a sync handler in a worker thread, and an index is
+# called on every watch event of its kind (each status patch of a thousand objects).
 @kopf.index(GROUP, VERSION, BACKENDS)
-def backend_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def backend_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     """Backends by (namespace, name) with their status, so flows find them without calls."""
     return _index_entry(namespace, name, body)
 
 
 @kopf.index(GROUP, VERSION, FLOWS)
-def flow_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def flow_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return _index_entry(namespace, name, body)
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
-from collections.abc import AsyncIterator, Awaitable
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,6 +67,8 @@ from lume_operator.prefect.records import json_result, refuse_unless_json
 from lume_operator.prefect.serializer import INSTEAD
 
 T = TypeVar("T")
+# Answers of a server that is up but busy: worth asking again soon, in a new slot.
+BUSY = (429, 503)
 
 
 def _time(value: Any) -> str | None:
@@ -149,6 +151,18 @@ def _detail(response: httpx.Response) -> str:
     return str(detail)[:300] if detail else ""
 
 
+async def _fail_at_once(response: httpx.Response) -> None:
+    """Raise a 429 or 5xx as it arrives, before Prefect's client decides to retry it: with
+    retries off, its loop still sleeps 2 s after the last attempt before returning it."""
+    if response.status_code == 429 or response.status_code >= 500:
+        await response.aread()
+        raise httpx.HTTPStatusError(
+            f"Prefect answered {response.status_code}",
+            request=response.request,
+            response=response,
+        )
+
+
 class PrefectGateway:
     """One Prefect API, with the operations lume-operator needs and a count of writes.
 
@@ -166,6 +180,7 @@ class PrefectGateway:
         self.client = client
         self.timeout = timeout
         self.limit = limit
+        self.busy_retries = 4
         self._no_retries: tuple[Any, Any] | None = None
         if not retries:
             # The client reads its retry count from the settings in context at each request.
@@ -191,17 +206,18 @@ class PrefectGateway:
         """A gateway on the given Prefect API, or the one the current settings point to.
 
         `retries=False` turns off the client's own retries of a 429 or 5xx (5, with backoff,
-        within one call's timeout): the operator backs off per object instead, and a call then
-        holds its slot of `limit` for one request, not for a series.
+        within one call's timeout, holding the call's slot of `limit` throughout): with a
+        limit, a busy server is asked again in a new slot (`_call`), and other outages go to
+        the object's own backoff.
         """
+        settings: dict[str, Any] = {"timeout": timeout}
+        if not retries:
+            settings["event_hooks"] = {"response": [_fail_at_once]}
         client = (
-            get_client()
+            get_client(httpx_settings=None if retries else settings)
             if api_url is None
             else PrefectClient(
-                api=api_url,
-                api_key=api_key,
-                auth_string=auth_string,
-                httpx_settings={"timeout": timeout},
+                api=api_url, api_key=api_key, auth_string=auth_string, httpx_settings=settings
             )
         )
         try:
@@ -210,21 +226,30 @@ class PrefectGateway:
         except (httpx.HTTPError, OSError) as error:  # opening or closing the connection
             raise translate(error, f"Prefect API {api_url or 'from settings'}") from error
 
-    async def _call(self, call: Awaitable[T], what: str, *, quiet: tuple[type, ...] = ()) -> T:
-        """Await one Prefect call with a deadline, in a slot of the API's limit if it has one;
-        `quiet` errors pass through untranslated."""
+    async def _call(
+        self, make: Callable[[], Awaitable[T]], what: str, *, quiet: tuple[type, ...] = ()
+    ) -> T:
+        """Make and await one Prefect call with a deadline; `quiet` errors pass through
+        untranslated.
+
+        With a limit, the call holds one of its slots. A server that answers 429 or 503 is up
+        but busy (a SQLite server's writer lock): the limit is told, and the call waits for a
+        slot again after a short pause, up to `busy_retries` times, instead of failing the
+        object into its backoff (seconds to minutes while the server may already be free).
+        Anything else unreachable (refused, timed out, 5xx) fails at once.
+        """
         if self.limit is None:
-            return await self._timed(call, what, quiet)
-        try:
+            return await self._timed(make(), what, quiet)
+        for attempt in range(self.busy_retries + 1):
             async with self.limit.slot() as sample:
                 try:
-                    return await self._timed(call, what, quiet)
-                except PrefectUnreachable:
+                    return await self._timed(make(), what, quiet)
+                except PrefectUnreachable as error:
                     sample.overload()
-                    raise
-        finally:
-            if inspect.iscoroutine(call) and inspect.getcoroutinestate(call) == "CORO_CREATED":
-                call.close()  # cancelled while waiting for a slot: never started
+                    if error.status_code not in BUSY or attempt == self.busy_retries:
+                        raise
+            await anyio.sleep(random.uniform(0.5, 1.0) * 0.2 * 2**attempt)  # outside the slot
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _scope(self) -> contextlib.AbstractContextManager[Any]:
         if self._no_retries is None:
@@ -251,7 +276,7 @@ class PrefectGateway:
         return f"{base}/runs/flow-run/{flow_run_id}"
 
     async def health(self) -> None:
-        error = await self._call(self.client.api_healthcheck(), "health check")
+        error = await self._call(lambda: self.client.api_healthcheck(), "health check")
         if error is not None:
             raise translate(error, "health check")
 
@@ -268,7 +293,9 @@ class PrefectGateway:
     ) -> str:
         what = f"work pool {name!r}"
         try:
-            pool = await self._call(self.client.read_work_pool(name), what, quiet=(ObjectNotFound,))
+            pool = await self._call(
+                lambda: self.client.read_work_pool(name), what, quiet=(ObjectNotFound,)
+            )
         except ObjectNotFound:
             pool = None
         if pool is None:
@@ -276,7 +303,7 @@ class PrefectGateway:
                 raise PrefectRejected(f"work pool {name!r} to adopt does not exist", 404)
             try:
                 pool = await self._call(
-                    self.client.create_work_pool(
+                    lambda: self.client.create_work_pool(
                         WorkPoolCreate(
                             name=name,
                             description=owner_mark(owner),
@@ -290,14 +317,14 @@ class PrefectGateway:
                 )
                 self.writes += 1
             except ObjectAlreadyExists:
-                pool = await self._call(self.client.read_work_pool(name), what)
+                pool = await self._call(lambda: self.client.read_work_pool(name), what)
         check_pool(name, pool_type, pool.type, pool.description, owner=owner, adopt=adopt)
         if not adopt and (
             pool.base_job_template != base_job_template
             or pool.concurrency_limit != concurrency_limit
         ):
             await self._call(
-                self.client.update_work_pool(
+                lambda: self.client.update_work_pool(
                     name,
                     WorkPoolUpdate(
                         base_job_template=base_job_template, concurrency_limit=concurrency_limit
@@ -307,13 +334,17 @@ class PrefectGateway:
             )
             self.writes += 1
         if queues:
-            existing = {q.name for q in await self._call(self.client.read_work_queues(name), what)}
+            existing = {
+                q.name for q in await self._call(lambda: self.client.read_work_queues(name), what)
+            }
             for queue in queues:
                 if queue in existing:
                     continue
                 with contextlib.suppress(ObjectAlreadyExists):
                     await self._call(
-                        self.client.create_work_queue(queue, work_pool_name=name),
+                        lambda queue=queue: self.client.create_work_queue(
+                            queue, work_pool_name=name
+                        ),
                         f"work queue {queue!r} of {what}",
                         quiet=(ObjectAlreadyExists,),
                     )
@@ -324,7 +355,9 @@ class PrefectGateway:
         if owner:
             try:
                 pool = await self._call(
-                    self.client.read_work_pool(name), f"work pool {name!r}", quiet=(ObjectNotFound,)
+                    lambda: self.client.read_work_pool(name),
+                    f"work pool {name!r}",
+                    quiet=(ObjectNotFound,),
                 )
             except ObjectNotFound:
                 return
@@ -332,14 +365,16 @@ class PrefectGateway:
                 return  # another's (or adopted): never ours to delete
         with contextlib.suppress(ObjectNotFound):
             await self._call(
-                self.client.delete_work_pool(name), f"work pool {name!r}", quiet=(ObjectNotFound,)
+                lambda: self.client.delete_work_pool(name),
+                f"work pool {name!r}",
+                quiet=(ObjectNotFound,),
             )
             self.writes += 1
 
     async def _read_block(self, name: str) -> Any:
         try:
             return await self._call(
-                self.client.read_block_document_by_name(
+                lambda: self.client.read_block_document_by_name(
                     name, block_type_slug=RemoteFileSystem.get_block_type_slug()
                 ),
                 f"result storage block {name!r}",
@@ -354,7 +389,7 @@ class PrefectGateway:
             return str(current.id)
         block = RemoteFileSystem(**fields)
         block_id = await self._call(
-            block.asave(name, overwrite=True, client=self.client),
+            lambda: block.asave(name, overwrite=True, client=self.client),
             f"result storage block {name!r}",
         )
         self.writes += 1
@@ -366,7 +401,7 @@ class PrefectGateway:
             return
         with contextlib.suppress(ObjectNotFound):
             await self._call(
-                self.client.delete_block_document(current.id),
+                lambda: self.client.delete_block_document(current.id),
                 f"result storage block {name!r}",
                 quiet=(ObjectNotFound,),
             )
@@ -375,7 +410,7 @@ class PrefectGateway:
     async def _read_deployment(self, flow_name: str, name: str) -> DeploymentResponse | None:
         try:
             return await self._call(
-                self.client.read_deployment_by_name(f"{flow_name}/{name}"),
+                lambda: self.client.read_deployment_by_name(f"{flow_name}/{name}"),
                 f"deployment {flow_name}/{name}",
                 quiet=(ObjectNotFound,),
             )
@@ -405,7 +440,9 @@ class PrefectGateway:
             # One create per name, however many objects of that flow deploy at once.
             async with self._flow_locks.setdefault(flow_name, asyncio.Lock()):
                 if flow_name not in self._flow_ids:
-                    flow_id = await self._call(self.client.create_flow_from_name(flow_name), what)
+                    flow_id = await self._call(
+                        lambda: self.client.create_flow_from_name(flow_name), what
+                    )
                     self._flow_ids[flow_name] = flow_id
             self._flow_locks.pop(flow_name, None)
         return self._flow_ids[flow_name]
@@ -415,7 +452,7 @@ class PrefectGateway:
         what = f"deployment {spec.flow_name}/{spec.name}"
         flow_id = await self._flow_id(spec.flow_name, what)
         deployment_id = await self._call(
-            self.client.create_deployment(
+            lambda: self.client.create_deployment(
                 flow_id=flow_id,
                 name=spec.name,
                 entrypoint=spec.entrypoint,
@@ -447,7 +484,7 @@ class PrefectGateway:
             return
         with contextlib.suppress(ObjectNotFound):
             await self._call(
-                self.client.delete_deployment(current.id),
+                lambda: self.client.delete_deployment(current.id),
                 f"deployment {flow_name}/{name}",
                 quiet=(ObjectNotFound,),
             )
@@ -467,7 +504,7 @@ class PrefectGateway:
         if start_in:
             state = Scheduled(scheduled_time=datetime.now(UTC) + timedelta(seconds=start_in))
         flow_run = await self._call(
-            self.client.create_flow_run_from_deployment(
+            lambda: self.client.create_flow_run_from_deployment(
                 UUID(deployment_id),
                 parameters=parameters,
                 tags=tags,
@@ -482,7 +519,7 @@ class PrefectGateway:
 
     async def read_flow_run(self, flow_run_id: str) -> FlowRunView:
         flow_run = await self._call(
-            self.client.read_flow_run(UUID(flow_run_id)), f"flow run {flow_run_id}"
+            lambda: self.client.read_flow_run(UUID(flow_run_id)), f"flow run {flow_run_id}"
         )
         return run_view(flow_run)
 
@@ -490,7 +527,7 @@ class PrefectGateway:
         if not flow_run_ids:
             return []
         runs = await self._call(
-            self.client.read_flow_runs(
+            lambda: self.client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(
                     id=FlowRunFilterId(any_=[UUID(run_id) for run_id in flow_run_ids])
                 ),
@@ -502,7 +539,7 @@ class PrefectGateway:
 
     async def active_runs(self, deployment_id: str) -> list[FlowRunView]:
         runs = await self._call(
-            self.client.read_flow_runs(
+            lambda: self.client.read_flow_runs(
                 deployment_filter=DeploymentFilter(
                     id=DeploymentFilterId(any_=[UUID(deployment_id)])
                 ),
@@ -518,7 +555,7 @@ class PrefectGateway:
 
     async def latest_run(self, deployment_id: str) -> FlowRunView | None:
         runs = await self._call(
-            self.client.read_flow_runs(
+            lambda: self.client.read_flow_runs(
                 deployment_filter=DeploymentFilter(
                     id=DeploymentFilterId(any_=[UUID(deployment_id)])
                 ),
@@ -538,7 +575,7 @@ class PrefectGateway:
 
     async def child_runs(self, parent_id: str) -> list[FlowRunView]:
         runs = await self._call(
-            self.client.read_flow_runs(
+            lambda: self.client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(
                     parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(parent_id)])
                 )
@@ -555,7 +592,7 @@ class PrefectGateway:
         await self._call(
             # Unforced, Prefect's own rules apply: a run no worker has taken yet (scheduled)
             # goes straight to Cancelled, a running one to Cancelling until its worker stops it.
-            self.client.set_flow_run_state(
+            lambda: self.client.set_flow_run_state(
                 UUID(flow_run_id), Cancelled() if force else Cancelling(), force=force
             ),
             f"cancel flow run {flow_run_id}",
@@ -564,7 +601,7 @@ class PrefectGateway:
 
     async def table_artifact(self, flow_run_id: str, description: str) -> list[dict] | None:
         artifacts = await self._call(
-            self.client.read_artifacts(
+            lambda: self.client.read_artifacts(
                 artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["table"])),
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])),
             ),
