@@ -24,9 +24,9 @@ from lume_operator.handlers.apply import (
     State,
     apply_outcome,
     found,
-    import_in_background,
     in_namespace,
     manifest,
+    preload,
     publish,
     state_of,
 )
@@ -345,4 +345,4 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     for name in ("kubernetes.client.rest", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(name).setLevel(logging.INFO)
     memo["lume"] = State(settings=lume, kube=Kube.configured())
-    import_in_background("lume_operator.results.files")
+    preload("lume_operator.results.files")
