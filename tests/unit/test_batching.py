@@ -88,3 +88,44 @@ def test_a_new_id_is_read_at_once():
         assert old.state.type == "SCHEDULED" and fake.calls["read_flow_runs"] == 2
 
     anyio.run(scenario)
+
+
+def test_followers_asking_while_a_snapshot_is_read_are_in_the_next_one():
+    """Hundreds of timers ask at once, so many ask while a snapshot is being read. Dropped
+    from the next snapshot, each of them would be read alone at every interval (the follow
+    bench at 400 runs: 516 requests a minute instead of 24)."""
+
+    class Slow(FakePrefect):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = anyio.Event()
+
+        async def read_flow_runs(self, flow_run_ids):  # type: ignore[override]
+            if len(flow_run_ids) > 1:
+                await self.gate.wait()  # a snapshot being read, slowly
+            return await super().read_flow_runs(flow_run_ids)
+
+    async def scenario() -> None:
+        fake, clock = Slow(), Clock()
+        ids = await _runs(fake, 40)
+        reader = RunReader(max_age=5.0, clock=clock)
+        port = Batched(fake, reader)
+        fake.gate.set()
+        await port.read_flow_runs(ids[:20])  # the first 20 known
+        clock.now += 5.0
+        fake.gate = anyio.Event()
+        async with anyio.create_task_group() as group:
+            group.start_soon(port.read_flow_runs, ids[:20])  # takes a snapshot, held up
+            await anyio.sleep(0.01)
+            for run_id in ids[20:]:  # asking meanwhile: each read alone once, as new
+                group.start_soon(port.read_flow_runs, [run_id])
+            await anyio.sleep(0.01)
+            fake.gate.set()
+        assert reader.wanted == set(ids)
+        clock.now += 5.0
+        before = fake.calls["read_flow_runs"]
+        for run_id in ids:
+            await port.read_flow_runs([run_id])
+        assert fake.calls["read_flow_runs"] - before == 1  # all 40 in one snapshot read
+
+    anyio.run(scenario)

@@ -161,7 +161,13 @@ async def flow_reconcile(
     apply_outcome(outcome, body, status, patch)
 
 
-@kopf.timer(GROUP, VERSION, FLOWS, **EVERY)
+@kopf.timer(
+    GROUP,
+    VERSION,
+    FLOWS,
+    **EVERY,
+    when=lambda body, status, **_: flows.wants_following(body, status),
+)
 async def flow_follow(
     body: kopf.Body,
     status: dict[str, Any],

@@ -4,7 +4,7 @@ follow them (deadlines, retries, history), cancel and delete."""
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +45,7 @@ from lume_operator.reconcile.outcome import (
     parse_object,
     prefect_trouble,
     set_conditions,
+    status_of,
 )
 from lume_operator.settings import OperatorSettings
 
@@ -323,13 +324,28 @@ def _conditions_for(status: LumeFlowStatus) -> list[dict[str, Any]]:
 
 def needs_following(flow: LumeFlow, status: LumeFlowStatus) -> bool:
     """A run to read: one in flight, one whose end is not written yet, or a schedule's."""
+    return _follows(policy_of(flow).policy, status)
+
+
+def _follows(policy: str, status: LumeFlowStatus) -> bool:
     if not status.deployment_id:
         return False
-    if policy_of(flow).policy == "Schedule":
+    if policy == "Schedule":
         return True
     in_flight = any(r.id and r.state_type not in FINAL_STATES for r in history(status))
     last = status.last_run
     return in_flight or (bool(last and last.id) and not end_written(status))
+
+
+def wants_following(body: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    """`needs_following` on the object as kopf has it, for the follow timer's filter: kopf
+    runs a timer only while this holds, so a thousand LumeFlows with nothing in flight cost no
+    timer calls (each would otherwise parse its manifest every interval). Called on every
+    watch event of every LumeFlow: the status is parsed, not the whole manifest."""
+    run = (body.get("spec") or {}).get("run") or {}
+    policy = run.get("policy") if isinstance(run, Mapping) else None
+    parsed = status_of(LumeFlowStatus, dict(status or {}))  # as the timer's handler reads it
+    return _follows(policy if isinstance(policy, str) else RunPolicy().policy, parsed)
 
 
 def end_written(status: LumeFlowStatus) -> bool:
