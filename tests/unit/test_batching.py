@@ -9,15 +9,9 @@ from lume_operator.prefect.batching import Batched, RunReader
 from lume_operator.prefect.deployment import DeploymentSpec
 from lume_operator.prefect.fake import FakePrefect
 
+from .clock import Clock
+
 pytestmark = pytest.mark.unit
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def _runs(fake: FakePrefect, n: int) -> list[str]:

@@ -10,15 +10,9 @@ import pytest
 
 from lume_operator.prefect.limiter import AdaptiveLimit
 
+from .clock import Clock
+
 pytestmark = pytest.mark.unit
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _load(limit: AdaptiveLimit, clock: Clock, latency: float, calls: int) -> None:
