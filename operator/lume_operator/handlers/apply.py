@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -158,16 +157,6 @@ class State:
         """Close the Prefect clients (at the operator's end)."""
         await self.clients.aclose()
         self.gateways.clear()
-
-
-def preload(*modules: str) -> None:
-    """Import, at start, what the handlers need only later: the file types (lume-base imports
-    scipy and matplotlib: seconds that would stop the event loop when the first File result
-    is checked). Not in a thread: one holding the GIL for those seconds slowed the first
-    statuses of a mass apply 2.6x (measured)."""
-    for module in modules:
-        with contextlib.suppress(Exception):  # imported again, and failing there, if used
-            importlib.import_module(module)
 
 
 def state_of(memo: kopf.Memo) -> State:

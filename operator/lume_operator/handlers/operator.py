@@ -26,7 +26,6 @@ from lume_operator.handlers.apply import (
     found,
     in_namespace,
     manifest,
-    preload,
     publish,
     state_of,
 )
@@ -351,4 +350,5 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     for name in ("kubernetes.client.rest", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(name).setLevel(logging.INFO)
     memo["lume"] = State(settings=lume, kube=Kube.configured())
-    preload("lume_operator.results.files")
+    # lume-base (seconds) now, before kopf watches; a thread held the GIL through a mass apply.
+    import lume_operator.results.files  # noqa: F401
