@@ -152,6 +152,45 @@ def test_a_new_home_starts_from_the_kept_database(tmp_path, monkeypatch):
         ]
 
 
+async def _write_burst(api_url: str, writers: int) -> list[int]:
+    """`writers` clients at once, each creating a flow run and moving it through two states,
+    with no client-side retry: the status of every answer."""
+    statuses: list[int] = []
+    async with httpx.AsyncClient(base_url=api_url, timeout=60) as http:
+        flow = await http.post("/flows/", json={"name": "burst"})
+        flow_id = flow.json()["id"]
+
+        async def writer(index: int) -> None:
+            made = await http.post("/flow_runs/", json={"flow_id": flow_id, "name": f"r{index}"})
+            statuses.append(made.status_code)
+            if made.status_code != 201:
+                return
+            for state in ("RUNNING", "COMPLETED"):
+                moved = await http.post(
+                    f"/flow_runs/{made.json()['id']}/set_state",
+                    json={"state": {"type": state}, "force": True},
+                )
+                statuses.append(moved.status_code)
+
+        async with anyio.create_task_group() as group:
+            for index in range(writers):
+                group.start_soon(writer, index)
+    return statuses
+
+
+@pytest.mark.prefect
+def test_the_embedded_server_answers_a_burst_of_writes_without_503(tmp_path, monkeypatch):
+    """SQLite refuses a write that meets another at once, and Prefect's server answers 503
+    (its clients then sleep 2 s and more); the embedded server asks again itself."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    with temporary_settings(updates={PREFECT_HOME: str(tmp_path)}):
+        with prefect_api() as (api_url, embedded):
+            assert embedded
+            statuses = anyio.run(_write_burst, api_url, 24)
+    assert len(statuses) == 24 * 3
+    assert set(statuses) == {201}, sorted(statuses)
+
+
 @pytest.mark.unit
 def test_the_fake_keeps_the_same_contract():
     anyio.run(contract, FakePrefect())

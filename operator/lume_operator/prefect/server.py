@@ -44,8 +44,8 @@ PORT_IN_USE = 3  # uvicorn's exit code when its port is taken
 
 class EmbeddedServer:
     """Prefect's server in a subprocess, as Prefect's `SubprocessASGIServer` starts it (the same
-    uvicorn command and environment), without importing Prefect's server package here: that
-    takes seconds, and only the subprocess needs it."""
+    uvicorn command and environment, its app behind `embedded_app.RetryBusy`), without importing
+    Prefect's server package here: that takes seconds, and only the subprocess needs it."""
 
     def __init__(self, database: Path | None = None) -> None:
         """`database`: the SQLite file it must use (the one seeded, or to be kept)."""
@@ -72,7 +72,7 @@ class EmbeddedServer:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{self.database}"
         command = [
             sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+            "--factory", "lume_operator.prefect.embedded_app:create_app", "--host", "127.0.0.1",
             "--port", str(self.port), "--log-level", "error", "--lifespan", "on",
         ]  # fmt: skip
         return subprocess.Popen(command, env=env)

@@ -1,0 +1,125 @@
+"""The embedded Prefect server's app: Prefect's own, behind `RetryBusy`.
+
+On SQLite, a write that meets another writer fails at once with "database is locked" (a
+deferred transaction cannot wait for the lock it would upgrade to), and Prefect's server
+answers 503. Every Prefect client then sleeps 2 s, 4 s, 8 s... before asking again: with 8
+flow runs starting together on a laptop, most of a short composition's wall time was spent in
+those sleeps. Prefect's clients repeat a 503'd request as it was, so the server may as well
+repeat it itself, a few milliseconds later, before it answers; only if the database stays busy
+past a budget does the 503 go out, with a short `Retry-After` that Prefect's client honours.
+
+Only the embedded server (`lume-operator run`) is wrapped; a Prefect server of the user's own
+stays as Prefect ships it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import anyio
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+
+BUSY = 503
+FIRST_PAUSE = 0.005
+LONGEST_PAUSE = 0.25
+BUDGET_SECONDS = 10.0
+RETRY_AFTER = "0.5"  # seconds, for a 503 that goes out after all
+
+
+class RetryBusy:
+    """Pure ASGI middleware: an HTTP request answered 503 runs again after a short, growing,
+    jittered pause, until it gets another answer or `budget` seconds passed.
+
+    The request body is read first and replayed to each attempt; any other answer streams
+    through untouched. WebSockets and lifespan pass through.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        budget: float = BUDGET_SECONDS,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        jitter: Callable[[], float] = lambda: random.uniform(0.5, 1.5),
+    ) -> None:
+        self.app = app
+        self.budget = budget
+        self._sleep = sleep
+        self._jitter = jitter
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        deadline = time.monotonic() + self.budget
+        pause = FIRST_PAUSE
+        while True:
+            last = time.monotonic() + pause >= deadline
+            attempt = _Attempt(send, hold_busy=not last)
+            try:
+                # A copy each time: routing rewrites the scope's path as it mounts the API.
+                await self.app({**scope}, _replay(body, receive), attempt.send)
+            except Exception:
+                # Starlette re-raises what its error handler answered (for the server's log):
+                # a held 503 is retried all the same.
+                if not attempt.held:
+                    raise
+            if not attempt.held:
+                return
+            await self._sleep(pause * self._jitter())
+            pause = min(pause * 2, LONGEST_PAUSE)
+
+
+async def _read_body(receive: Receive) -> list[Message]:
+    messages = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return messages
+
+
+def _replay(body: list[Message], receive: Receive) -> Receive:
+    """The buffered request, then the client's own channel (a disconnect)."""
+    pending = list(body)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
+
+
+class _Attempt:
+    """Passes an answer through, or drops a 503 (`held`) so that the request can run again;
+    a 503 that is let through gets a `Retry-After`."""
+
+    def __init__(self, send: Send, hold_busy: bool) -> None:
+        self._send = send
+        self._hold_busy = hold_busy
+        self.held = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == BUSY:
+            if self._hold_busy:
+                self.held = True
+                return
+            headers = [h for h in message.get("headers", []) if h[0].lower() != b"retry-after"]
+            message = {**message, "headers": [*headers, (b"retry-after", RETRY_AFTER.encode())]}
+        if not self.held:
+            await self._send(message)
+
+
+def create_app() -> ASGIApp:
+    """uvicorn's factory for the embedded server: Prefect's app behind `RetryBusy`."""
+    from prefect.server.api.server import create_app as prefect_app
+
+    return RetryBusy(prefect_app())
