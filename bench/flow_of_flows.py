@@ -12,7 +12,7 @@
 Both sides run in this process against one embedded server, with in-process workers that start
 each flow run as a process, as `lume-operator run` does.
 
-    python bench/flow_of_flows.py [--repeat 2] [--length 5] [--only-fan-out]
+    python bench/flow_of_flows.py [--repeat 2] [--length 5] [--only-fan-out] [--trace]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import io
 import os
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -112,13 +113,15 @@ def fan_out(width: int, seconds: float) -> Manifests:
 
 # As `lume-operator run` does: one fork server, started before Prefect's server.
 FORK_SERVER: ForkServer | None = None
+# --trace: the runner's progress on stderr, timed, beside Prefect's log (where time goes).
+TRACE = False
 
 
 def run_composition(given: Manifests, results: Path, warm: bool = True) -> tuple[float, object]:
     _, compositions, problems = plan(given)
     assert not problems, problems
     runner = LocalRunner(
-        Console(file=io.StringIO()),
+        Console(file=sys.stderr, log_time=True) if TRACE else Console(file=io.StringIO()),
         results,
         timeout=600,
         poll_interval=POLL,
@@ -126,8 +129,12 @@ def run_composition(given: Manifests, results: Path, warm: bool = True) -> tuple
         fork_server=FORK_SERVER if warm else None,
     )
     started = time.perf_counter()
+    if TRACE:
+        print(f"{datetime.now().time()} composition starts", file=sys.stderr)
     anyio.run(runner.run, [], compositions)
     elapsed = time.perf_counter() - started
+    if TRACE:
+        print(f"{datetime.now().time()} composition ended", file=sys.stderr)
     composition = compositions[0]
     assert composition.status.phase == "Completed", composition.error
     return elapsed, composition
@@ -183,7 +190,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--length", type=int, default=5)
     parser.add_argument("--only-fan-out", action="store_true")
+    parser.add_argument("--trace", action="store_true", help="the runner's progress, timed")
     args = parser.parse_args()
+    global TRACE
+    TRACE = args.trace
 
     from lume_operator.prefect.server import prefect_api
 

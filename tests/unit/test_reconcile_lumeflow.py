@@ -173,6 +173,40 @@ async def test_first_status_is_published_before_any_prefect_call(fake, connect, 
     assert len(published) == 1
 
 
+SET_CWD = "prefect.deployments.steps.set_working_directory"
+
+
+@pytest.mark.parametrize(
+    ("backend_type", "run_config", "variable", "pull_steps"),
+    [
+        # a process starts in the code's directory: no pull step, which would cost each run
+        # an API client, an event and a server version check in its engine
+        ("process", {}, "/srv/beam", []),
+        # the run config names another directory for the process: the code is reached by a
+        # pull step, as before
+        (
+            "process",
+            {"workingDir": "/scratch"},
+            "/scratch",
+            [{SET_CWD: {"directory": "/srv/beam"}}],
+        ),
+        # a container's directory is the pull step's to set
+        ("docker", {}, None, [{SET_CWD: {"directory": "/srv/beam"}}]),
+    ],
+)
+def test_an_absolute_source_path_is_where_the_run_starts(
+    backend_type, run_config, variable, pull_steps
+):
+    from lume_operator.api.backend import SchedulingBackend
+    from lume_operator.reconcile.deploy import flow_deployment
+
+    flow = flow_model(lumeflow_manifest(runConfig=run_config))
+    backend = SchedulingBackend.model_validate(backend_manifest(type=backend_type))
+    spec = flow_deployment(flow, backend, working_dir="/srv/beam").spec
+    assert spec.job_variables.get("working_dir") == variable
+    assert spec.pull_steps == pull_steps
+
+
 @pytest.mark.asyncio
 async def test_deploys_and_starts_a_run(fake, connect, settings):
     outcome = await reconcile(lumeflow_manifest(), LumeFlowStatus(), connect, settings)

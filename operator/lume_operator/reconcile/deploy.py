@@ -104,10 +104,11 @@ def flow_deployment(
     if backend.spec.result_store and kind == "kubernetes":
         store = {"secretRef": {"name": backend.spec.result_store.secret_name}}
         variables["env_from"] = [*variables.get("env_from", []), store]  # runConfig's kept
-    if working_dir and kind == "process" and not working_dir.startswith("/"):
-        # A process worker runs each flow in a fresh temporary directory; a relative path
-        # means the worker's own directory (a container's workdir), so it goes to the
-        # worker as its working_dir rather than to a pull step run from that temp dir.
+    if working_dir and kind == "process" and "working_dir" not in variables:
+        # The process starts where the code is (by default a process worker starts each run
+        # in a new temporary directory; a relative path is the worker's own directory). A pull
+        # step would do the same from inside the run, at the cost of an API client, an event
+        # and a server version check in every run's engine.
         variables["working_dir"] = working_dir
         working_dir = None
     run = flow.spec.run
