@@ -117,11 +117,21 @@ FORK_SERVER: ForkServer | None = None
 TRACE = False
 
 
+class _Stamped(io.TextIOBase):
+    """stderr with the time before each line, as Prefect's log has it."""
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines(keepends=True):
+            stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3]
+            sys.stderr.write(f"{stamp} | lume | {line}" if line.strip() else line)
+        return len(text)
+
+
 def run_composition(given: Manifests, results: Path, warm: bool = True) -> tuple[float, object]:
     _, compositions, problems = plan(given)
     assert not problems, problems
     runner = LocalRunner(
-        Console(file=sys.stderr, log_time=True) if TRACE else Console(file=io.StringIO()),
+        Console(file=_Stamped(), width=200) if TRACE else Console(file=io.StringIO()),
         results,
         timeout=600,
         poll_interval=POLL,
