@@ -94,17 +94,28 @@ def project(tmp_path: Path) -> Path:
     return tmp_path / "project"
 
 
-async def _deploy(client: Any, pool: str, project: Path, flow: str, env: dict[str, str]) -> Any:
+async def _deploy(
+    client: Any,
+    pool: str,
+    project: Path,
+    flow: str,
+    env: dict[str, str],
+    name: str = "warm",
+    working_dir: Path | None = None,
+    pull: bool = True,
+) -> Any:
     flow_id = await client.create_flow_from_name(flow)
     return await client.create_deployment(
         flow_id=flow_id,
-        name="warm",
+        name=name,
         entrypoint=f"flows.py:{flow}",
         work_pool_name=pool,
         pull_steps=[
             {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}
-        ],
-        job_variables={"env": env, "working_dir": str(project)},
+        ]
+        if pull
+        else None,
+        job_variables={"env": env, "working_dir": str(working_dir or project)},
     )
 
 
@@ -114,8 +125,12 @@ def run_flows(
     env: dict[str, str] | None = None,
     on_running: Any = None,
     warm: bool = True,
+    working_dirs: list[Path] | None = None,
 ) -> tuple[list[Any], int | None]:
     """Deploy each flow, create its run, and let one warm worker execute them all.
+
+    `working_dirs`: each run's `working_dir` job variable and no pull step (as lume-operator
+    deploys a process run); by default the project with a pull step.
 
     Returns the final flow runs (in order) and the fork server's pid.
     """
@@ -131,13 +146,16 @@ def run_flows(
         async with get_client() as client:
             await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
             ids = []
-            for flow, parameters in runs:
+            for index, (flow, parameters) in enumerate(runs):
                 deployment = await _deploy(
                     client,
                     pool,
                     project,
                     flow,
                     {"WARM_MARKER": "set-by-job", **PERSIST, **(env or {})},
+                    name=f"warm-{index}",
+                    working_dir=working_dirs[index] if working_dirs else None,
+                    pull=working_dirs is None,
                 )
                 run = await client.create_flow_run_from_deployment(
                     deployment, parameters=parameters
@@ -182,6 +200,21 @@ async def _logs(client: Any, flow_run_id: Any) -> list[str]:
             break
         await anyio.sleep(0.25)
     return [log.message for log in logs]
+
+
+def test_a_run_starts_in_its_working_dir_and_a_missing_one_crashes_it_naming_it(api, project):
+    """As lume-operator deploys a process run: its directory a job variable, no pull step."""
+    missing = project / "not-in-this-image"
+    (here, nowhere), _ = run_flows(
+        project, [("report", {}), ("report", {})], working_dirs=[project, missing]
+    )
+    assert here.state.is_completed(), here.state
+    value = anyio.run(here.state.aresult)
+    assert value["cwd"] == str(project) and value["path0"] == str(project)
+    assert not any("pull step" in line for line in here.logs), here.logs
+    assert nowhere.state.type.value == "CRASHED", nowhere.state
+    message = nowhere.state.message or ""
+    assert f"working directory '{missing}' does not exist on this worker" in message, message
 
 
 def test_a_warm_run_is_its_own_process_with_its_env_cwd_and_logs(api, project):

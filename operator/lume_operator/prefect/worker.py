@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -110,6 +111,14 @@ class WarmProcessWorker(ProcessWorker):
         configuration: ProcessJobConfiguration,
         task_status: anyio.abc.TaskStatus[int] | None = None,
     ) -> ProcessWorkerResult:
+        directory = configuration.working_dir
+        if directory is not None and not Path(directory).is_dir():
+            # Said here: a process started in it would fail inside Prefect's task group, and
+            # the run would crash as "unhandled errors in a TaskGroup".
+            raise FileNotFoundError(
+                f"working directory {str(directory)!r} does not exist on this worker "
+                "(the LumeFlow's source.path or runConfig workingDir)"
+            )
         command = warm_command(configuration) if self.warm_starts else None
         if command is not None:
             env = await self._warm_env()
