@@ -102,8 +102,9 @@ async def _deploy(
     env: dict[str, str],
     name: str = "warm",
     working_dir: Path | None = None,
-    pull: bool = True,
 ) -> Any:
+    """`working_dir`: the run's directory as a job variable alone (as lume-operator deploys a
+    process run); by default the project, reached by a pull step too."""
     flow_id = await client.create_flow_from_name(flow)
     return await client.create_deployment(
         flow_id=flow_id,
@@ -113,7 +114,7 @@ async def _deploy(
         pull_steps=[
             {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}
         ]
-        if pull
+        if working_dir is None
         else None,
         job_variables={"env": env, "working_dir": str(working_dir or project)},
     )
@@ -155,7 +156,6 @@ def run_flows(
                     {"WARM_MARKER": "set-by-job", **PERSIST, **(env or {})},
                     name=f"warm-{index}",
                     working_dir=working_dirs[index] if working_dirs else None,
-                    pull=working_dirs is None,
                 )
                 run = await client.create_flow_run_from_deployment(
                     deployment, parameters=parameters
