@@ -12,8 +12,10 @@ a fresh emulated Kubernetes API (tests/k8s/emulator.py):
 - bare client: Prefect's own `PrefectClient` making the same writes on the same kind of
   server, a flow and a deployment per object (the deployment as the operator made it for
   `flow-00000`, with each object's parameters), `--concurrency` at a time (default 8, the
-  operator's start value), the work pool made before the clock starts. Target: lume at most
-  1.2x.
+  operator's start value), the work pool made before the clock starts with the job template
+  the operator's pool has (the process worker's, as `prefect work-pool create` makes it), so
+  the server checks each deployment's job variables against it on both sides. Target: lume
+  at most 1.2x.
 - do-nothing: a kopf operator whose LumeFlow create handler only sets `status.phase`; lume's
   first status against it (target: at most 1.5x). Printed beside it: the same operator with a
   delete handler, hence kopf's finalizer (added in a patch of its own before any create
@@ -387,14 +389,17 @@ def prefect_server(database: str, home: Path) -> Any:
 
 
 def deployment_template(api_url: str) -> dict[str, Any]:
-    """The deployment the operator made for flow-00000, as the fields a client sends."""
+    """The deployment the operator made for flow-00000, as the fields a client sends, and its
+    work pool's base job template (`pool_template`)."""
 
     async def read() -> dict[str, Any]:
         from prefect.client.orchestration import PrefectClient
 
         async with PrefectClient(api=api_url) as client:
             made = await client.read_deployment_by_name("flow-00000/default")
+            pool = await client.read_work_pool(made.work_pool_name)
         return {
+            "pool_template": dict(pool.base_job_template or {}),
             "entrypoint": made.entrypoint,
             "work_pool_name": made.work_pool_name,
             "work_queue_name": made.work_queue_name,
@@ -422,21 +427,30 @@ def run_bare(
 
     async def deploy_all(api_url: str) -> float:
         slots = asyncio.Semaphore(concurrency)
+        fields = {k: v for k, v in template.items() if k != "pool_template"}
         async with PrefectClient(api=api_url) as client:
             pool, queue = template["work_pool_name"], template["work_queue_name"]
-            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            # The operator's pool has the process worker's job template, as `prefect work-pool
+            # create --type process` makes it: Prefect's server then checks each deployment's
+            # job variables against it (a JSON-schema validation per deployment), which a pool
+            # made without one skips.
+            await client.create_work_pool(
+                WorkPoolCreate(
+                    name=pool, type="process", base_job_template=template["pool_template"]
+                )
+            )
             if queue and queue != "default":  # as the operator's pool set-up makes it
                 await client.create_work_queue(queue, work_pool_name=pool)
 
             async def one(index: int) -> None:
                 async with slots:
                     flow_id = await persist(client.create_flow_from_name, f"flow-{index:05d}")
-                    parameters = {**template["parameters"], "seed": index}
+                    parameters = {**fields["parameters"], "seed": index}
                     await persist(
                         client.create_deployment,
                         flow_id=flow_id,
                         name="default",
-                        **{**template, "parameters": parameters},
+                        **{**fields, "parameters": parameters},
                     )
 
             async def persist(call: Any, *args: Any, **kwargs: Any) -> Any:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
+import kmock
 import pytest
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import WorkPoolCreate
@@ -338,6 +339,49 @@ def test_deletion_removes_what_the_operator_created_in_prefect(
     assert k8s_emulator.emulator.get_object(SB, "default", "byo") is None
     assert work_pool_or_none(prefect_server, POOL) is None
     assert work_pool_or_none(prefect_server, "shared-pool") is not None
+
+
+def test_a_new_flow_says_deploying_with_the_finalizer_and_keeps_other_finalizers(
+    prefect_server: PrefectServer,
+    k8s_emulator: EmulatorServer,
+    kubectl: Kubectl,
+    run_kopf_operator: Callable[..., KopfOperator],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first status comes in the same handling cycle as the finalizer, which the operator
+    adds to the list it found (here another controller's) rather than replacing it."""
+    start_operator(run_kopf_operator, monkeypatch)
+    keep = "example.org/keep"
+    manifest = flow_manifest("OnRequest").replace(
+        "namespace: default}", f"namespace: default, finalizers: [{keep}]}}"
+    )
+    apply(kubectl, backend_manifest() + "---" + manifest)
+    wait_until(lambda: status_of(k8s_emulator, LF, FLOW).get("deploymentId"), timeout=TIMEOUT)
+
+    stored = k8s_emulator.emulator._objects[kmock.resource(LF), "default", FLOW]
+    versions = [v.raw for v in stored.history.raw if v is not None]
+    assert versions[0]["metadata"]["finalizers"] == [keep] and "status" not in versions[0]
+    for version in versions[1:]:
+        assert version["metadata"]["finalizers"] == [keep, FINALIZER], version["metadata"]
+    first = next(v["status"] for v in versions if v.get("status"))
+    assert first["phase"] == "Deploying", first
+    assert ready(first)["reason"] == "Deploying" and first["observedGeneration"] == 1
+    assert status_of(k8s_emulator, LF, FLOW)["phase"] == "Ready"
+
+    # Deleting runs the operator's delete handler, which takes only its own finalizer away.
+    kubectl("delete", "lf", FLOW, "--wait=false")
+    held = wait_until(
+        lambda: (
+            (obj := k8s_emulator.emulator.get_object(LF, "default", FLOW))
+            and obj["metadata"]["finalizers"] == [keep]
+            and obj
+        ),
+        timeout=DELETE_TIMEOUT,
+    )
+    assert held["metadata"]["deletionTimestamp"]
+    assert deployment_or_none(prefect_server) is None
+    kubectl("patch", "lf", FLOW, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
+    wait_until(lambda: k8s_emulator.emulator.get_object(LF, "default", FLOW) is None)
 
 
 def test_deletion_waits_for_prefect_to_come_back(

@@ -1,4 +1,4 @@
-"""LumeFlow decisions: wanted_run, reconcile_flow, follow_flow, delete_flow."""
+"""LumeFlow decisions: wanted_run, first_status, reconcile_flow, follow_flow, delete_flow."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from lume_operator.reconcile.deploy import RESULT_ENV
 from lume_operator.reconcile.lumeflow import (
     RUN_REQUEST,
     delete_flow,
+    first_status,
     follow_flow,
     reconcile_flow,
     wanted_run,
@@ -171,6 +172,30 @@ async def test_first_status_is_published_before_any_prefect_call(fake, connect, 
     # only the first time: a status with a phase is not published again
     await reconcile(lumeflow_manifest(), outcome.status, connect, settings, publish=publish)
     assert len(published) == 1
+
+
+def test_first_status_is_deploying_for_a_new_valid_object_only():
+    """What the watch-event handler writes beside kopf's finalizer: the same `Deploying` the
+    create handler would publish, and nothing for an object it must leave to the handler."""
+    body = lumeflow_manifest()
+    body["metadata"]["generation"] = 3
+    first = first_status(body, LumeFlowStatus())
+    assert first is not None and first.phase == "Deploying"
+    assert first.observed_generation == 3
+    assert kstatus(first) == {
+        "Ready": ("False", "Deploying"),
+        "Reconciling": ("True", "Deploying"),
+        "Stalled": ("False", "Deploying"),
+    }
+    assert first_status(body, LumeFlowStatus(phase="Ready")) is None
+    assert first_status(body, LumeFlowStatus(phase="Failed")) is None
+    deleting = lumeflow_manifest()
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert first_status(deleting, LumeFlowStatus()) is None
+    # an invalid spec gets its Failed status and its event from the handler, not a Deploying
+    assert first_status(lumeflow_manifest(entrypoint="no-function-here"), LumeFlowStatus()) is None
+    bad_request = on_request("three")
+    assert first_status(bad_request, LumeFlowStatus()) is None
 
 
 SET_CWD = "prefect.deployments.steps.set_working_directory"

@@ -38,6 +38,7 @@ from lume_operator.settings import OperatorSettings
 
 PACE = OperatorSettings()
 KOPF_PREFIX = f"kopf.{GROUP}"
+FINALIZER = f"{GROUP}/finalizer"
 BACKENDS, FLOWS, COMPOSITIONS = (
     PLURALS[k] for k in ("SchedulingBackend", "LumeFlow", "FlowOfFlows")
 )
@@ -129,6 +130,32 @@ async def backend_delete(
 def _backend_of(body: kopf.Body, backend_index: kopf.Index) -> Any:
     name = (body.get("spec") or {}).get("backendRef", {}).get("name", "")
     return found(backend_index, (body.metadata.namespace, name))
+
+
+def _not_taken_up(body: kopf.Body, status: dict[str, Any], **_: Any) -> bool:
+    finalizers = body.metadata.get("finalizers") or []
+    return not status.get("phase") and FINALIZER not in finalizers
+
+
+@kopf.on.event(GROUP, VERSION, FLOWS, when=_not_taken_up)
+async def flow_taken_up(
+    body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, **_: Any
+) -> None:
+    """A first status (`Deploying`) written with kopf's finalizer, a handling cycle before the
+    create handler runs (it publishes one itself when this could not).
+
+    The finalizer is ours to add here, as a merge patch of the list: kopf would add it in a
+    JSON patch sent after the status patch, and the watch event of the status patch (no
+    finalizer yet) then makes kopf add it again against a stale version, which fails and
+    leaves the object waiting for an event that never comes. A merge patch carries no
+    version check (a conflict would stop kopf's worker): a finalizer another controller adds
+    in the milliseconds before this patch is replaced; such a controller adds it again on the
+    event this patch brings.
+    """
+    first = flows.first_status(manifest(body), status_of(LumeFlowStatus, status))
+    if first is not None:
+        patch.metadata["finalizers"] = [*(body.metadata.get("finalizers") or []), FINALIZER]
+        patch.status.update(first.to_wire())
 
 
 @kopf.on.resume(GROUP, VERSION, FLOWS, **ON_CHANGE)
@@ -326,7 +353,7 @@ def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Our finalizer and annotation names, quiet event posting, fast reconnects; this run's
     settings and clients into the memo (a kubeconfig may differ from the last run's)."""
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     # kopf's own annotations under a prefix of their own: kopf leaves every annotation under
     # its storage prefix out of the changes it reacts to, and users' `lume.dev/run-request`
     # must start runs.

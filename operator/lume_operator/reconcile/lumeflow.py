@@ -206,6 +206,30 @@ async def _admit(
     return True, [Event("Normal", "RunReplaced", f"cancelled {names} for the new run")]
 
 
+def first_status(body: dict[str, Any], status: LumeFlowStatus) -> LumeFlowStatus | None:
+    """`Deploying` for a valid object with no phase yet, else None (an invalid spec's status
+    is the handler's, with its event).
+
+    Written on the watch event that makes kopf add its finalizer, in the same handling cycle:
+    kopf runs the create handler only on the event that patch brings back.
+    """
+    if status.phase or body["metadata"].get("deletionTimestamp"):
+        return None
+    flow, problem = parse_object(body)
+    if problem or _problem(flow):
+        return None
+    taken = status.model_copy(deep=True)
+    taken.observed_generation = body["metadata"].get("generation")
+    return _deploying(taken)
+
+
+def _deploying(status: LumeFlowStatus) -> LumeFlowStatus:
+    first = status.model_copy(deep=True)
+    first.phase = "Deploying"
+    set_conditions(first, conditions.progressing("Deploying", "creating the Prefect deployment"))
+    return first
+
+
 async def reconcile_flow(
     body: dict[str, Any],
     status: LumeFlowStatus,
@@ -231,12 +255,7 @@ async def reconcile_flow(
         status.phase = None  # fixed: start over as a new object would (no run is repeated)
     if not status.phase:
         if publish is not None:
-            first = status.model_copy(deep=True)
-            first.phase = "Deploying"
-            set_conditions(
-                first, conditions.progressing("Deploying", "creating the Prefect deployment")
-            )
-            await publish(first)
+            await publish(_deploying(status))
         status.phase = "Pending"
     namespace, policy = flow.metadata.namespace, policy_of(flow)
     first_deploy = not status.deployment_id
