@@ -141,16 +141,16 @@ def _not_taken_up(body: kopf.Body, status: dict[str, Any], **_: Any) -> bool:
 async def flow_taken_up(
     body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, **_: Any
 ) -> None:
-    """A first status (`Deploying`) written with kopf's finalizer, a handling cycle before the
+    """A first status (`Deploying`) written with the finalizer, a handling cycle before the
     create handler runs (it publishes one itself when this could not).
 
-    The finalizer is ours to add here, as a merge patch of the list: kopf would add it in a
-    JSON patch sent after the status patch, and the watch event of the status patch (no
-    finalizer yet) then makes kopf add it again against a stale version, which fails and
-    leaves the object waiting for an event that never comes. A merge patch carries no
-    version check (a conflict would stop kopf's worker): a finalizer another controller adds
-    in the milliseconds before this patch is replaced; such a controller adds it again on the
-    event this patch brings.
+    The finalizer (kopf's, by our name) is added here, as a merge patch of the list: kopf
+    would add it in a JSON patch sent after the status patch, and the watch event of the
+    status patch (no finalizer yet) then makes kopf add it again against a stale version,
+    which fails and leaves the object waiting for an event that never comes. A merge patch
+    carries no version check (a conflict would stop kopf's worker): a finalizer another
+    controller adds in the milliseconds before this patch is replaced; one that checks for its
+    finalizer on every event, as kopf does, adds it again on the event this patch brings.
     """
     first = flows.first_status(manifest(body), status_of(LumeFlowStatus, status))
     if first is not None:

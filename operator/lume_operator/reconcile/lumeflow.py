@@ -218,9 +218,9 @@ def first_status(body: dict[str, Any], status: LumeFlowStatus) -> LumeFlowStatus
     flow, problem = parse_object(body)
     if problem or _problem(flow):
         return None
-    taken = status.model_copy(deep=True)
-    taken.observed_generation = body["metadata"].get("generation")
-    return _deploying(taken)
+    first = _deploying(status)
+    first.observed_generation = body["metadata"].get("generation")
+    return first
 
 
 def _deploying(status: LumeFlowStatus) -> LumeFlowStatus:
