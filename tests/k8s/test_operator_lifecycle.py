@@ -348,8 +348,9 @@ def test_a_new_flow_says_deploying_with_the_finalizer_and_keeps_other_finalizers
     run_kopf_operator: Callable[..., KopfOperator],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The first status comes in the same handling cycle as the finalizer, which the operator
-    adds to the list it found (here another controller's) rather than replacing it."""
+    """The operator adds its finalizer (with the first status, `Deploying`) to the list it
+    found, here another controller's, once, and deleting takes only its own away. (That the
+    two come in one handling cycle is not observable here: the bench times it.)"""
     start_operator(run_kopf_operator, monkeypatch)
     keep = "example.org/keep"
     manifest = flow_manifest("OnRequest").replace(
