@@ -4,9 +4,10 @@ On SQLite, a write that meets another writer fails at once with "database is loc
 deferred transaction cannot wait for the lock it would upgrade to), and Prefect's server
 answers 503. Every Prefect client then sleeps 2 s, 4 s, 8 s... before asking again: with 8
 flow runs starting together on a laptop, a third of a short composition's wall time (15 s,
-9.5 s without the sleeps) went to them. Prefect's clients repeat a 503'd request as it was, so the server may as well
-repeat it itself, a few milliseconds later, before it answers; only if the database stays busy
-past a budget does the 503 go out, with a short `Retry-After` that Prefect's client honours.
+9.5 s without the sleeps) went to them. Prefect's clients repeat a 503'd request as it was,
+so the server may as well repeat it itself, a few milliseconds later, before it answers; only
+if the database stays busy past a budget does the 503 go out, with a short `Retry-After` that
+Prefect's client honours.
 
 Only the embedded server (`lume-operator run`) is wrapped; a Prefect server of the user's own
 stays as Prefect ships it.
