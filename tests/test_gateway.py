@@ -5,12 +5,20 @@ every failure as one error family."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import ssl
 
 import anyio
+import certifi
 import httpx
 import pytest
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+from prefect.settings import (
+    PREFECT_API_SSL_CERT_FILE,
+    PREFECT_API_URL,
+    PREFECT_HOME,
+    temporary_settings,
+)
 
 from lume_operator.backends import get_backend
 from lume_operator.prefect.deployment import DeploymentSpec
@@ -23,7 +31,7 @@ from lume_operator.prefect.port import (
     PrefectUnreachable,
     idempotency_key,
 )
-from lume_operator.prefect.server import prefect_api
+from lume_operator.prefect.server import prefect_api, unused_ca_bundle
 
 
 def _spec() -> DeploymentSpec:
@@ -183,12 +191,31 @@ def test_the_embedded_server_answers_a_burst_of_writes_without_503(tmp_path, mon
     """SQLite refuses a write that meets another at once, and Prefect's server answers 503
     (its clients then sleep 2 s and more); the embedded server asks again itself."""
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.setenv("LUME_OPERATOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PREFECT_API_SSL_CERT_FILE", certifi.where())
     with temporary_settings(updates={PREFECT_HOME: str(tmp_path)}):
         with prefect_api() as (api_url, embedded):
             assert embedded
             statuses = anyio.run(_write_burst, api_url, 24)
+            # Its clients (here and in flow runs) load one certificate, not a whole bundle.
+            bundle = str(tmp_path / "cache" / "unused-ca.pem")
+            assert os.environ["PREFECT_API_SSL_CERT_FILE"] == bundle
+            assert PREFECT_API_SSL_CERT_FILE.value() == bundle
     assert len(statuses) == 24 * 3
     assert set(statuses) == {201}, sorted(statuses)
+    assert os.environ["PREFECT_API_SSL_CERT_FILE"] == certifi.where()  # restored
+
+
+@pytest.mark.unit
+def test_the_unused_ca_bundle_holds_one_loadable_certificate(tmp_path, monkeypatch):
+    monkeypatch.setenv("LUME_OPERATOR_CACHE_DIR", str(tmp_path))
+    bundle = unused_ca_bundle()
+    assert bundle == tmp_path / "unused-ca.pem"
+    assert bundle.read_text().count("BEGIN CERTIFICATE") == 1
+    context = ssl.create_default_context(cafile=str(bundle))
+    assert context.cert_store_stats()["x509_ca"] == 1
+    bundle.write_text(bundle.read_text())  # kept: a second call reuses the file
+    assert unused_ca_bundle() == bundle
 
 
 @pytest.mark.unit

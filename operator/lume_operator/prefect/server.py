@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -28,6 +29,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import (
     PREFECT_API_BLOCKS_REGISTER_ON_START,
     PREFECT_API_DATABASE_MIGRATE_ON_START,
+    PREFECT_API_SSL_CERT_FILE,
     PREFECT_API_URL,
     get_current_settings,
     temporary_settings,
@@ -40,6 +42,9 @@ SEEDED_SETTINGS = {
     PREFECT_API_BLOCKS_REGISTER_ON_START: False,
 }
 PORT_IN_USE = 3  # uvicorn's exit code when its port is taken
+PEM_CERTIFICATE = re.compile(
+    r"-----BEGIN CERTIFICATE-----\n.*?\n-----END CERTIFICATE-----\n", re.DOTALL
+)
 
 
 class EmbeddedServer:
@@ -162,12 +167,50 @@ def keep_database(database: Path | None) -> None:
             partial.unlink()
 
 
+def unused_ca_bundle() -> Path | None:
+    """A one-certificate CA bundle for clients of the embedded server, which is plain HTTP.
+
+    Prefect builds a verifying TLS context for every client it creates, HTTP or not, loading
+    certifi's bundle each time (18 ms; about ten clients per flow run, engine and worker).
+    Over HTTP no certificate is ever verified, so the bundle's content does not matter, only
+    that it holds one certificate (OpenSSL refuses an empty one): the first of certifi's,
+    copied once into the cache. None if it cannot be written (Prefect's default then).
+    """
+    import certifi
+
+    bundle = cache_dir() / "unused-ca.pem"
+    if bundle.is_file():
+        return bundle
+    try:
+        found = PEM_CERTIFICATE.search(Path(certifi.where()).read_text())
+        if found is None:
+            return None
+        bundle.parent.mkdir(parents=True, exist_ok=True)
+        partial = bundle.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(found.group(0))
+        os.replace(partial, bundle)
+    except OSError:
+        return None
+    return bundle
+
+
+def _embedded_client_env(api_url: str) -> dict[str, str]:
+    """What this process and its flow runs are given to reach the embedded server."""
+    env = {"PREFECT_API_URL": api_url}
+    # A configured bundle (or SSL_CERT_FILE, Prefect's default) would be loaded as uselessly.
+    bundle = unused_ca_bundle()
+    if bundle is not None:
+        env["PREFECT_API_SSL_CERT_FILE"] = str(bundle)
+    return env
+
+
 @contextlib.contextmanager
 def prefect_api(startup_timeout: int = 120) -> Iterator[tuple[str, bool]]:
     """Yield (api_url, embedded): `PREFECT_API_URL` when set, else a fresh local server.
 
     The embedded server is Prefect's own (SQLite under PREFECT_HOME), in a subprocess; the URL
-    is also exported so the worker's flow-run processes reach the same server.
+    is also exported so the worker's flow-run processes reach the same server, with a CA
+    bundle of one certificate (`unused_ca_bundle`) in place of any other.
     """
     configured = PREFECT_API_URL.value()
     if configured:
@@ -180,18 +223,23 @@ def prefect_api(startup_timeout: int = 120) -> Iterator[tuple[str, bool]]:
         server.start(timeout=startup_timeout)
     if not seeded:
         keep_database(database)
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = server.api_url
+    exported = _embedded_client_env(server.api_url)
+    previous = {name: os.environ.get(name) for name in exported}
+    os.environ.update(exported)
+    settings = {PREFECT_API_URL: server.api_url}
+    if "PREFECT_API_SSL_CERT_FILE" in exported:
+        settings[PREFECT_API_SSL_CERT_FILE] = exported["PREFECT_API_SSL_CERT_FILE"]
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with temporary_settings(updates=settings):
             yield server.api_url, True
     finally:
         # Logs and events still queued for the API go now, while it is up: sent after it
         # stopped, Prefect retries them for a minute before the process can exit.
         APILogWorker.drain_all(timeout=5)
         EventsWorker.drain_all(timeout=5)
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         server.stop()
