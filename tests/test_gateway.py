@@ -193,6 +193,7 @@ def test_the_embedded_server_answers_a_burst_of_writes_without_503(tmp_path, mon
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     monkeypatch.setenv("LUME_OPERATOR_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("PREFECT_API_SSL_CERT_FILE", certifi.where())
+    monkeypatch.delenv("PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED", raising=False)
     with temporary_settings(updates={PREFECT_HOME: str(tmp_path)}):
         with prefect_api() as (api_url, embedded):
             assert embedded
@@ -201,9 +202,39 @@ def test_the_embedded_server_answers_a_burst_of_writes_without_503(tmp_path, mon
             bundle = str(tmp_path / "cache" / "unused-ca.pem")
             assert os.environ["PREFECT_API_SSL_CERT_FILE"] == bundle
             assert PREFECT_API_SSL_CERT_FILE.value() == bundle
+            # Nor do they ask the server for its version (this Prefect) or a CSRF token (off).
+            assert os.environ["PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED"] == "false"
+            assert os.environ["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == "false"
     assert len(statuses) == 24 * 3
     assert set(statuses) == {201}, sorted(statuses)
     assert os.environ["PREFECT_API_SSL_CERT_FILE"] == certifi.where()  # restored
+    assert "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED" not in os.environ
+
+
+@pytest.mark.prefect
+@pytest.mark.parametrize(
+    ("url", "config"),
+    [
+        ("sqlite+aiosqlite:///{tmp}/prefect.db", "ImmediateWrites"),
+        ("postgresql+asyncpg://user@127.0.0.1:5432/prefect", None),
+    ],
+)
+def test_the_embedded_app_begins_sqlite_writes_immediate(tmp_path, url, config):
+    """Its factory installs `immediate_writes` through Prefect's injection point on SQLite
+    only; PostgreSQL keeps Prefect's configuration (row locks, no database-wide writer)."""
+    from prefect.server.database.dependencies import (
+        MODELS_DEPENDENCIES,
+        temporary_database_config,
+    )
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+
+    from lume_operator.prefect.embedded_app import RetryBusy, create_app
+
+    settings = {PREFECT_API_DATABASE_CONNECTION_URL: url.format(tmp=tmp_path)}
+    with temporary_settings(updates=settings), temporary_database_config(None):
+        assert isinstance(create_app(), RetryBusy)
+        installed = MODELS_DEPENDENCIES["database_config"]
+        assert (type(installed).__name__ if installed else None) == config
 
 
 @pytest.mark.unit

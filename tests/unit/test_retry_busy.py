@@ -122,3 +122,43 @@ def test_pauses_grow_from_milliseconds():
     answer = call(app, "POST", "/api/write", json={"value": 7})
     assert answer.status_code == 200
     assert pauses == [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.25, 0.25]
+
+
+@pytest.mark.parametrize("immediate", [True, False])
+def test_a_write_transaction_holds_the_write_lock_from_its_start(tmp_path, immediate):
+    """Prefect's SQLite transactions begin DEFERRED: one that reads first cannot take the write
+    lock once another writer committed after its read, and fails "busy" again and again under
+    load. The embedded server's begin IMMEDIATE (real SQLite, Prefect's own configuration
+    class): after a read in the transaction, another writer already finds the lock taken."""
+    import sqlite3
+
+    import sqlalchemy as sa
+    from prefect.server.database.configurations import AioSqliteConfiguration
+
+    from lume_operator.prefect.embedded_app import immediate_writes
+
+    path = tmp_path / "prefect.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    config = immediate_writes(url) if immediate else AioSqliteConfiguration(connection_url=url)
+
+    def another_writer_gets_the_lock() -> bool:
+        with sqlite3.connect(path, timeout=0, isolation_level=None) as other:
+            try:
+                other.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                assert "locked" in str(error)
+                return False
+            other.execute("ROLLBACK")
+            return True
+
+    async def scenario() -> bool:
+        engine = await config.engine()
+        try:
+            session = await config.session(engine)
+            async with session, config.begin_transaction(session):
+                await session.execute(sa.text("select 1"))
+                return another_writer_gets_the_lock()
+        finally:
+            await engine.dispose()
+
+    assert anyio.run(scenario) is not immediate

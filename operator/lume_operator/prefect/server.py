@@ -24,16 +24,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import prefect
+import prefect.settings
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import (
     PREFECT_API_BLOCKS_REGISTER_ON_START,
     PREFECT_API_DATABASE_MIGRATE_ON_START,
-    PREFECT_API_SSL_CERT_FILE,
     PREFECT_API_URL,
     get_current_settings,
     temporary_settings,
 )
+from prefect.settings.legacy import Setting
 
 CACHE_ENV = "LUME_OPERATOR_CACHE_DIR"
 # A seeded database is migrated and has Prefect's block types already.
@@ -195,13 +196,25 @@ def unused_ca_bundle() -> Path | None:
 
 
 def _embedded_client_env(api_url: str) -> dict[str, str]:
-    """What this process and its flow runs are given to reach the embedded server."""
-    env = {"PREFECT_API_URL": api_url}
+    """What this process and its flow runs are given to reach the embedded server: requests
+    a Prefect client makes for a server it cannot know, left out (each new client, about ten
+    per flow run, made them)."""
+    env = {
+        "PREFECT_API_URL": api_url,
+        # The server is this Prefect, started from this interpreter.
+        "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false",
+    }
+    if not get_current_settings().server.api.csrf_protection_enabled:
+        env["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] = "false"  # each client asked, and was told
     # A configured bundle (or SSL_CERT_FILE, Prefect's default) would be loaded as uselessly.
     bundle = unused_ca_bundle()
     if bundle is not None:
         env["PREFECT_API_SSL_CERT_FILE"] = str(bundle)
     return env
+
+
+def _setting(name: str) -> Setting:
+    return getattr(prefect.settings, name)
 
 
 @contextlib.contextmanager
@@ -210,7 +223,8 @@ def prefect_api(startup_timeout: int = 120) -> Iterator[tuple[str, bool]]:
 
     The embedded server is Prefect's own (SQLite under PREFECT_HOME), in a subprocess; the URL
     is also exported so the worker's flow-run processes reach the same server, with a CA
-    bundle of one certificate (`unused_ca_bundle`) in place of any other.
+    bundle of one certificate (`unused_ca_bundle`) in place of any other, and no version or
+    CSRF-token requests (`_embedded_client_env`).
     """
     configured = PREFECT_API_URL.value()
     if configured:
@@ -226,11 +240,8 @@ def prefect_api(startup_timeout: int = 120) -> Iterator[tuple[str, bool]]:
     exported = _embedded_client_env(server.api_url)
     previous = {name: os.environ.get(name) for name in exported}
     os.environ.update(exported)
-    settings = {PREFECT_API_URL: server.api_url}
-    if "PREFECT_API_SSL_CERT_FILE" in exported:
-        settings[PREFECT_API_SSL_CERT_FILE] = exported["PREFECT_API_SSL_CERT_FILE"]
     try:
-        with temporary_settings(updates=settings):
+        with temporary_settings(updates={_setting(name): v for name, v in exported.items()}):
             yield server.api_url, True
     finally:
         # Logs and events still queued for the API go now, while it is up: sent after it
