@@ -350,6 +350,30 @@ def test_launcher_exits_as_its_run(tmp_path):
     assert cold.returncode == 5 and "starting a new interpreter" in cold.stderr
 
 
+def test_a_warm_run_finds_prefects_client_models_built(tmp_path):
+    """Pydantic builds Prefect's client models at first use; the fork server builds them once,
+    so a warm run does not build FlowRun, Deployment and the rest again (a cold one does)."""
+    from lume_operator.prefect.forkserver import fork_server
+
+    (tmp_path / "models.py").write_text(
+        "from prefect.client.schemas.actions import FlowRunUpdate\n"
+        "from prefect.client.schemas.objects import FlowRun\n"
+        "from prefect.client.schemas.responses import DeploymentResponse\n"
+        "print([m.__pydantic_complete__ for m in (FlowRun, DeploymentResponse, FlowRunUpdate)])\n"
+    )
+    launch = [sys.executable, "-m", "lume_operator.prefect.warmstart", "models"]
+    with fork_server() as server:
+        warm = subprocess.run(
+            launch, cwd=tmp_path, env={**os.environ, **server.env}, capture_output=True, text=True
+        )
+    assert warm.returncode == 0 and "warm start" not in warm.stderr, warm.stderr
+    assert warm.stdout.strip() == "[True, True, True]"
+    cold = subprocess.run(
+        [sys.executable, "models.py"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert cold.stdout.strip() == "[False, False, False]", cold.stderr
+
+
 def test_fork_server_socket_is_private(tmp_path):
     from lume_operator.prefect.forkserver import fork_server
 
