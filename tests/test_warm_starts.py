@@ -427,3 +427,25 @@ def test_preload_takes_installed_packages_never_the_projects_own(tmp_path):
         "def f():\n    import h5py\n"
     )
     assert installed_imports(flow, tmp_path) == ["numpy", "prefect"]
+
+
+@pytest.mark.unit
+def test_the_workers_base_environment_is_prefects_made_once_per_settings():
+    """Prefect's settings as variables, as its process worker gives every run, but made once
+    for the settings in force (again when they change), each run getting its own copy."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+    from prefect.workers.process import ProcessJobConfiguration
+
+    from lume_operator.prefect.worker import WarmJobConfiguration, WarmProcessWorker
+
+    assert WarmProcessWorker.job_configuration is WarmJobConfiguration
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:1/api"}):
+        first = WarmJobConfiguration._base_environment()
+        assert first == ProcessJobConfiguration._base_environment()
+        assert first["PREFECT_API_URL"] == "http://127.0.0.1:1/api"
+        settings = get_current_settings()
+        first["MINE"] = "changed by one run"
+        again = WarmJobConfiguration._base_environment()
+        assert "MINE" not in again and WarmJobConfiguration._made_for[0] is settings
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:2/api"}):
+        assert WarmJobConfiguration._base_environment()["PREFECT_API_URL"].endswith(":2/api")

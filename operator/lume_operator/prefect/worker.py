@@ -19,10 +19,11 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import anyio.abc
+from prefect.settings import Settings, get_current_settings
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
 from lume_operator.prefect.forkserver import ForkServer
@@ -52,10 +53,28 @@ def preload_from_env() -> list[str]:
     return [name.strip() for name in os.environ.get(PRELOAD_ENV, "").split(",") if name.strip()]
 
 
+class WarmJobConfiguration(ProcessJobConfiguration):
+    """Prefect's process job configuration, its base environment (Prefect's settings as
+    variables) made once per settings object rather than for every run: 18 ms of the
+    worker's event loop each, while it starts the other runs of a fan-out."""
+
+    _made_for: ClassVar[tuple[Settings, dict[str, str]] | None] = None
+
+    @classmethod
+    def _base_environment(cls) -> dict[str, str]:
+        settings = get_current_settings()
+        made = WarmJobConfiguration._made_for
+        if made is None or made[0] is not settings:
+            made = (settings, super()._base_environment())
+            WarmJobConfiguration._made_for = made
+        return dict(made[1])
+
+
 class WarmProcessWorker(ProcessWorker):
     """A process worker whose flow runs start warm; see the module's docstring."""
 
     _description = "Execute flow runs as processes forked from a warm fork server."
+    job_configuration = WarmJobConfiguration
 
     def __init__(
         self,
