@@ -374,6 +374,23 @@ def test_a_warm_run_finds_prefects_client_models_built(tmp_path):
     assert cold.stdout.strip() == "[False, False, False]", cold.stderr
 
 
+def test_a_preloaded_module_runs_warm_without_runpys_warning(tmp_path):
+    """The preload imports Prefect's engine, which each warm run then runs as __main__: runpy's
+    "found in sys.modules" warning is the normal case there, not a line of every run's log."""
+    from lume_operator.prefect.forkserver import fork_server
+
+    with fork_server(["json.tool"]) as server:
+        done = subprocess.run(
+            [sys.executable, "-m", "lume_operator.prefect.warmstart", "json.tool"],
+            input='{"a": 1}',
+            env={**os.environ, **server.env},
+            capture_output=True,
+            text=True,
+        )
+    assert done.returncode == 0 and done.stdout == '{\n    "a": 1\n}\n'
+    assert done.stderr == ""
+
+
 def test_fork_server_socket_is_private(tmp_path):
     from lume_operator.prefect.forkserver import fork_server
 

@@ -334,6 +334,13 @@ def _refresh_prefect() -> None:
 
 def _run_module(module: str) -> int:
     import runpy
+    import warnings
+
+    # runpy warns when the module it runs as __main__ was imported already, as the preload
+    # imports Prefect's engine: what makes a start warm, nothing for the run's log.
+    warnings.filterwarnings(
+        "ignore", r".* found in sys\.modules after import of package", RuntimeWarning
+    )
 
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
