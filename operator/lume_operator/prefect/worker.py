@@ -6,6 +6,8 @@ change: a flow run whose command is Prefect's engine (`python -m prefect.engine`
 or the local runner's `python -m lume_operator.local.engine`) runs through the launcher
 `python -m lume_operator.prefect.warmstart MODULE`, which has the worker's fork server fork the
 engine from a process that already imported Prefect. Any other command runs as configured.
+(Its job configuration also makes the runs' base environment once per settings object:
+`WarmJobConfiguration`.)
 The fork server is started with the worker (it imports Prefect while the worker sets up) and
 stopped with it; if it cannot start, runs start cold.
 
