@@ -388,8 +388,9 @@ def _complete_models() -> None:
 
     Prefect's client models (FlowRun, Deployment, the state and update models...) refer to
     each other by name, so pydantic builds them at their first validation: in every forked
-    run again, 10 to 20% of a short run's CPU. Built here once (0.1 s for Prefect's 260), as
-    that first use would build them; a model that cannot be built yet is left to its run.
+    run again (12 ms for FlowRun, Deployment and FlowRunUpdate alone). Built here once (0.1 s
+    for Prefect's 260), as that first use would build them; a model that cannot be built yet
+    is left to its run.
     """
     import pydantic
 

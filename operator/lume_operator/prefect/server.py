@@ -196,9 +196,9 @@ def unused_ca_bundle() -> Path | None:
 
 
 def _embedded_client_env(api_url: str) -> dict[str, str]:
-    """What this process and its flow runs are given to reach the embedded server: requests
-    a Prefect client makes for a server it cannot know, left out (each new client, about ten
-    per flow run, made them)."""
+    """What this process and its flow runs are given for the embedded server: its address,
+    and what spares each new Prefect client (about ten per flow run) work that only a server
+    it does not know would need: a version check, a CSRF token, a whole CA bundle."""
     env = {
         "PREFECT_API_URL": api_url,
         # The server is this Prefect, started from this interpreter.
