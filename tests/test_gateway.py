@@ -245,8 +245,9 @@ def test_the_unused_ca_bundle_holds_one_loadable_certificate(tmp_path, monkeypat
     assert bundle.read_text().count("BEGIN CERTIFICATE") == 1
     context = ssl.create_default_context(cafile=str(bundle))
     assert context.cert_store_stats()["x509_ca"] == 1
-    bundle.write_text(bundle.read_text())  # kept: a second call reuses the file
-    assert unused_ca_bundle() == bundle
+    bundle.write_text("# kept\n" + bundle.read_text())
+    assert unused_ca_bundle() == bundle  # a second call reuses the file, never rewrites it
+    assert bundle.read_text().startswith("# kept\n")
 
 
 @pytest.mark.unit
