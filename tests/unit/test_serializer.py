@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from lume_operator.prefect.serializer import LumeJSONSerializer, loads
+
+pytestmark = pytest.mark.unit
 
 
 def test_numpy_values_and_unencodable_ones_are_marked():
