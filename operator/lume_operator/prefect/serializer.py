@@ -52,23 +52,22 @@ def encode(value: Any, path: str = "") -> Any:
             encode(item, f"{path}.{index}" if path else str(index))
             for index, item in enumerate(value)
         ]
+    described = _type_name(value)
     # A numpy value exists only where numpy was imported: a flow that never imported it does
     # not pay its import (0.1 CPU-s) to store a dict.
     np = sys.modules.get("numpy")
-    if np is None:
-        return {MARK: "unencodable", "path": path or "return", "type": _type_name(value)}
-    if isinstance(value, np.ndarray) and value.dtype.kind in _KINDS:
-        return {
-            MARK: "ndarray",
-            "dtype": value.dtype.str,
-            "shape": list(value.shape),
-            "data": value.tolist(),
-        }
-    if isinstance(value, np.generic) and value.dtype.kind in _KINDS:
-        return {MARK: "scalar", "dtype": value.dtype.str, "data": value.item()}
-    described = _type_name(value)
-    if isinstance(value, np.ndarray | np.generic):
-        described += f" of dtype {value.dtype}"
+    if np is not None and isinstance(value, np.ndarray | np.generic):
+        if value.dtype.kind not in _KINDS:
+            described += f" of dtype {value.dtype}"
+        elif isinstance(value, np.ndarray):
+            return {
+                MARK: "ndarray",
+                "dtype": value.dtype.str,
+                "shape": list(value.shape),
+                "data": value.tolist(),
+            }
+        else:
+            return {MARK: "scalar", "dtype": value.dtype.str, "data": value.item()}
     return {MARK: "unencodable", "path": path or "return", "type": described}
 
 
