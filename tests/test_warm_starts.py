@@ -374,6 +374,49 @@ def test_a_warm_run_finds_prefects_client_models_built(tmp_path):
     assert cold.stdout.strip() == "[False, False, False]", cold.stderr
 
 
+HEARTBEATS = """\
+import threading
+from types import SimpleNamespace
+
+from prefect import flow_engine
+
+engine = SimpleNamespace(
+    heartbeat_seconds=30,
+    flow_run=None,
+    logger=SimpleNamespace(debug=lambda *args, **kwargs: None),
+    _build_heartbeat_event_template=lambda: ({}, []),
+    _emit_flow_run_heartbeat=lambda resource, related: None,
+)
+with flow_engine._send_heartbeats(engine):
+    pass
+# Stopped either way; joined (gone) only where the engine waited for it.
+print([t.is_alive() for t in threading.enumerate() if t is not threading.main_thread()])
+"""
+
+
+def test_a_warm_run_ends_without_waiting_for_prefects_heartbeat_thread(tmp_path):
+    """A synchronous flow's engine joins its heartbeat thread, which sleeps in 1 s steps: the
+    process (and the worker waiting for it) lingered up to 1 s after each run's final state.
+    Warm runs leave the stopped thread to end with the process; cold ones are Prefect's own."""
+    from lume_operator.prefect.forkserver import fork_server
+
+    (tmp_path / "heartbeats.py").write_text(HEARTBEATS)
+    with fork_server() as server:
+        warm = subprocess.run(
+            [sys.executable, "-m", "lume_operator.prefect.warmstart", "heartbeats"],
+            cwd=tmp_path,
+            env={**os.environ, **server.env},
+            capture_output=True,
+            text=True,
+        )
+    assert warm.returncode == 0 and warm.stderr == "", warm.stderr
+    assert warm.stdout.strip() == "[True]"
+    cold = subprocess.run(
+        [sys.executable, "heartbeats.py"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert cold.stdout.strip() == "[]", cold.stderr
+
+
 def test_a_preloaded_module_runs_warm_without_runpys_warning(tmp_path):
     """The preload imports Prefect's engine, which each warm run then runs as __main__: runpy's
     "found in sys.modules" warning is the normal case there, not a line of every run's log."""

@@ -407,6 +407,22 @@ def _complete_models() -> None:
                     model.model_rebuild()
 
 
+def _heartbeats_not_joined() -> None:
+    """A synchronous flow's engine, past its final state, joins Prefect's heartbeat thread,
+    which sleeps in 1 s steps: its process, and a worker waiting for it, lingered up to 1 s
+    after each run. Warm runs leave the stopped thread to end with the process, as Prefect's
+    async engine does (`join_on_exit=False`); it sends nothing once stopped, and the process
+    ends with `os._exit`, so it cannot race the interpreter's teardown."""
+    import functools
+    import inspect
+
+    flow_engine = sys.modules.get("prefect.flow_engine")
+    send = getattr(flow_engine, "_send_heartbeats", None)
+    if send is None or "join_on_exit" not in inspect.signature(send).parameters:
+        return  # another Prefect: left as it is
+    flow_engine._send_heartbeats = functools.partial(send, join_on_exit=False)  # type: ignore[union-attr]
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m lume_operator.prefect.forkserver SOCKET [MODULE...]`: preload, then serve."""
     args = sys.argv[1:] if argv is None else argv
@@ -424,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:
             print(f"fork server: not preloaded {module}: {error}", file=sys.stderr)
     _complete_models()
+    _heartbeats_not_joined()
     if threading.active_count() != 1:
         names = ", ".join(thread.name for thread in threading.enumerate())
         print(f"fork server refused: threads running after the imports ({names})", file=sys.stderr)
