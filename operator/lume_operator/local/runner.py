@@ -318,7 +318,8 @@ class LocalRunner:
                 except Exception as error:  # one run's surprise must not hide the others'
                     pending.remove(watch)
                     watch.broken(f"{type(error).__name__}: {error}")
-            await anyio.sleep(0.3)
+            if pending:
+                await anyio.sleep(0.3)
 
     async def _cancel(self, gateway: Any, pending: list[_Watch]) -> None:
         """Cancel the runs still going, and wait while the worker kills their processes.
