@@ -496,7 +496,11 @@ def test_the_workers_base_environment_is_prefects_made_once_per_settings():
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
     from prefect.workers.process import ProcessJobConfiguration
 
-    from lume_operator.prefect.worker import WarmJobConfiguration, WarmProcessWorker
+    from lume_operator.prefect.worker import (
+        WarmJobConfiguration,
+        WarmProcessWorker,
+        _SettingsEnvironment,
+    )
 
     assert WarmProcessWorker.job_configuration is WarmJobConfiguration
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:1/api"}):
@@ -506,6 +510,47 @@ def test_the_workers_base_environment_is_prefects_made_once_per_settings():
         settings = get_current_settings()
         first["MINE"] = "changed by one run"
         again = WarmJobConfiguration._base_environment()
-        assert "MINE" not in again and WarmJobConfiguration._made_for[0] is settings
+        assert "MINE" not in again and _SettingsEnvironment.made_for[0] is settings
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:2/api"}):
         assert WarmJobConfiguration._base_environment()["PREFECT_API_URL"].endswith(":2/api")
+
+
+@pytest.mark.unit
+def test_the_engine_starter_of_a_warm_run_reuses_the_settings_environment(monkeypatch):
+    """Prefect's engine command starter makes the same variables again for every run it
+    starts: inside a WarmProcessWorker's run it gets them made once; anywhere else (Prefect's
+    own ProcessWorker in the same process) it gets the settings themselves."""
+    from prefect.runner import _starter_engine
+    from prefect.settings import (
+        PREFECT_API_URL,
+        Settings,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    from lume_operator.prefect.worker import _IN_WARM_RUN, _starter_settings_once
+
+    made: list[Settings] = []
+    original = Settings.to_environment_variables
+
+    def counted(self: Settings, *args: Any, **kwargs: Any) -> dict[str, str]:
+        made.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Settings, "to_environment_variables", counted)
+    _starter_settings_once()
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:3/api"}):
+        settings = get_current_settings()
+        assert _starter_engine.get_current_settings() is settings
+        token = _IN_WARM_RUN.set(True)
+        try:
+            starter_settings = _starter_engine.get_current_settings()
+            variables = [starter_settings.to_environment_variables(exclude_unset=True)]
+            variables.append(starter_settings.to_environment_variables(exclude_unset=True))
+            assert starter_settings.api.url == "http://127.0.0.1:3/api"
+        finally:
+            _IN_WARM_RUN.reset(token)
+        assert variables[0] == variables[1] == original(settings, exclude_unset=True)
+        assert variables[0] is not variables[1]
+        assert variables[0]["PREFECT_API_URL"] == "http://127.0.0.1:3/api"
+        assert made.count(settings) == 1

@@ -6,8 +6,8 @@ change: a flow run whose command is Prefect's engine (`python -m prefect.engine`
 or the local runner's `python -m lume_operator.local.engine`) runs through the launcher
 `python -m lume_operator.prefect.warmstart MODULE`, which has the worker's fork server fork the
 engine from a process that already imported Prefect. Any other command runs as configured.
-(Its job configuration also makes the runs' base environment once per settings object:
-`WarmJobConfiguration`.)
+(It also makes Prefect's settings environment for its runs once per settings object, where
+Prefect makes it twice per run: `_SettingsEnvironment`.)
 The fork server is started with the worker (it imports Prefect while the worker sets up) and
 stopped with it; if it cannot start, runs start cold.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -55,21 +56,68 @@ def preload_from_env() -> list[str]:
     return [name.strip() for name in os.environ.get(PRELOAD_ENV, "").split(",") if name.strip()]
 
 
-class WarmJobConfiguration(ProcessJobConfiguration):
-    """Prefect's process job configuration, its base environment (Prefect's settings as
-    variables) made once per settings object rather than for every run: 18 ms of the
-    worker's event loop each, while it starts the other runs of a fan-out."""
+class _SettingsEnvironment:
+    """Prefect's settings as variables (`to_environment_variables(exclude_unset=True)`), made
+    once per settings object: Prefect makes them twice for every run it starts (the job
+    configuration's base environment, then the engine command's), 18 ms of the worker's
+    process each, while it starts a fan-out's other runs. Settings objects are not changed
+    in place (`temporary_settings` makes new ones), so the same object gives the same
+    variables; each caller gets its own copy."""
 
-    _made_for: ClassVar[tuple[Settings, dict[str, str]] | None] = None
+    made_for: ClassVar[tuple[Settings, dict[str, str]] | None] = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> dict[str, str]:
+        made = cls.made_for
+        if made is None or made[0] is not settings:
+            made = (settings, settings.to_environment_variables(exclude_unset=True))
+            cls.made_for = made
+        return dict(made[1])
+
+
+class _StarterSettings:
+    """What Prefect's engine command starter gets from `get_current_settings()` while it
+    starts a `WarmProcessWorker`'s run: the settings in force, their variables made once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def to_environment_variables(self, exclude_unset: bool = False, **options: Any) -> Any:
+        if exclude_unset and not options:
+            return _SettingsEnvironment.of(self._settings)
+        return self._settings.to_environment_variables(exclude_unset=exclude_unset, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._settings, name)
+
+
+# Set while a WarmProcessWorker starts a run: only its runs' starter sees `_StarterSettings`
+# (a Prefect ProcessWorker in the same process keeps Prefect's own behaviour).
+_IN_WARM_RUN: ContextVar[bool] = ContextVar("lume_in_warm_run", default=False)
+
+
+def _starter_settings() -> Any:
+    settings = get_current_settings()
+    return _StarterSettings(settings) if _IN_WARM_RUN.get() else settings
+
+
+def _starter_settings_once() -> None:
+    """Have Prefect's engine command starter (`prefect.runner._starter_engine`, which calls
+    `get_current_settings` for nothing but the variables) use `_starter_settings`; left
+    alone if another Prefect no longer looks it up there."""
+    from prefect.runner import _starter_engine
+
+    if getattr(_starter_engine, "get_current_settings", None) is get_current_settings:
+        _starter_engine.get_current_settings = _starter_settings  # type: ignore[assignment]
+
+
+class WarmJobConfiguration(ProcessJobConfiguration):
+    """Prefect's process job configuration, its base environment made once per settings
+    object (`_SettingsEnvironment`) rather than for every run."""
 
     @classmethod
     def _base_environment(cls) -> dict[str, str]:
-        settings = get_current_settings()
-        made = WarmJobConfiguration._made_for
-        if made is None or made[0] is not settings:
-            made = (settings, super()._base_environment())
-            WarmJobConfiguration._made_for = made
-        return dict(made[1])
+        return _SettingsEnvironment.of(get_current_settings())
 
 
 class WarmProcessWorker(ProcessWorker):
@@ -147,4 +195,9 @@ class WarmProcessWorker(ProcessWorker):
                 configuration.command = command
                 configuration._command_configured = True
                 configuration.env.update(env)
-        return await super().run(flow_run, configuration, task_status)
+        _starter_settings_once()
+        token = _IN_WARM_RUN.set(True)
+        try:
+            return await super().run(flow_run, configuration, task_status)
+        finally:
+            _IN_WARM_RUN.reset(token)
