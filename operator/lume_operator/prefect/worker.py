@@ -105,8 +105,10 @@ def _starter_settings_once() -> None:
     """Have Prefect's engine command starter (`prefect.runner._starter_engine`, which calls
     `get_current_settings` for nothing but the variables) use `_starter_settings`; left
     alone if another Prefect no longer looks it up there."""
-    from prefect.runner import _starter_engine
-
+    try:
+        from prefect.runner import _starter_engine
+    except ImportError:
+        return
     if getattr(_starter_engine, "get_current_settings", None) is get_current_settings:
         _starter_engine.get_current_settings = _starter_settings  # type: ignore[assignment]
 
