@@ -1,4 +1,5 @@
-"""How `lume-operator run` follows its runs: it reads them every 0.3 s while any is going."""
+"""How `lume-operator run` follows its runs: it reads them every 0.3 s while any is going, or
+sooner when one is announced ended."""
 
 from __future__ import annotations
 
@@ -27,15 +28,32 @@ class _EndsAfter:
         return self.left == 0
 
 
-def test_following_ends_as_the_last_run_ends_without_another_pause(tmp_path: Path, monkeypatch):
+def test_following_ends_as_the_last_run_ends_without_another_pause(tmp_path: Path):
     """The pause between reads is for runs still going: after the last one ended, the run
     ended too (it had waited 0.3 s more, on every `lume-operator run`)."""
-    pauses: list[float] = []
-
-    async def pause(seconds: float) -> None:
-        pauses.append(seconds)
-
-    monkeypatch.setattr(runner_module.anyio, "sleep", pause)
     runner = LocalRunner(Console(file=io.StringIO()), tmp_path, timeout=60)
+    pauses: list[str] = []
+
+    async def pause() -> None:
+        pauses.append("pause")
+
+    runner._pause = pause  # type: ignore[method-assign]
     anyio.run(runner._follow, None, [_EndsAfter(1), _EndsAfter(3)])
-    assert pauses == [0.3, 0.3]
+    assert pauses == ["pause", "pause"]
+
+
+def test_a_pause_lasts_the_interval_or_until_a_run_is_announced_ended(tmp_path: Path, monkeypatch):
+    runner = LocalRunner(Console(file=io.StringIO()), tmp_path, timeout=60)
+
+    async def pause(interval: float, woken: bool) -> float:
+        monkeypatch.setattr(runner_module, "FOLLOW_INTERVAL", interval)
+        started = anyio.current_time()
+        async with anyio.create_task_group() as group:
+            group.start_soon(runner._pause)
+            await anyio.sleep(0)
+            if woken:
+                runner._woken()
+        return anyio.current_time() - started
+
+    assert anyio.run(pause, 0.05, False) >= 0.05
+    assert anyio.run(pause, 600.0, True) < 60

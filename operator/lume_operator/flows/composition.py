@@ -26,6 +26,7 @@ from prefect.tasks import Task
 from prefect.utilities.slugify import slugify
 
 from lume_operator.api.keypath import KeyPathError, walk
+from lume_operator.prefect.run_ends import wake_on_run_ends
 
 FLOW_NAME = "FlowOfFlows"
 ENTRYPOINT = f"{__name__}:run_flow_of_flows"
@@ -36,8 +37,6 @@ OUTCOME_DESCRIPTION = "lume-operator: how each step of the FlowOfFlows ended"
 DESCRIPTION_KEYS = ("filename", "filesystem_identifier", "file_type_string")
 # Child runs read per request: Prefect's default page limit.
 READ_CHUNK = 200
-# State names a run ends in: their events, on Prefect's event stream, wake the poller.
-FINAL_STATE_NAMES = ("Completed", "Failed", "Crashed", "Cancelled", "TimedOut")
 
 
 class MappingError(Exception):
@@ -130,23 +129,11 @@ class _Composition:
                     self._watched.pop(run.id).set()
 
     async def _listen(self) -> None:
-        """Wake the poller when Prefect's event stream announces a watched run's end, rather
-        than up to an interval later (every step of a chain waited half an interval on
-        average). The read stays what decides; a stream that is refused or lost costs only
-        the wait."""
-        from prefect.events.clients import get_events_subscriber
-        from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-
-        ends = EventFilter(
-            event=EventNameFilter(name=[f"prefect.flow-run.{name}" for name in FINAL_STATE_NAMES]),
-            resource=EventResourceFilter(id_prefix=["prefect.flow-run."]),
-        )
+        """Wake the poller when a watched run's end is announced (`run_ends`)."""
         try:
-            async with get_events_subscriber(filter=ends) as events:
-                async for event in events:
-                    run_id = event.resource.id.removeprefix("prefect.flow-run.")
-                    if any(str(watched) == run_id for watched in self._watched):
-                        self._wake.set()
+            await wake_on_run_ends(
+                lambda: {str(run_id) for run_id in self._watched}, lambda: self._wake.set()
+            )
         except Exception as error:  # e.g. no websockets through a proxy: the interval reads
             self.logger.debug(
                 "no event stream; steps' ends are read every %g s: %s", self.poll_interval, error
