@@ -1,5 +1,7 @@
-"""A FlowOfFlows parent sees a step's end when Prefect's event stream announces it, not only at
-its next read (a chain of 5 steps had waited half an interval per step)."""
+"""What Prefect's event stream announces wakes the pollers at once, not at their next interval
+(a chain of 5 steps had waited half an interval per step, twice): a FlowOfFlows parent reads a
+step's run when it is announced ended, and `lume-operator run`'s worker polls for a run when it
+is announced scheduled."""
 
 from __future__ import annotations
 
@@ -72,3 +74,39 @@ def test_without_an_event_stream_the_interval_reads_still_see_the_end(api):
         return True, run.state.type.value
 
     assert anyio.run(parent) == (True, "COMPLETED")
+
+
+class _CountingWorker:
+    """Stands in for the worker `run` polls: counts its polls."""
+
+    def __init__(self) -> None:
+        self.polls = 0
+
+    async def get_and_submit_flow_runs(self) -> None:
+        self.polls += 1
+
+
+def test_runs_worker_polls_when_a_run_is_announced_scheduled(api, tmp_path):
+    import io
+
+    from prefect.states import Scheduled
+    from rich.console import Console
+
+    from lume_operator.local.runner import LocalRunner
+
+    runner = LocalRunner(Console(file=io.StringIO()), tmp_path, timeout=60, poll_interval=LONG)
+    worker = _CountingWorker()
+
+    async def scenario() -> int:
+        async with get_client() as client, anyio.create_task_group() as group:
+            group.start_soon(runner._poll_workers, [worker])
+            await anyio.sleep(1)  # the first poll made, the stream connected
+            assert worker.polls == 1
+            await client.create_flow_run(watched, state=Scheduled())
+            with anyio.fail_after(30):
+                while worker.polls < 2:
+                    await anyio.sleep(0.05)
+            group.cancel_scope.cancel()
+        return worker.polls
+
+    assert anyio.run(scenario) == 2

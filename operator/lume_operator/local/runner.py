@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +40,7 @@ from lume_operator.prefect.deployment import DeploymentSpec
 from lume_operator.prefect.forkserver import ForkServer
 from lume_operator.prefect.gateway import PrefectGateway
 from lume_operator.prefect.port import FINAL_STATES, PrefectError, idempotency_key
-from lume_operator.prefect.run_ends import wake_on_run_ends
+from lume_operator.prefect.run_ends import on_run_states, wake_on_run_ends
 from lume_operator.prefect.serializer import LOCAL_RESULT_ENV
 from lume_operator.prefect.server import prefect_api
 from lume_operator.prefect.worker import WarmProcessWorker
@@ -299,19 +299,34 @@ class LocalRunner:
             finally:
                 in_flight[index] -= 1
 
+        scheduled = anyio.Event()
+
+        def announced(_: str) -> None:
+            scheduled.set()
+
         async with anyio.create_task_group() as group:
+            # A run announced scheduled is polled for at once, not up to an interval later
+            # (each step of a chain waited half an interval for its worker).
+            group.start_soon(self._quietly, on_run_states, ("Scheduled",), announced)
             while True:
                 for index in range(len(workers)):
                     if in_flight[index] < MAX_POLLS_IN_FLIGHT:
                         group.start_soon(poll, index)
-                await anyio.sleep(self.poll_interval)
+                with anyio.move_on_after(self.poll_interval):
+                    await scheduled.wait()
+                scheduled = anyio.Event()
 
     async def _listen(self, watches: list[_Watch]) -> None:
         """Read the runs as soon as one of them is announced ended (`run_ends`), not up to
         0.3 s later; without an event stream, every 0.3 s all the same."""
         ids = {str(watch.flow_run_id) for watch in watches}
+        await self._quietly(wake_on_run_ends, lambda: ids, self._woken)
+
+    @staticmethod
+    async def _quietly(listen: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """An event-stream listener whose failure (no websockets) leaves the interval reads."""
         with contextlib.suppress(Exception):
-            await wake_on_run_ends(lambda: ids, self._woken)
+            await listen(*args)
 
     def _woken(self) -> None:
         if self._wake is not None:

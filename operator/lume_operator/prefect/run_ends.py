@@ -1,17 +1,17 @@
-"""Run ends as Prefect's event stream announces them: what wakes a poller early.
+"""Run states as Prefect's event stream announces them: what wakes a poller early.
 
 A poller that reads runs every interval sees an end half an interval late on average (a chain
 of 5 steps waited 1.2 s in all). Prefect's server announces each state change on its event
 stream (`/api/events/out`, the websocket Prefect's own engine and workers subscribe to); the
-pollers here read as soon as a run they watch is announced ended, and otherwise at their
-interval as before. The read stays what decides, so a stream that is refused (no websockets
+pollers here read as soon as a run they watch is announced ended (and `run`'s worker polls as
+soon as a run is announced scheduled), and otherwise at their interval as before. The read stays what decides, so a stream that is refused (no websockets
 through a proxy) or lost costs only the wait. Imports nothing but Prefect: the FlowOfFlows
 parent, which every composition run loads, uses it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 # State names a run ends in (a final state with another name is seen at the next read).
 FINAL_STATE_NAMES = ("Completed", "Failed", "Crashed", "Cancelled", "TimedOut")
@@ -25,14 +25,24 @@ async def wake_on_run_ends(
 
     Raises what the stream raised: refused, or lost for good after Prefect's reconnections.
     """
+
+    def ended(run_id: str) -> None:
+        if run_id in watched():
+            wake()
+
+    await on_run_states(FINAL_STATE_NAMES, ended)
+
+
+async def on_run_states(states: Sequence[str], call: Callable[[str], None]) -> None:
+    """Until cancelled, call `call(run_id)` for each run announced entering one of `states`
+    (state names). Raises what the stream raised."""
     from prefect.events.clients import get_events_subscriber
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-    ends = EventFilter(
-        event=EventNameFilter(name=[f"{RUN_PREFIX}{name}" for name in FINAL_STATE_NAMES]),
+    announced = EventFilter(
+        event=EventNameFilter(name=[f"{RUN_PREFIX}{name}" for name in states]),
         resource=EventResourceFilter(id_prefix=[RUN_PREFIX]),
     )
-    async with get_events_subscriber(filter=ends) as events:
+    async with get_events_subscriber(filter=announced) as events:
         async for event in events:
-            if event.resource.id.removeprefix(RUN_PREFIX) in watched():
-                wake()
+            call(event.resource.id.removeprefix(RUN_PREFIX))
