@@ -4,9 +4,10 @@ A poller that reads runs every interval sees an end half an interval late on ave
 of 5 steps waited 1.2 s in all). Prefect's server announces each state change on its event
 stream (`/api/events/out`, the websocket Prefect's own engine and workers subscribe to); the
 pollers here read as soon as a run they watch is announced ended (and `run`'s worker polls as
-soon as a run is announced scheduled), and otherwise at their interval as before. The read stays what decides, so a stream that is refused (no websockets
-through a proxy) or lost costs only the wait. Imports nothing but Prefect: the FlowOfFlows
-parent, which every composition run loads, uses it.
+soon as a run is announced scheduled), and otherwise at their interval as before. The read
+stays what decides, so a stream that is refused (no websockets through a proxy) or lost costs
+only the wait. Imports nothing but Prefect: the FlowOfFlows parent, which every composition
+run loads, uses it.
 """
 
 from __future__ import annotations
