@@ -77,36 +77,50 @@ def test_without_an_event_stream_the_interval_reads_still_see_the_end(api):
 
 
 class _CountingWorker:
-    """Stands in for the worker `run` polls: counts its polls."""
+    """Stands in for the worker `run` polls: counts its polls, for runs of `work_pool`."""
 
-    def __init__(self) -> None:
+    def __init__(self, work_pool: Any) -> None:
+        self.work_pool = work_pool
         self.polls = 0
 
     async def get_and_submit_flow_runs(self) -> None:
         self.polls += 1
 
 
-def test_runs_worker_polls_when_a_run_is_announced_scheduled(api, tmp_path):
+def test_runs_worker_polls_when_a_run_of_its_pool_is_announced_scheduled(api, tmp_path):
+    """With a 600 s interval, a scheduled run of its pool has it poll at once (runs of other
+    pools, such as other tests' on this shared server, do not wake it)."""
     import io
+    import uuid
 
+    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.states import Scheduled
     from rich.console import Console
 
     from lume_operator.local.runner import LocalRunner
 
     runner = LocalRunner(Console(file=io.StringIO()), tmp_path, timeout=60, poll_interval=LONG)
-    worker = _CountingWorker()
 
-    async def scenario() -> int:
+    async def scenario() -> tuple[int, int]:
         async with get_client() as client, anyio.create_task_group() as group:
+            pool = await client.create_work_pool(
+                WorkPoolCreate(name=f"wake-{uuid.uuid4().hex[:8]}", type="process")
+            )
+            deployment_id = await client.create_deployment(
+                flow_id=await client.create_flow_from_name("watched"),
+                name=pool.name,
+                work_pool_name=pool.name,
+            )
+            worker = _CountingWorker(pool)
             group.start_soon(runner._poll_workers, [worker])
             await anyio.sleep(1)  # the first poll made, the stream connected
-            assert worker.polls == 1
-            await client.create_flow_run(watched, state=Scheduled())
+            before = worker.polls
+            await client.create_flow_run_from_deployment(deployment_id, state=Scheduled())
             with anyio.fail_after(30):
-                while worker.polls < 2:
+                while worker.polls == before:
                     await anyio.sleep(0.05)
             group.cancel_scope.cancel()
-        return worker.polls
+        return before, worker.polls
 
-    assert anyio.run(scenario) == 2
+    before, after = anyio.run(scenario)
+    assert before >= 1 and after > before

@@ -300,9 +300,11 @@ class LocalRunner:
                 in_flight[index] -= 1
 
         scheduled = anyio.Event()
+        pools = {f"prefect.work-pool.{worker.work_pool.id}" for worker in workers}
 
-        def announced(_: str) -> None:
-            scheduled.set()
+        def announced(_: str, event: Any) -> None:
+            if any(related.id in pools for related in event.related):  # a run for these workers
+                scheduled.set()
 
         async with anyio.create_task_group() as group:
             # A run announced scheduled is polled for at once, not up to an interval later

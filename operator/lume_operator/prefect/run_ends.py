@@ -13,6 +13,7 @@ run loads, uses it.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 # State names a run ends in (a final state with another name is seen at the next read).
 FINAL_STATE_NAMES = ("Completed", "Failed", "Crashed", "Cancelled", "TimedOut")
@@ -27,16 +28,16 @@ async def wake_on_run_ends(
     Raises what the stream raised: refused, or lost for good after Prefect's reconnections.
     """
 
-    def ended(run_id: str) -> None:
+    def ended(run_id: str, event: Any) -> None:
         if run_id in watched():
             wake()
 
     await on_run_states(FINAL_STATE_NAMES, ended)
 
 
-async def on_run_states(states: Sequence[str], call: Callable[[str], None]) -> None:
-    """Until cancelled, call `call(run_id)` for each run announced entering one of `states`
-    (state names). Raises what the stream raised."""
+async def on_run_states(states: Sequence[str], call: Callable[[str, Any], None]) -> None:
+    """Until cancelled, call `call(run_id, event)` for each run announced entering one of
+    `states` (state names), with Prefect's event. Raises what the stream raised."""
     from prefect.events.clients import get_events_subscriber
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
@@ -46,4 +47,4 @@ async def on_run_states(states: Sequence[str], call: Callable[[str], None]) -> N
     )
     async with get_events_subscriber(filter=announced) as events:
         async for event in events:
-            call(event.resource.id.removeprefix(RUN_PREFIX))
+            call(event.resource.id.removeprefix(RUN_PREFIX), event)
