@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 
+import httpx
 import jsonschema
 import pytest
 
@@ -548,6 +550,20 @@ def test_process_agents_start_runs_warm_in_the_operators_image(spec, command, im
     assert container["image"] == image
 
 
+class _AsksAgain(httpx.HTTPTransport):
+    """Asks again after a 503, as Prefect's own client does: the shared SQLite server answers
+    it while another test writes ("database is locked")."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for _ in range(40):
+            response = super().handle_request(request)
+            if response.status_code != 503:
+                return response
+            response.close()
+            time.sleep(0.25)
+        return response
+
+
 def test_the_prefect_server_refuses_a_run_that_widens_a_docker_container(
     shared_prefect_server: PrefectServer,
 ) -> None:
@@ -557,7 +573,7 @@ def test_the_prefect_server_refuses_a_run_that_widens_a_docker_container(
 
     runner = get_backend("docker")
     config, _ = runner.run_config(FULL)
-    api = httpx.Client(base_url=shared_prefect_server.api_url, timeout=30)
+    api = httpx.Client(base_url=shared_prefect_server.api_url, timeout=30, transport=_AsksAgain())
     api.post(
         "/work_pools/",
         json={"name": "locked", "type": "docker", "base_job_template": runner.base_job_template()},
