@@ -52,7 +52,7 @@ def test_a_pause_lasts_the_interval_or_until_a_run_is_announced_ended(tmp_path: 
             group.start_soon(runner._pause)
             await anyio.sleep(0)
             if woken:
-                runner._woken()
+                runner._wake.set()
         return anyio.current_time() - started
 
     assert anyio.run(pause, 0.05, False) >= 0.05

@@ -26,7 +26,7 @@ from prefect.tasks import Task
 from prefect.utilities.slugify import slugify
 
 from lume_operator.api.keypath import KeyPathError, walk
-from lume_operator.prefect.run_ends import wake_on_run_ends
+from lume_operator.prefect.run_ends import Wake, listened, wake_on_run_ends
 
 FLOW_NAME = "FlowOfFlows"
 ENTRYPOINT = f"{__name__}:run_flow_of_flows"
@@ -86,7 +86,7 @@ class _Composition:
         # Child runs in flight, read together by one poller: one request per interval.
         self._watched: dict[Any, anyio.Event] = {}
         self._latest: dict[Any, Any] = {}
-        self._wake = anyio.Event()  # a watched run's end was announced: read now
+        self._wake = Wake()  # a watched run's end was announced: read now
         # One creation at a time: a SQLite Prefect server takes one write at a time, and
         # concurrent ones wait on its lock and retry with backoff (8 creations at once took
         # 6 s where 8 in a row took 0.2 s).
@@ -106,9 +106,7 @@ class _Composition:
         """Every interval, or as soon as one's end is announced, one read of all child runs in
         flight; wakes those that ended."""
         while True:
-            with anyio.move_on_after(self.poll_interval):
-                await self._wake.wait()
-            self._wake = anyio.Event()  # set during the read below: read again straight away
+            await self._wake.wait(self.poll_interval)  # set during the read: again at once
             if not self._watched:
                 continue
             ids = list(self._watched)
@@ -130,14 +128,18 @@ class _Composition:
 
     async def _listen(self) -> None:
         """Wake the poller when a watched run's end is announced (`run_ends`)."""
-        try:
-            await wake_on_run_ends(
-                lambda: {str(run_id) for run_id in self._watched}, lambda: self._wake.set()
-            )
-        except Exception as error:  # e.g. no websockets through a proxy: the interval reads
+
+        def failed(error: Exception) -> None:
             self.logger.debug(
                 "no event stream; steps' ends are read every %g s: %s", self.poll_interval, error
             )
+
+        await listened(
+            wake_on_run_ends,
+            lambda: {str(run_id) for run_id in self._watched},
+            self._wake.set,
+            failed=failed,
+        )
 
     async def _deployment(self, client: Any, name: str) -> Any:
         lock = self._deployment_locks.setdefault(name, anyio.Lock())

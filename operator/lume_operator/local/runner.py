@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +40,7 @@ from lume_operator.prefect.deployment import DeploymentSpec
 from lume_operator.prefect.forkserver import ForkServer
 from lume_operator.prefect.gateway import PrefectGateway
 from lume_operator.prefect.port import FINAL_STATES, PrefectError, idempotency_key
-from lume_operator.prefect.run_ends import on_run_states, wake_on_run_ends
+from lume_operator.prefect.run_ends import Wake, listened, on_run_states, wake_on_run_ends
 from lume_operator.prefect.serializer import LOCAL_RESULT_ENV
 from lume_operator.prefect.server import prefect_api
 from lume_operator.prefect.worker import WarmProcessWorker
@@ -127,7 +127,7 @@ class LocalRunner:
             or f"sqlite:///{self.results_root / 'results.sqlite'}"
         }
         self.queues: dict[str, set[str]] = {}
-        self._wake: anyio.Event | None = None  # set: a followed run was announced ended
+        self._wake = Wake()  # a followed run was announced ended: read now
 
     def say(self, who: str, text: str, style: str = "") -> None:
         """One progress line; user text is never read as markup."""
@@ -299,7 +299,7 @@ class LocalRunner:
             finally:
                 in_flight[index] -= 1
 
-        scheduled = anyio.Event()
+        scheduled = Wake()
         pools = {f"prefect.work-pool.{worker.work_pool.id}" for worker in workers}
 
         def announced(_: str, event: Any) -> None:
@@ -309,37 +309,22 @@ class LocalRunner:
         async with anyio.create_task_group() as group:
             # A run announced scheduled is polled for at once, not up to an interval later
             # (each step of a chain waited half an interval for its worker).
-            group.start_soon(self._quietly, on_run_states, ("Scheduled",), announced)
+            group.start_soon(listened, on_run_states, ("Scheduled",), announced)
             while True:
                 for index in range(len(workers)):
                     if in_flight[index] < MAX_POLLS_IN_FLIGHT:
                         group.start_soon(poll, index)
-                with anyio.move_on_after(self.poll_interval):
-                    await scheduled.wait()
-                scheduled = anyio.Event()
+                await scheduled.wait(self.poll_interval)
 
     async def _listen(self, watches: list[_Watch]) -> None:
         """Read the runs as soon as one of them is announced ended (`run_ends`), not up to
         0.3 s later; without an event stream, every 0.3 s all the same."""
         ids = {str(watch.flow_run_id) for watch in watches}
-        await self._quietly(wake_on_run_ends, lambda: ids, self._woken)
-
-    @staticmethod
-    async def _quietly(listen: Callable[..., Awaitable[None]], *args: Any) -> None:
-        """An event-stream listener whose failure (no websockets) leaves the interval reads."""
-        with contextlib.suppress(Exception):
-            await listen(*args)
-
-    def _woken(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+        await listened(wake_on_run_ends, lambda: ids, self._wake.set)
 
     async def _pause(self) -> None:
         """Until the next read: 0.3 s, or less if a run was announced ended meanwhile."""
-        self._wake = self._wake or anyio.Event()
-        with anyio.move_on_after(FOLLOW_INTERVAL):
-            await self._wake.wait()
-        self._wake = anyio.Event()
+        await self._wake.wait(FOLLOW_INTERVAL)
 
     async def _follow(self, gateway: Any, watches: list[_Watch]) -> None:
         pending = list(watches)

@@ -12,12 +12,53 @@ run loads, uses it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
+
+import anyio
 
 # State names a run ends in (a final state with another name is seen at the next read).
 FINAL_STATE_NAMES = ("Completed", "Failed", "Crashed", "Cancelled", "TimedOut")
 RUN_PREFIX = "prefect.flow-run."
+
+
+class Wake:
+    """A poller's pause that an announcement cuts short.
+
+    A listener calls `set()`; the poller's `wait(seconds)` returns then, or after `seconds`,
+    and a `set()` during the read that follows ends the next wait at once. Can be made outside
+    an event loop (anyio's Event cannot): its Event is made at first use.
+    """
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+
+    def set(self) -> None:
+        self._renewed().set()
+
+    async def wait(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            await self._renewed().wait()
+        self._event = anyio.Event()
+
+    def _renewed(self) -> anyio.Event:
+        if self._event is None:
+            self._event = anyio.Event()
+        return self._event
+
+
+async def listened(
+    listen: Callable[..., Awaitable[None]],
+    *args: Any,
+    failed: Callable[[Exception], None] | None = None,
+) -> None:
+    """Run a listener below until cancelled. Its failure (no websockets through a proxy, the
+    stream lost for good) leaves the interval reads, so it goes to `failed`, not up."""
+    try:
+        await listen(*args)
+    except Exception as error:
+        if failed is not None:
+            failed(error)
 
 
 async def wake_on_run_ends(
