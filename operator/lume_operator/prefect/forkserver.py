@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import importlib
 import json
 import os
@@ -441,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fork server: not preloaded {module}: {error}", file=sys.stderr)
     _complete_models()
     _heartbeats_not_joined()
+    # What every run inherits, out of the collector's full passes: a run's would otherwise walk
+    # it all, and write to each object's header, copying the server's pages into the run.
+    gc.freeze()
     if threading.active_count() != 1:
         names = ", ".join(thread.name for thread in threading.enumerate())
         print(f"fork server refused: threads running after the imports ({names})", file=sys.stderr)
