@@ -229,13 +229,19 @@ def test_the_embedded_app_begins_sqlite_writes_immediate(tmp_path, url, config):
     )
     from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
 
-    from lume_operator.prefect.embedded_app import RetryBusy, create_app
+    from lume_operator.prefect.embedded_app import (
+        RetryBusy,
+        StreamsEndWithTheirClients,
+        create_app,
+    )
 
     settings = {PREFECT_API_DATABASE_CONNECTION_URL: url.format(tmp=tmp_path)}
     gc.unfreeze()
     try:
         with temporary_settings(updates=settings), temporary_database_config(None):
-            assert isinstance(create_app(), RetryBusy)
+            app = create_app()
+            assert isinstance(app, RetryBusy)
+            assert isinstance(app.app, StreamsEndWithTheirClients)
             installed = MODELS_DEPENDENCIES["database_config"]
             assert (type(installed).__name__ if installed else None) == config
         # Prefect's modules and app, out of the collector's full passes for the server's life.

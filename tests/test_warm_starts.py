@@ -582,3 +582,31 @@ def test_the_engine_starter_of_a_warm_run_reuses_the_settings_environment(monkey
         assert variables[0] is not variables[1]
         assert variables[0]["PREFECT_API_URL"] == "http://127.0.0.1:3/api"
         assert made.count(settings) == 1
+
+
+@pytest.mark.unit
+def test_a_workers_integrations_are_found_once_per_process(monkeypatch):
+    """Prefect finds the installed integrations (every distribution's metadata read, every
+    Prefect collection imported) at each worker's start, while the first run waits; warm
+    workers of one process find them once and each tells Prefect's server the same."""
+    from prefect.workers.base import BaseWorker
+
+    from lume_operator.prefect.worker import WarmProcessWorker
+
+    found = BaseWorker._worker_metadata
+    calls: list[object] = []
+
+    async def counted(self: object) -> object:
+        calls.append(self)
+        return await found(self)
+
+    monkeypatch.setattr(BaseWorker, "_worker_metadata", counted)
+    monkeypatch.setattr(WarmProcessWorker, "_metadata", [])
+
+    async def both() -> list[object]:
+        workers = [WarmProcessWorker(work_pool_name=name) for name in ("a", "b")]
+        return [await worker._worker_metadata() for worker in workers]
+
+    first, second = anyio.run(both)
+    assert len(calls) == 1 and first is second
+    assert first is not None and "prefect-kubernetes" in {i.name for i in first.integrations}

@@ -574,14 +574,10 @@ def run_local(
         (i.code.source_file, i.code.project_dir) for c in compositions for i in c.steps.values()
     ]
     # What the runner needs later and takes seconds to import (the result store; the file
-    # types, which import lume-base, to check File results at a run's end): imported while
-    # Prefect's server starts, when this waits.
-    threading.Thread(
-        target=_import,
-        args=("lume_operator.results.store", "lume_operator.results.files"),
-        name="lume-imports",
-        daemon=True,
-    ).start()
+    # types, which import lume-base, to check File results at a run's end; the Prefect
+    # collections its worker lists to Prefect's server as it starts): imported while Prefect's
+    # server starts, when this waits.
+    threading.Thread(target=_preload, name="lume-imports", daemon=True).start()
     with (
         ForkServer(preload_for(sources)).start() as fork_server,
         _on_interrupt(stop),
@@ -617,10 +613,14 @@ def run_local(
     return 0 if all(phase == "Completed" for phase in done) else 1
 
 
-def _import(*modules: str) -> None:
-    for module in modules:
-        with contextlib.suppress(Exception):  # imported again, and failing there, when needed
-            importlib.import_module(module)
+def _preload() -> None:
+    from prefect.plugins import load_prefect_collections
+
+    with contextlib.suppress(Exception):  # imported again, and failing there, when needed
+        importlib.import_module("lume_operator.results.store")
+        importlib.import_module("lume_operator.results.files")
+    with contextlib.suppress(Exception):  # loaded again by the worker's start, as Prefect does
+        load_prefect_collections()
 
 
 STATUS_FILE = "status.yaml"

@@ -42,6 +42,8 @@ FIRST_PAUSE = 0.005
 LONGEST_PAUSE = 0.25
 BUDGET_SECONDS = 10.0
 RETRY_AFTER = "0.5"  # seconds, for a 503 that goes out after all
+EVENT_STREAM = "/events/out"
+INBOX = 16  # a client's messages not yet read by its handler
 
 
 class RetryBusy:
@@ -129,6 +131,41 @@ class _Attempt:
             await self._send(message)
 
 
+class StreamsEndWithTheirClients:
+    """Pure ASGI middleware: an event stream's handler (`/api/events/out`) ends as soon as its
+    client is gone.
+
+    Prefect's handler looks at its socket only when no event came for a second, and a stop of
+    the server waits for every handler: the subscriptions of `run` and of each flow run's
+    engine held the embedded server's stop 1.5 to 2 s. Here the client's messages reach the
+    handler through a pump; at the client's disconnect (closed, lost, or closed by the
+    server's stop) the handler, which only sends to that client, is cancelled. Other
+    websockets, HTTP and lifespan pass through.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket" or not scope["path"].endswith(EVENT_STREAM):
+            await self.app(scope, receive, send)
+            return
+        to_handler, inbox = anyio.create_memory_object_stream[Message](INBOX)
+        async with anyio.create_task_group() as group, to_handler, inbox:
+
+            async def pump() -> None:
+                while True:
+                    message = await receive()
+                    await to_handler.send(message)
+                    if message["type"] == "websocket.disconnect":
+                        group.cancel_scope.cancel()
+                        return
+
+            group.start_soon(pump)
+            await self.app(scope, inbox.receive, send)
+            group.cancel_scope.cancel()
+
+
 def immediate_writes(connection_url: str) -> Any:
     """Prefect's SQLite database configuration, its write transactions begun IMMEDIATE."""
     from prefect.server.database.configurations import AioSqliteConfiguration
@@ -155,7 +192,7 @@ def create_app() -> ASGIApp:
     url = PREFECT_API_DATABASE_CONNECTION_URL.value()
     if get_dialect(url).name == "sqlite" and MODELS_DEPENDENCIES["database_config"] is None:
         MODELS_DEPENDENCIES["database_config"] = immediate_writes(url)
-    app = RetryBusy(prefect_app())
+    app = RetryBusy(StreamsEndWithTheirClients(prefect_app()))
     # Prefect's modules and app live as long as the server: out of the collector's full
     # passes, which otherwise walk them all for each (0.2 s of CPU each, on 2 cores).
     gc.freeze()
