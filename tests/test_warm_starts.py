@@ -394,21 +394,26 @@ print([t.is_alive() for t in threading.enumerate() if t is not threading.main_th
 """
 
 
-def test_a_warm_run_ends_without_waiting_for_prefects_heartbeat_thread(tmp_path):
-    """A synchronous flow's engine joins its heartbeat thread, which sleeps in 1 s steps: the
-    process (and the worker waiting for it) lingered up to 1 s after each run's final state.
-    Warm runs leave the stopped thread to end with the process; cold ones are Prefect's own."""
+def _run_warm(directory: Path, module: str, code: str) -> subprocess.CompletedProcess[str]:
+    """`code` as module `module` in `directory`, run as a warm flow run is (its launcher)."""
     from lume_operator.prefect.forkserver import fork_server
 
-    (tmp_path / "heartbeats.py").write_text(HEARTBEATS)
+    (directory / f"{module}.py").write_text(code)
     with fork_server() as server:
-        warm = subprocess.run(
-            [sys.executable, "-m", "lume_operator.prefect.warmstart", "heartbeats"],
-            cwd=tmp_path,
+        return subprocess.run(
+            [sys.executable, "-m", "lume_operator.prefect.warmstart", module],
+            cwd=directory,
             env={**os.environ, **server.env},
             capture_output=True,
             text=True,
         )
+
+
+def test_a_warm_run_ends_without_waiting_for_prefects_heartbeat_thread(tmp_path):
+    """A synchronous flow's engine joins its heartbeat thread, which sleeps in 1 s steps: the
+    process (and the worker waiting for it) lingered up to 1 s after each run's final state.
+    Warm runs leave the stopped thread to end with the process; cold ones are Prefect's own."""
+    warm = _run_warm(tmp_path, "heartbeats", HEARTBEATS)
     assert warm.returncode == 0 and warm.stderr == "", warm.stderr
     assert warm.stdout.strip() == "[True]"
     cold = subprocess.run(
@@ -429,17 +434,7 @@ def test_a_warm_runs_full_collection_walks_only_what_the_run_made(tmp_path):
     """What a run inherits from the fork server (Prefect, imported) is frozen: a full
     collection in the run would otherwise walk all of it and write to every object's header,
     copying the server's pages into the run (27 MB more private memory per run, measured)."""
-    from lume_operator.prefect.forkserver import fork_server
-
-    (tmp_path / "full_collection.py").write_text(FULL_COLLECTION)
-    with fork_server() as server:
-        warm = subprocess.run(
-            [sys.executable, "-m", "lume_operator.prefect.warmstart", "full_collection"],
-            cwd=tmp_path,
-            env={**os.environ, **server.env},
-            capture_output=True,
-            text=True,
-        )
+    warm = _run_warm(tmp_path, "full_collection", FULL_COLLECTION)
     assert warm.returncode == 0 and warm.stderr == "", warm.stderr
     frozen, walked = map(int, warm.stdout.split())
     assert frozen > 50_000 and walked < frozen / 10, warm.stdout

@@ -140,7 +140,7 @@ def _not_taken_up(body: kopf.Body, status: dict[str, Any], **_: Any) -> bool:
 
 @kopf.on.event(GROUP, VERSION, FLOWS, when=_not_taken_up)
 async def flow_taken_up(
-    body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, **_: Any
+    body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, memo: kopf.Memo, **_: Any
 ) -> None:
     """A first status (`Deploying`) written with the finalizer, a handling cycle before the
     create handler runs (it publishes one itself when this could not).
@@ -157,6 +157,7 @@ async def flow_taken_up(
     if first is not None:
         patch.metadata["finalizers"] = [*(body.metadata.get("finalizers") or []), FINALIZER]
         patch.status.update(first.to_wire())
+        state_of(memo).arrivals.seen()  # Prefect calls wait while more arrive
 
 
 @kopf.on.resume(GROUP, VERSION, FLOWS, **ON_CHANGE)
