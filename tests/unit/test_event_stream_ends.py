@@ -75,3 +75,21 @@ def test_a_stream_handler_ends_as_its_client_goes_and_only_the_stream(path: str,
     ended: dict[str, str] = {}
     anyio.run(_connect_and_leave, StreamsEndWithTheirClients(make_app(ended)), path, ended)
     assert ended == {path: ends}
+
+
+def test_a_stream_handlers_error_comes_out_as_it_was_raised():
+    """Not wrapped in the middleware's task group: uvicorn logs what Prefect raised."""
+
+    async def broken(scope: object, receive: object, send: object) -> None:
+        raise ValueError("a bug in the handler")
+
+    async def receive() -> dict[str, str]:
+        await anyio.sleep(60)
+        return {"type": "websocket.disconnect"}
+
+    async def send(message: object) -> None:
+        pass
+
+    scope = {"type": "websocket", "path": "/api/events/out"}
+    with pytest.raises(ValueError, match="a bug in the handler"):
+        anyio.run(StreamsEndWithTheirClients(broken), scope, receive, send)

@@ -151,6 +151,7 @@ class StreamsEndWithTheirClients:
             await self.app(scope, receive, send)
             return
         to_handler, inbox = anyio.create_memory_object_stream[Message](INBOX)
+        failure: Exception | None = None
         async with anyio.create_task_group() as group, to_handler, inbox:
 
             async def pump() -> None:
@@ -162,8 +163,13 @@ class StreamsEndWithTheirClients:
                         return
 
             group.start_soon(pump)
-            await self.app(scope, inbox.receive, send)
+            try:
+                await self.app(scope, inbox.receive, send)
+            except Exception as error:  # raised as the app raised it, not in a group
+                failure = error
             group.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
 
 def immediate_writes(connection_url: str) -> Any:
