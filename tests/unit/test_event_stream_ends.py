@@ -6,8 +6,6 @@ reading from the socket. Mounted under /api, as Prefect's API is."""
 
 from __future__ import annotations
 
-import socket
-
 import anyio
 import pytest
 import uvicorn
@@ -17,6 +15,7 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 
 from lume_operator.prefect.embedded_app import StreamsEndWithTheirClients
+from tests.k8s.prefect_server import free_port
 
 pytestmark = pytest.mark.unit
 
@@ -49,9 +48,7 @@ def make_app(ended: dict[str, str]) -> Starlette:
 
 async def _connect_and_leave(app: object, path: str, ended: dict[str, str]) -> None:
     """Over real HTTP (uvicorn, as the embedded server): a client subscribes, then closes."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="error")
     )

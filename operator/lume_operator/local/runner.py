@@ -616,9 +616,9 @@ def run_local(
 def _preload() -> None:
     from prefect.plugins import load_prefect_collections
 
-    with contextlib.suppress(Exception):  # imported again, and failing there, when needed
-        importlib.import_module("lume_operator.results.store")
-        importlib.import_module("lume_operator.results.files")
+    for module in ("lume_operator.results.store", "lume_operator.results.files"):
+        with contextlib.suppress(Exception):  # imported again, and failing there, when needed
+            importlib.import_module(module)
     with contextlib.suppress(Exception):  # loaded again by the worker's start, as Prefect does
         load_prefect_collections()
 
