@@ -17,9 +17,10 @@ a fresh emulated Kubernetes API (tests/k8s/emulator.py):
   the server checks each deployment's job variables against it on both sides. Target: lume
   at most 1.2x.
 - do-nothing: a kopf operator whose LumeFlow create handler only sets `status.phase`; lume's
-  first status against it (target: at most 1.5x). Printed beside it: the same operator with a
-  delete handler, hence kopf's finalizer (added in a patch of its own before any create
-  handler runs), as lume-operator has.
+  first status against it (target: at most 1.5x), run just before each of lume's runs (same
+  database and N). Printed beside it: the same operator with a delete handler, hence kopf's
+  finalizer (added in a patch of its own before any create handler runs), as lume-operator
+  has.
 - resync: lume-operator restarted (kopf resumes every object, nothing changed) behind a
   counting reverse proxy (its own process); Prefect writes during it (target 0): POST, PATCH,
   PUT and DELETE, except Prefect's read-only POSTs (`.../filter`, `.../count`, `.../paginate`,
@@ -562,14 +563,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lume-bench-operator-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        baselines, finalized = {}, {}
-        for n in sizes:
-            baselines[n] = run_do_nothing(n, work, args.timeout)
-            print(f"N={n}: do-nothing kopf first status {baselines[n]:.2f} s", flush=True)
-            finalized[n] = run_do_nothing(n, work, args.timeout, finalizer=True)
-            print(f"N={n}: the same with a finalizer {finalized[n]:.2f} s", flush=True)
         for database in databases:
             for n in sizes:
+                # The baselines beside each of lume's runs, not once for all: this process
+                # (the emulator's) grows over a run, and the machine's load drifts.
+                base = run_do_nothing(n, work, args.timeout)
+                print(f"N={n}: do-nothing kopf first status {base:.2f} s", flush=True)
+                final = run_do_nothing(n, work, args.timeout, finalizer=True)
+                print(f"N={n}: the same with a finalizer {final:.2f} s", flush=True)
                 try:
                     ours = run_lume(n, database, work, args.timeout)
                 except TimeoutError as error:
@@ -583,9 +584,7 @@ def main() -> None:
                 if "resync_seconds" in ours:
                     print(f"N={n} {database}: resync {ours['resync_seconds']:.2f} s", flush=True)
                     print(f"  Prefect calls during the resync: {dict(ours['resync'])}", flush=True)
-                rows.append(
-                    (database, n, baselines[n], finalized[n], ours, bare, sum(resync.values()))
-                )
+                rows.append((database, n, base, final, ours, bare, sum(resync.values())))
     print()
     print(
         "| database | N | lume: all deployed (s) "

@@ -1,4 +1,4 @@
-"""While new LumeFlows are still being taken up, the operator's Prefect calls wait a little
+"""While new LumeFlows arrive in a burst, the operator's Prefect calls wait a little
 (`handlers.apply.Arrivals`): the first statuses of a mass apply go out before deployments."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def _arrivals(clock: Clock, slept: list[float]) -> Arrivals:
         slept.append(round(seconds, 3))
         clock.now += seconds
 
-    return Arrivals(quiet=0.1, longest=5.0, clock=clock, sleep=sleep)
+    return Arrivals(quiet=0.5, longest=5.0, clock=clock, sleep=sleep)
 
 
 def test_calls_go_at_once_when_nothing_arrives():
@@ -27,16 +27,37 @@ def test_calls_go_at_once_when_nothing_arrives():
     assert slept == []
 
 
-def test_a_call_waits_until_no_new_object_came_for_the_quiet_time():
+def test_a_single_new_object_holds_no_call_back():
     clock, slept = Clock(), []
     arrivals = _arrivals(clock, slept)
     arrivals.seen()
     clock.now = 0.04
     asyncio.run(arrivals.settled())
-    assert slept == [0.06] and clock.now == pytest.approx(0.1)
+    assert slept == [] and clock.now == 0.04
 
 
-def test_objects_arriving_without_end_hold_a_call_back_for_the_longest_time_only():
+def test_in_a_burst_a_call_waits_until_no_new_object_came_for_the_quiet_time():
+    clock, slept = Clock(), []
+    arrivals = _arrivals(clock, slept)
+    arrivals.seen()
+    clock.now = 0.4
+    arrivals.seen()
+    clock.now = 0.5
+    asyncio.run(arrivals.settled())
+    assert slept == [0.4] and clock.now == pytest.approx(0.9)
+
+
+def test_objects_apart_by_more_than_the_quiet_time_make_no_burst():
+    clock, slept = Clock(), []
+    arrivals = _arrivals(clock, slept)
+    arrivals.seen()
+    clock.now = 0.55
+    arrivals.seen()
+    asyncio.run(arrivals.settled())
+    assert slept == []
+
+
+def test_objects_arriving_without_end_hold_calls_back_until_the_longest_time_after_the_first():
     clock, slept = Clock(), []
     arrivals = _arrivals(clock, slept)
 
@@ -47,5 +68,55 @@ def test_objects_arriving_without_end_hold_a_call_back_for_the_longest_time_only
 
     arrivals.sleep = sleep
     arrivals.seen()
+    arrivals.seen()
     asyncio.run(arrivals.settled())
     assert clock.now == pytest.approx(5.0)
+    asyncio.run(arrivals.settled())  # a later call in the same endless burst waits no more
+    assert clock.now == pytest.approx(5.0)
+
+
+def test_one_caller_times_the_quiet_for_all_that_wait():
+    clock, slept = Clock(), []
+    arrivals = _arrivals(clock, slept)
+
+    async def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 3))
+        await asyncio.sleep(0)  # the other callers come in meanwhile
+        clock.now += seconds
+
+    arrivals.sleep = sleep
+    arrivals.seen()
+    arrivals.seen()
+
+    async def many() -> None:
+        await asyncio.gather(*(arrivals.settled() for _ in range(100)))
+
+    asyncio.run(many())
+    assert slept == [0.5] and clock.now == pytest.approx(0.5)
+
+
+def test_when_the_caller_timing_the_quiet_is_cancelled_another_takes_over():
+    clock = Clock()
+    arrivals = Arrivals(clock=clock)
+    timing: list[asyncio.Task[None]] = []
+
+    async def sleep(seconds: float) -> None:
+        timing.append(asyncio.current_task())  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        clock.now += seconds
+
+    arrivals.sleep = sleep
+    arrivals.seen()
+    arrivals.seen()
+
+    async def both() -> None:
+        first = asyncio.create_task(arrivals.settled())
+        await asyncio.sleep(0)  # the first takes the timing
+        second = asyncio.create_task(arrivals.settled())
+        await asyncio.sleep(0)
+        first.cancel()
+        await asyncio.wait_for(second, timeout=5)
+        assert first.cancelled() and second.done() and not second.cancelled()
+
+    asyncio.run(both())
+    assert len(set(timing)) == 2 and clock.now == pytest.approx(arrivals.quiet)

@@ -29,19 +29,29 @@ from lume_operator.settings import OperatorSettings
 logger = logging.getLogger(__name__)
 
 
-ARRIVAL_QUIET = 0.1  # seconds without a new LumeFlow before Prefect calls go on
-ARRIVAL_LONGEST = 5.0  # seconds a call waits for that, at most
+ARRIVAL_QUIET = 0.5  # seconds without a new LumeFlow before Prefect calls go on
+ARRIVAL_LONGEST = 5.0  # seconds after a burst's first arrival that calls wait, at most
 
 
 @dataclass
 class Arrivals:
-    """New LumeFlows still being taken up hold the operator's Prefect calls back a little.
+    """New LumeFlows arriving in a burst hold the operator's Prefect calls back a little.
 
     While hundreds of objects arrive at once (a GitOps sync), each first status is a patch of
     kopf's event loop, and each deployment's Prefect calls take the same loop: on a fast
     Prefect server the deployments of the first objects delayed the first statuses of the
-    others (1.8x a do-nothing operator's at N = 1000 on PostgreSQL). Prefect calls wait until
-    no new LumeFlow was taken up for `quiet` seconds, or `longest` seconds at most.
+    others (1.8x a do-nothing operator's at N = 1000 on PostgreSQL). A burst is two or more
+    new objects, each within `quiet` seconds of the last; while one goes on, Prefect calls
+    wait until no new object came for `quiet` seconds, and at most until `longest` seconds
+    after the burst began. A single new object waits for nothing.
+
+    The API server's own pauses in a mass apply of a thousand reached 0.4 s, and a shorter
+    quiet time let deployments start in the middle of one: at N = 1000 first statuses took
+    1.6x the do-nothing operator's time with 0.1 s, 1.3 to 1.7x with 0.3 s, 1.3x with 0.5 s.
+    The cost is a burst's deployments starting up to 0.4 s later.
+
+    One caller times the quiet and the others wait on it: a thousand callers each sleeping
+    until the next possible end woke every `quiet` seconds, 5% of the operator's time.
     """
 
     quiet: float = ARRIVAL_QUIET
@@ -49,14 +59,33 @@ class Arrivals:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     last: float = float("-inf")
+    began: float = float("-inf")
+    count: int = 0
+    _calm: asyncio.Event | None = None
 
     def seen(self) -> None:
-        self.last = self.clock()
+        now = self.clock()
+        if now - self.last >= self.quiet:
+            self.began, self.count = now, 0
+        self.last, self.count = now, self.count + 1
+
+    def _left(self) -> float:
+        if self.count < 2:
+            return 0.0
+        return min(self.last + self.quiet, self.began + self.longest) - self.clock()
 
     async def settled(self) -> None:
-        deadline = self.clock() + self.longest
-        while (wait := min(self.last + self.quiet, deadline) - self.clock()) > 0:
-            await self.sleep(wait)
+        while self._left() > 0:
+            if self._calm is not None:
+                await self._calm.wait()  # and look again: the timer may have been cancelled
+                continue
+            calm = self._calm = asyncio.Event()
+            try:
+                while (wait := self._left()) > 0:
+                    await self.sleep(wait)
+            finally:
+                self._calm = None
+                calm.set()
 
 
 @dataclass
