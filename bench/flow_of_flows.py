@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--fan-outs", type=int, default=3, help="warm fan-outs for (b)")
     parser.add_argument("--trace", action="store_true", help="the runner's progress, timed")
     args = parser.parse_args()
+    if args.fan_outs < 1 or args.repeat < 1:
+        parser.error("--fan-outs and --repeat must be at least 1")
     global TRACE
     TRACE = args.trace
 
