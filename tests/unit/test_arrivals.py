@@ -7,7 +7,9 @@ import asyncio
 
 import pytest
 
-from lume_operator.handlers.apply import Arrivals
+from lume_operator.handlers.apply import Arrivals, State
+from lume_operator.prefect.limiter import AdaptiveLimit
+from lume_operator.settings import OperatorSettings
 from tests.unit.clock import Clock
 
 pytestmark = pytest.mark.unit
@@ -120,3 +122,41 @@ def test_when_the_caller_timing_the_quiet_is_cancelled_another_takes_over():
 
     asyncio.run(both())
     assert len(set(timing)) == 2 and clock.now == pytest.approx(arrivals.quiet)
+
+
+def test_a_call_that_gets_its_slot_after_the_burst_resumed_waits_again():
+    """The hold is per call, at each call's slot: the calls queued behind the limit when the API
+    server pauses for longer than the quiet time do not all go while the apply goes on."""
+    clock, slept = Clock(), []
+    arrivals = _arrivals(clock, slept)
+    arrivals.quiet = 0.1
+    limit = AdaptiveLimit(initial=1, minimum=1, maximum=1, clock=clock, gate=arrivals.settled)
+    went: list[tuple[str, float]] = []
+
+    async def call(name: str, *, burst_resumes: bool = False) -> None:
+        async with limit.slot():
+            went.append((name, round(clock.now, 3)))
+            if burst_resumes:  # two more objects arrive while this call is in flight
+                clock.now += 0.05
+                arrivals.seen()
+                arrivals.seen()
+
+    async def both() -> None:
+        await asyncio.gather(call("a", burst_resumes=True), call("b"))
+
+    arrivals.seen()
+    arrivals.seen()
+    asyncio.run(both())
+    assert went == [("a", 0.1), ("b", 0.25)] and slept == [0.1, 0.1]
+
+
+def test_the_operator_holds_every_call_to_a_prefect_api_at_its_limit():
+    async def scenario() -> None:
+        state = State(settings=OperatorSettings(), kube=None)  # type: ignore[arg-type]
+        try:
+            await state._gateway("http://127.0.0.1:9/api", None, None)
+        finally:
+            await state.close()
+        assert state.limits["http://127.0.0.1:9/api"].gate == state.arrivals.settled
+
+    asyncio.run(scenario())

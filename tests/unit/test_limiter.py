@@ -158,6 +158,49 @@ def test_a_caller_cancelled_while_waiting_gives_its_place_up():
     asyncio.run(scenario())
 
 
+def test_a_call_waits_at_the_gate_holding_its_slot_and_the_wait_is_not_latency():
+    async def scenario() -> None:
+        clock = Clock()
+        opened = asyncio.Event()
+        limit = AdaptiveLimit(initial=2, maximum=2, clock=clock, gate=opened.wait)
+        entered: list[int] = []
+
+        async def call(i: int) -> None:
+            async with limit.slot():
+                entered.append(i)
+                clock.now += 0.01
+
+        tasks = [asyncio.create_task(call(i)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert entered == [] and limit.in_flight == 2 and len(limit._waiters) == 1
+        clock.now += 30.0  # a long hold at the gate
+        opened.set()
+        await asyncio.gather(*tasks)
+        assert sorted(entered) == [0, 1, 2] and limit.in_flight == 0
+        assert limit.baseline == pytest.approx(0.01)  # the server's time, not the gate's
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_cancelled_at_the_gate_gives_its_slot_back():
+    async def scenario() -> None:
+        limit = AdaptiveLimit(initial=1, minimum=1, maximum=1, gate=asyncio.Event().wait)
+
+        async def call() -> None:
+            async with limit.slot():
+                raise AssertionError("the gate never opens")
+
+        held = asyncio.create_task(call())
+        await asyncio.sleep(0)
+        assert limit.in_flight == 1
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        assert limit.in_flight == 0 and limit.limit == 1
+
+    asyncio.run(scenario())
+
+
 def test_bounds_are_checked():
     with pytest.raises(ValueError, match="minimum <= initial <= maximum"):
         AdaptiveLimit(initial=100, maximum=10)

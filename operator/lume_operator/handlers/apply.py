@@ -29,7 +29,7 @@ from lume_operator.settings import OperatorSettings
 logger = logging.getLogger(__name__)
 
 
-ARRIVAL_QUIET = 0.5  # seconds without a new LumeFlow before Prefect calls go on
+ARRIVAL_QUIET = 0.1  # seconds without a new LumeFlow before Prefect calls go on
 ARRIVAL_LONGEST = 5.0  # seconds after a burst's first arrival that calls wait, at most
 
 
@@ -41,14 +41,17 @@ class Arrivals:
     kopf's event loop, and each deployment's Prefect calls take the same loop: on a fast
     Prefect server the deployments of the first objects delayed the first statuses of the
     others (1.8x a do-nothing operator's at N = 1000 on PostgreSQL). A burst is two or more
-    new objects, each within `quiet` seconds of the last; while one goes on, Prefect calls
-    wait until no new object came for `quiet` seconds, and at most until `longest` seconds
-    after the burst began. A single new object waits for nothing.
+    new objects, each within `quiet` seconds of the last; while one goes on, each Prefect call
+    waits, once it holds its slot of the API's limit (`AdaptiveLimit.gate`), until no new
+    object came for `quiet` seconds, and at most until `longest` seconds after the burst
+    began. A single new object waits for nothing.
 
-    The API server's own pauses in a mass apply of a thousand reached 0.4 s, and a shorter
-    quiet time let deployments start in the middle of one: at N = 1000 first statuses took
-    1.6x the do-nothing operator's time with 0.1 s, 1.3 to 1.7x with 0.3 s, 1.3x with 0.5 s.
-    The cost is a burst's deployments starting up to 0.4 s later.
+    The hold is per call, not per object: when the API server pauses in an apply (0.2 to
+    0.8 s seen in one of a thousand), no more calls start in the pause than the limit has
+    slots, and the next arrival holds the rest again. Held once per object, before its first
+    call, a pause let every object taken up so far deploy in the middle of the apply: first
+    statuses took 1.4 to 1.7x the do-nothing operator's with a 0.1 s quiet time, and the
+    quiet time had to be 0.5 s, which a burst's deployments then waited after its end.
 
     One caller times the quiet and the others wait on it: a thousand callers each sleeping
     until the next possible end woke every `quiet` seconds, 5% of the operator's time.
@@ -116,9 +119,9 @@ class State:
 
         Each call takes a slot of the API's limit before its timeout starts: an apply of
         hundreds of objects queues here instead of flooding Prefect until calls time out.
-        While new LumeFlows are still being taken up, it first waits (`Arrivals`).
+        While new LumeFlows are still being taken up, a call holding its slot waits
+        (`Arrivals`).
         """
-        await self.arrivals.settled()
         api_url = api_url_of(backend, self.settings)
         if not api_url:
             raise PrefectNotConfigured(
@@ -186,6 +189,7 @@ class State:
                     limit = self.limits.get(api_url)
                     if limit is None:
                         limit = self.limits[api_url] = AdaptiveLimit(
+                            gate=self.arrivals.settled,
                             initial=self.settings.prefect_concurrency,
                             maximum=max(
                                 self.settings.prefect_concurrency,

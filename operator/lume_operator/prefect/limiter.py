@@ -19,7 +19,7 @@ import collections
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 
@@ -45,6 +45,9 @@ class AdaptiveLimit:
     # a queue that builds within minutes is not mistaken for the server's own speed.
     window: float = 300.0
     clock: Callable[[], float] = time.monotonic
+    # Awaited by every call once it holds its slot, before its latency counts: the operator
+    # holds calls back while a burst of new objects arrives (`handlers.apply.Arrivals`).
+    gate: Callable[[], Awaitable[None]] | None = None
     limit: float = field(init=False)
     in_flight: int = field(init=False, default=0)
     baseline: float | None = field(init=False, default=None)
@@ -73,6 +76,13 @@ class AdaptiveLimit:
     async def slot(self) -> AsyncIterator[Sample]:
         """Hold one slot for one call; its latency (and `Sample.overload()`) adjust the limit."""
         await self._acquire()
+        try:
+            if self.gate is not None:
+                await self.gate()
+        except BaseException:
+            self.in_flight -= 1
+            self._wake()
+            raise
         busy = self.in_flight
         start = self.clock()
         sample = Sample()
