@@ -173,6 +173,10 @@ _REQUESTER: contextvars.ContextVar[rbac.UserInfo | None] = contextvars.ContextVa
     "requester", default=None
 )
 
+# The API server's generated names: the prefix cut to 58 characters, then 5 of these.
+GENERATED_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+GENERATED_PREFIX_MAX = 58
+GENERATED_TRIES = 8  # a taken generated name is tried again (RetryGenerateName, Kubernetes 1.30)
 HISTORY_LIMIT = 100_000  # watch events kept for resuming; older resourceVersions get 410 Gone
 
 _SMP_DIRECTIVE = re.compile(r"^\$(setElementOrder|deleteFromPrimitiveList|retainKeys)(/.*)?$")
@@ -361,6 +365,10 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
     )
     # The stored RBAC objects as a Policy, built on first use after each RBAC write.
     _policy_cache: rbac.Policy | None = attrs.field(default=None, init=False)
+    # The 5 characters after a generateName prefix (a test may make them collide).
+    name_suffix: Callable[[], str] = attrs.field(
+        default=lambda: "".join(secrets.choice(GENERATED_ALPHABET) for _ in range(5)), init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -658,7 +666,11 @@ class LumeKubernetesEmulator(kmock.KubernetesEmulator):
     ) -> dict[str, Any]:
         meta = body.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
-            meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
+            prefix = meta["generateName"][:GENERATED_PREFIX_MAX]
+            for _ in range(GENERATED_TRIES):
+                meta["name"] = prefix + self.name_suffix()
+                if self._stored(res, ns, meta["name"]) is None:
+                    break
         if not meta.get("name"):
             raise _error(422, "Invalid", "metadata.name: Required value")
         if ns is not None and meta.get("namespace", ns) != ns:

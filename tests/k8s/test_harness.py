@@ -126,6 +126,31 @@ def test_generation_follows_spec_not_status(kubectl: Kubectl, k8s_emulator: Emul
     assert stored is not None and stored["status"]["phase"] == "Running"
 
 
+def test_a_generated_name_already_taken_is_generated_again(
+    kubectl: Kubectl, k8s_emulator: EmulatorServer
+) -> None:
+    """As the API server since Kubernetes 1.30: a create with `generateName` whose generated
+    name exists gets another, not 409 (kopf posts every event with one; 409s lost events)."""
+    suffixes = iter(["bbbbb", "bbbbb", "ccccc"])
+    k8s_emulator.emulator.name_suffix = lambda: next(suffixes)
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": "kopf-event-"},
+        "involvedObject": {"kind": "LumeFlow", "name": "x", "namespace": "default"},
+        "reason": "Test",
+        "message": "m",
+        "type": "Normal",
+    }
+    names = [
+        kubectl(
+            "create", "--validate=false", "-o", "name", "-f", "-", input=json.dumps(event)
+        ).stdout.strip()
+        for _ in range(2)
+    ]
+    assert names == ["event/kopf-event-bbbbb", "event/kopf-event-ccccc"]
+
+
 def test_deletion_waits_for_finalizers(kubectl: Kubectl) -> None:
     apply(kubectl, lumeflow_manifest(metadata={"finalizers": ["lume.dev/cleanup"]}))
     kubectl("delete", "lf", "beam-stats", "--wait=false")
