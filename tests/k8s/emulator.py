@@ -176,7 +176,7 @@ _REQUESTER: contextvars.ContextVar[rbac.UserInfo | None] = contextvars.ContextVa
 # The API server's generated names: the prefix cut to 58 characters, then 5 of these.
 GENERATED_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 GENERATED_PREFIX_MAX = 58
-GENERATED_TRIES = 8  # a taken generated name is tried again (RetryGenerateName, Kubernetes 1.30)
+GENERATED_TRIES = 8  # a taken one is generated again, 7 times (RetryGenerateName, Kubernetes 1.31+)
 HISTORY_LIMIT = 100_000  # watch events kept for resuming; older resourceVersions get 410 Gone
 
 _SMP_DIRECTIVE = re.compile(r"^\$(setElementOrder|deleteFromPrimitiveList|retainKeys)(/.*)?$")

@@ -129,7 +129,7 @@ def test_generation_follows_spec_not_status(kubectl: Kubectl, k8s_emulator: Emul
 def test_a_generated_name_already_taken_is_generated_again(
     kubectl: Kubectl, k8s_emulator: EmulatorServer
 ) -> None:
-    """As the API server since Kubernetes 1.30: a create with `generateName` whose generated
+    """As the API server since Kubernetes 1.31: a create with `generateName` whose generated
     name exists gets another, not 409 (kopf posts every event with one; 409s lost events)."""
     suffixes = iter(["bbbbb", "bbbbb", "ccccc"])
     k8s_emulator.emulator.name_suffix = lambda: next(suffixes)
