@@ -80,8 +80,7 @@ class AdaptiveLimit:
             if self.gate is not None:
                 await self.gate()
         except BaseException:
-            self.in_flight -= 1
-            self._wake()
+            self._release()
             raise
         busy = self.in_flight
         start = self.clock()
@@ -96,8 +95,7 @@ class AdaptiveLimit:
         else:
             self.observe(start, busy=busy, overloaded=sample.overloaded)
         finally:
-            self.in_flight -= 1
-            self._wake()
+            self._release()
 
     async def _acquire(self) -> None:
         if self.in_flight < self.slots and not self._waiters:
@@ -111,12 +109,15 @@ class AdaptiveLimit:
             await waiter  # resolved by _wake, which counts this call in flight
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self.in_flight -= 1  # woken and cancelled at once: give the slot back
-                self._wake()
+                self._release()  # woken and cancelled at once: give the slot back
             else:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
             raise
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
 
     def _wake(self) -> None:
         while self._waiters and self.in_flight < self.slots:
